@@ -1,0 +1,16 @@
+"""Test-session set-up shared by every test module.
+
+The CPU is split into two logical devices before TensorFlow initialises its runtime, so that
+multi-replica tests can run `tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])` in the same
+process as single-device tests (which keep using "/cpu:0"). This must happen before any op runs,
+hence a conftest (imported by pytest before the test modules).
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from tfmochi import distribute as _distribute  # noqa: E402
+
+_distribute.configure_cpu_replicas(2)

@@ -1,0 +1,65 @@
+"""tf.distribute helpers: strategy construction, logical CPU replicas, cross-replica gathers."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def configure_cpu_replicas(n: int) -> list[str]:
+  """Splits the (first) physical CPU into `n` logical devices and returns their names.
+
+  Must run before TensorFlow initialises its runtime (before the first op). Calling it again
+  with the same `n` once the runtime is up is a no-op; with a different `n` it raises.
+
+  Args:
+    n: number of logical CPU devices, >= 1.
+
+  Returns:
+    The device names, e.g. ["/cpu:0", "/cpu:1"].
+  """
+  if n < 1:
+    raise ValueError(f"cpu_replicas must be >= 1, got {n}.")
+  cpus = tf.config.list_physical_devices("CPU")
+  try:
+    if n > 1:
+      tf.config.set_logical_device_configuration(
+          cpus[0], [tf.config.LogicalDeviceConfiguration()] * n)
+  except RuntimeError:
+    # The runtime is already initialised: accept it if it already has enough devices.
+    have = len(tf.config.list_logical_devices("CPU"))
+    if have < n:
+      raise RuntimeError(
+          f"Cannot split the CPU into {n} logical devices: TensorFlow is already initialised "
+          f"with {have}. Call configure_cpu_replicas() before any TensorFlow op runs.") from None
+  return [f"/cpu:{i}" for i in range(n)]
+
+
+def replica_context_info() -> tuple[int, tf.Tensor | int]:
+  """(number of replicas in sync, this replica's id) in the current context.
+
+  Outside any replica context (cross-replica context) this is (1, 0).
+  """
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None:
+    return 1, 0
+  return ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group
+
+
+def all_gather(x: tf.Tensor, axis: int = 0) -> tf.Tensor:
+  """Concatenates `x` from every replica along `axis`, in replica order.
+
+  Identical on every replica. With one replica (or outside a replica context) it returns `x`
+  unchanged, so library code can call it unconditionally. On TPU every replica must pass the same
+  shape (true for our fixed per-replica batches).
+
+  Args:
+    x: [b, ...] this replica's tensor.
+    axis: the axis to concatenate along.
+
+  Returns:
+    [R·b, ...] the global tensor.
+  """
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None or ctx.num_replicas_in_sync == 1:
+    return x
+  return ctx.all_gather(x, axis=axis)
