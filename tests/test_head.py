@@ -1,0 +1,115 @@
+"""Tests of tfmochi.head: masks (duplicates, class oracle, Cai), SupCon, MoCHi combination."""
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from tfmochi import head as head_lib
+from tfmochi import losses
+from tfmochi import mixing
+
+
+def _normalize(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _data(b=4, k=24, d=8):
+  rng = np.random.default_rng(1)
+  q = _normalize(rng.normal(size=(b, d))).astype(np.float32)
+  key = _normalize(q + 0.5 * rng.normal(size=(b, d))).astype(np.float32)
+  queue = _normalize(rng.normal(size=(k, d))).astype(np.float32)
+  return q, key, queue
+
+
+class HeadTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_plain_infonce_equals_loss_module(self):
+    q, k, queue = _data()
+    out = head_lib.contrastive_head(q, k, queue, head_lib.HeadConfig(temperature=0.2))
+    self.assertAllClose(out.loss, losses.info_nce((q * k).sum(1), q @ queue.T, 0.2), atol=1e-6)
+    self.assertIsNone(out.synthesis)
+    self.assertEqual(out.l_neg.shape, (4, 24))
+
+  def test_duplicate_mask(self):
+    q, k, queue = _data()
+    queue_ids = np.arange(24) % 12
+    query_ids = np.array([0, 5, 30, -1])  # 0 and 5 sit twice in the queue; 30 and -1 never match
+    cfg = head_lib.HeadConfig(mask_duplicates=True)
+    out = head_lib.contrastive_head(q, k, queue, cfg, query_ids=query_ids, queue_ids=queue_ids)
+    absent = np.isneginf(out.l_neg.numpy())
+    self.assertAllEqual(absent.sum(1), [2, 2, 0, 0])
+    self.assertTrue(absent[0, 0] and absent[0, 12] and absent[1, 5] and absent[1, 17])
+
+  def test_class_oracle_removes_exactly_same_label_entries(self):
+    q, k, queue = _data()
+    queue_labels = np.array([0, 1, 2, -1] * 6)
+    query_labels = np.array([0, 2, -1, 7])
+    cfg = head_lib.HeadConfig(label_mode="oracle", mochi=mixing.MochiConfig(6, 8, 4))
+    out = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([1, 1]),
+                                    query_labels=query_labels, queue_labels=queue_labels)
+    absent = np.isneginf(out.l_neg.numpy()[:, :24])
+    expected = (query_labels[:, None] == queue_labels[None, :]) & (query_labels[:, None] >= 0)
+    self.assertAllEqual(absent, expected)
+    self.assertAllEqual(out.removed_same_class, expected.sum(1))
+    # MoCHi never mixes a removed (same-class) entry.
+    for b in range(4):
+      used = set(out.synthesis.mix_indices[b].numpy().ravel()) | set(
+          out.synthesis.query_mix_indices[b].numpy())
+      self.assertFalse(any(expected[b, j] for j in used))
+
+  def test_supcon_mode(self):
+    q, k, queue = _data()
+    queue_labels = np.array([0, 1, 2, -1] * 6)
+    query_labels = np.array([0, 2, -1, 7])
+    cfg = head_lib.HeadConfig(label_mode="supcon", temperature=0.1)
+    out = head_lib.contrastive_head(q, k, queue, cfg, query_labels=query_labels,
+                                    queue_labels=queue_labels)
+    logits = np.concatenate([(q * k).sum(1, keepdims=True), q @ queue.T], 1) / 0.1
+    lse = np.log(np.exp(logits).sum(1))
+    for b in range(4):
+      pos = [0] + [1 + j for j in range(24)
+                   if query_labels[b] >= 0 and queue_labels[j] == query_labels[b]]
+      self.assertAllClose(out.loss[b], -np.mean(logits[b, pos] - lse[b]), atol=1e-5)
+    # No same-class entries -> InfoNCE.
+    self.assertAllClose(out.loss[2:], losses.info_nce((q * k).sum(1), q @ queue.T, 0.1)[2:],
+                        atol=1e-5)
+
+  @parameterized.parameters(dict(drop_hardest=10.0), dict(keep_hardest=50.0))
+  def test_cai_combined_with_mochi(self, **kw):
+    q, k, queue = _data()
+    cfg = head_lib.HeadConfig(mochi=mixing.MochiConfig(4, 6, 3), **kw)
+    out = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([2, 2]))
+    absent = np.isneginf(out.l_neg.numpy()[:, :24])
+    self.assertAllEqual(absent.sum(1), [3] * 4 if "drop_hardest" in kw else [12] * 4)
+    # Mixing draws only from what survived the removal.
+    for b in range(4):
+      self.assertFalse(np.any(absent[b, out.synthesis.hard_indices[b].numpy()]))
+    self.assertEqual(out.l_neg.shape, (4, 24 + 9))
+
+  @parameterized.parameters("infonce", "debiased", "hard")
+  def test_mochi_with_each_loss(self, loss):
+    q, k, queue = _data()
+    cfg = head_lib.HeadConfig(loss=loss, mochi=mixing.MochiConfig(4, 6, 3))
+    on = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([2, 2]))
+    off = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([2, 2]),
+                                    mochi_enabled=False)
+    plain = losses.contrastive_loss((q * k).sum(1), q @ queue.T, loss=loss, temperature=0.2)
+    self.assertAllClose(off.loss, plain, atol=1e-5)  # warm-up == no synthesis
+    self.assertTrue(np.all(on.loss.numpy() > off.loss.numpy()))  # harder negatives, higher loss
+
+  @parameterized.parameters(
+      (dict(temperature=0.0), r"temperature \(T\)"),
+      (dict(tau_plus=1.0), r"tau_plus"),
+      (dict(drop_hardest=0.0), r"drop_hardest.*\(0, 100\)"),
+      (dict(keep_hardest=100.0), r"keep_hardest.*\(0, 100\)"),
+      (dict(label_mode="weak"), "label_mode must be one of none, oracle, supcon"),
+      (dict(mochi=mixing.MochiConfig(30, 1, 1)), r"\[0, K\] = \[0, 24\]"),
+      (dict(label_mode="supcon", loss="hard"), "use loss=infonce"),
+  )
+  def test_bad_config(self, kw, pattern):
+    with self.assertRaisesRegex(ValueError, pattern):
+      head_lib.HeadConfig(**kw).validate(queue_size=24)
+
+
+if __name__ == "__main__":
+  tf.test.main()

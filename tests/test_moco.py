@@ -1,0 +1,153 @@
+"""Tests of tfmochi.moco: one MoCo/MoCHi step; 2 replicas == 1 replica for the same global batch."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from tfmochi import head as head_lib
+from tfmochi import mixing
+from tfmochi import moco as moco_lib
+
+GLOBAL_BATCH = 4
+
+
+def _encoder(seed):
+  keras.utils.set_random_seed(seed)
+  model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                            keras.layers.Dense(16, activation="relu"), keras.layers.Dense(8)])
+  return model
+
+
+def _config(**head_kw):
+  head = head_lib.HeadConfig(temperature=0.2, mochi=mixing.MochiConfig(4, 3, 2), **head_kw)
+  return moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9, bn_mode="shuffle",
+                             weight_decay=1e-2, mochi_warmup_steps=1, seed=3, head=head)
+
+
+def _batches(n):
+  rng = np.random.default_rng(0)
+  return [{"view1": rng.normal(size=(GLOBAL_BATCH, 4, 4, 3)).astype(np.float32),
+           "view2": rng.normal(size=(GLOBAL_BATCH, 4, 4, 3)).astype(np.float32),
+           "id": np.arange(GLOBAL_BATCH, dtype=np.int64) + GLOBAL_BATCH * i,
+           "label": np.arange(GLOBAL_BATCH, dtype=np.int64) % 2} for i in range(n)]
+
+
+def _copies(var):
+  """The per-replica copies of a (tf or Keras) mirrored variable, as NumPy arrays."""
+  var = getattr(var, "_value", var)  # a keras.Variable wraps the tf.Variable
+  return [v.numpy() for v in var.values]
+
+
+def _run(strategy, batches, config):
+  with strategy.scope():
+    moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
+    optimizer = keras.optimizers.SGD(0.5, momentum=0.9)
+    optimizer.build(moco.query_encoder.trainable_variables)
+    step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+  @tf.function
+  def train(batch):
+    metrics = strategy.run(moco.train_step, args=(batch, optimizer, step_var))
+    step_var.assign_add(1)
+    return {k: strategy.reduce("SUM", v, axis=None) for k, v in metrics.items()}
+
+  losses = []
+  for batch in batches:
+    r = strategy.num_replicas_in_sync
+    per = GLOBAL_BATCH // r
+    dist = strategy.experimental_distribute_values_from_function(
+        lambda ctx: {k: v[ctx.replica_id_in_sync_group * per:(ctx.replica_id_in_sync_group + 1)
+                          * per] for k, v in batch.items()})
+    losses.append(float(train(dist)["loss"]))
+  return moco, losses
+
+
+class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_key_encoder_starts_as_exact_copy(self):
+    moco = moco_lib.MoCo(_encoder(1), _encoder(2), _config(), GLOBAL_BATCH)
+    for a, b in zip(moco.query_encoder.weights, moco.key_encoder.weights):
+      self.assertAllEqual(a, b)
+    self.assertEmpty(moco.key_encoder.trainable_weights)
+
+  def test_two_replicas_equal_one_replica(self):
+    batches = _batches(4)
+    one, losses1 = _run(tf.distribute.get_strategy(), batches, _config())
+    two, losses2 = _run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), batches, _config())
+    self.assertAllClose(losses1, losses2, atol=1e-5)
+    # Replica copies are identical...
+    for var in (two.queue.keys, two.queue.ptr, two.queue.ids, *two.key_encoder.weights):
+      copies = _copies(var)
+      self.assertLen(copies, 2)
+      self.assertAllEqual(copies[0], copies[1])
+    # ...and equal to the single-replica run.
+    self.assertAllClose(one.queue.keys, _copies(two.queue.keys)[0], atol=1e-5)
+    self.assertEqual(int(one.queue.ptr), int(_copies(two.queue.ptr)[0]))
+    self.assertEqual(int(one.queue.ptr), 0)  # 4 steps x 4 keys = K
+    self.assertAllEqual(one.queue.ids, np.arange(16))
+    for a, b in zip(one.key_encoder.weights + one.query_encoder.weights,
+                    two.key_encoder.weights + two.query_encoder.weights):
+      self.assertAllClose(a, _copies(b)[0], atol=1e-5)
+
+  def test_step_matches_a_numpy_reference(self):
+    """One step by hand: momentum update, keys, InfoNCE gradient + coupled L2, SGD, enqueue."""
+    config = moco_lib.MoCoConfig(queue_size=8, embedding_dim=8, momentum=0.9, bn_mode="none",
+                                 weight_decay=0.01, head=head_lib.HeadConfig(temperature=0.2))
+    moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(moco.query_encoder.trainable_variables)
+    batch = _batches(1)[0]
+    q_before = [v.numpy() for v in moco.query_encoder.trainable_variables]
+    queue_before = moco.queue.keys.numpy()
+    # Reference loss and gradient with an independent computation.
+    with tf.GradientTape() as tape:
+      q = tf.math.l2_normalize(moco.query_encoder(batch["view1"]), -1)
+      k = tf.math.l2_normalize(moco.key_encoder(batch["view2"]), -1)  # m·θ + (1−m)·θ = θ
+      logits = tf.concat([tf.reduce_sum(q * k, -1, keepdims=True), q @ queue_before.T], 1) / 0.2
+      ref_loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          tf.zeros([GLOBAL_BATCH], tf.int32), logits))
+    ref_grads = tape.gradient(ref_loss, moco.query_encoder.trainable_variables)
+    metrics = moco.train_step(batch, optimizer, tf.constant(0, tf.int64))
+    self.assertAllClose(metrics["loss"], ref_loss, atol=1e-5)
+    for before, g, after in zip(q_before, ref_grads, moco.query_encoder.trainable_variables):
+      self.assertAllClose(after, before - 0.1 * (g + 0.01 * before), atol=1e-5)
+    self.assertAllClose(moco.queue.keys[:4], k, atol=1e-5)
+    self.assertAllEqual(moco.queue.keys[4:], queue_before[4:])
+    self.assertEqual(int(moco.queue.ptr), 4)
+
+  def test_mochi_warmup_and_metrics(self):
+    moco = moco_lib.MoCo(_encoder(1), _encoder(2), _config(), GLOBAL_BATCH)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(moco.query_encoder.trainable_variables)
+    batch = _batches(1)[0]
+    m0 = moco.train_step(batch, optimizer, tf.constant(0, tf.int64))  # warm-up: no synthesis
+    self.assertEqual(float(m0["synthetic_logit"]), 0.0)
+    m1 = moco.train_step(batch, optimizer, tf.constant(1, tf.int64))
+    self.assertNotEqual(float(m1["synthetic_logit"]), 0.0)
+    for key in ("loss", "acc1", "acc5", "hardest_negative", "finite", "momentum"):
+      self.assertTrue(np.isfinite(m1[key]), key)
+    self.assertEqual(float(m1["finite"]), 1.0)
+
+  def test_cosine_momentum(self):
+    cfg = moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.99,
+                              momentum_schedule="cosine", total_steps=10)
+    moco = moco_lib.MoCo(_encoder(1), _encoder(2), cfg, GLOBAL_BATCH)
+    self.assertAllClose(moco.momentum_at(0), 0.99)
+    self.assertAllClose(moco.momentum_at(10), 1.0)
+
+  @parameterized.parameters(
+      (dict(queue_size=10), "multiple of the global batch size 4"),
+      (dict(momentum=1.0), r"moco_momentum \(m\)"),
+      (dict(bn_mode="ghost"), "bn_mode must be one of shuffle, split, sync, none"),
+      (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+  )
+  def test_bad_config(self, override, pattern):
+    kw = dict(queue_size=16, embedding_dim=8)
+    kw.update(override)
+    with self.assertRaisesRegex(ValueError, pattern):
+      moco_lib.MoCoConfig(**kw).validate(GLOBAL_BATCH)
+
+
+if __name__ == "__main__":
+  tf.test.main()

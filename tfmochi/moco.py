@@ -1,0 +1,236 @@
+"""MoCo v2 (+ MoCHi): the two encoders, the queue and one training step as a replica function.
+
+`MoCo` owns the query encoder f_q, the momentum (key) encoder f_k and the queue of negatives, and
+`MoCo.train_step` is one step of Algorithm 1 of the MoCo paper, written to run inside
+`strategy.run` on any tf.distribute strategy (or plainly, without one):
+
+  1. θk ← m·θk + (1−m)·θq                       (before the keys, as MoCo's forward does)
+  2. k = normalize(f_k(x_k))                     with shuffle BN across replicas / split BN
+  3. q = normalize(f_q(x_q))                     under the gradient tape
+  4. loss = head(q, k, queue snapshot)           InfoNCE / debiased / hard, Cai masks, MoCHi
+  5. θq ← SGD(θq, ∇loss + wd·θq)                 coupled L2, as PyTorch's SGD(weight_decay=...)
+  6. enqueue(all_gather(k))                      after the logits: the step never sees its own keys
+
+The per-replica loss is divided by the *global* batch size (not the local one): the optimizer sums
+gradients across replicas, so the sum of per-replica losses must be the global mean.
+
+Everything random (MoCHi's draws, the shuffle-BN permutation) is a stateless function of
+(seed, step), so a step is reproducible and identical on 1 or R replicas for the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from tfmochi import distribute
+from tfmochi import head as head_lib
+from tfmochi import mixing
+from tfmochi import momentum as momentum_lib
+from tfmochi import queue as queue_lib
+
+BN_MODES = ("shuffle", "split", "sync", "none")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoCoConfig:
+  """The MoCo side of the method (the objective itself is `head`).
+
+  Attributes:
+    queue_size: K.
+    embedding_dim: D.
+    momentum: m (0.999 for MoCo v2; 0.99 for small data sets).
+    momentum_schedule: "constant" or "cosine" (m rises to 1 over `total_steps`, BYOL-style).
+    total_steps: the length of the run (for the cosine momentum).
+    bn_mode: how the key encoder avoids BN "cheating": "shuffle" (MoCo's shuffle BN: the key batch
+      is permuted across replicas before f_k and un-permuted after), "split" (single device: the
+      key batch is permuted before a split-BN encoder, as the MoCo CIFAR demo), "sync" (synchronized
+      BN, no shuffle needed) or "none" (plain per-replica BN, no shuffle: the baseline that cheats).
+    weight_decay: coupled L2 coefficient (MoCo: 1e-4 on all parameters).
+    mochi_warmup_steps: steps before MoCHi starts synthesising (the paper: 10/15 epochs).
+    seed: the run seed behind every stateless draw.
+    head: the objective.
+  """
+  queue_size: int = 65536
+  embedding_dim: int = 128
+  momentum: float = 0.999
+  momentum_schedule: str = "constant"
+  total_steps: int = 1
+  bn_mode: str = "shuffle"
+  weight_decay: float = 1e-4
+  mochi_warmup_steps: int = 0
+  seed: int = 0
+  head: head_lib.HeadConfig = dataclasses.field(default_factory=head_lib.HeadConfig)
+
+  def validate(self, global_batch_size: int) -> "MoCoConfig":
+    """Raises ValueError naming the argument and its allowed range; returns self."""
+    queue_lib.check_queue_size(self.queue_size, global_batch_size)
+    momentum_lib.check_momentum(self.momentum)
+    if self.momentum_schedule not in MOMENTUM_SCHEDULES:
+      raise ValueError(f"momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}, got "
+                       f"{self.momentum_schedule!r}.")
+    if self.bn_mode not in BN_MODES:
+      raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}.")
+    if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+    if self.mochi_warmup_steps < 0:
+      raise ValueError(f"mochi warm-up must be >= 0, got {self.mochi_warmup_steps}.")
+    self.head.validate(self.queue_size)
+    return self
+
+
+class MoCo(tf.Module):
+  """Query encoder, momentum encoder and queue. Build it inside `strategy.scope()`.
+
+  Args:
+    query_encoder: a built Keras model mapping views [b, H, W, 3] to embeddings [b, D].
+    key_encoder: the same architecture (built); its weights are overwritten with the query
+      encoder's and it is frozen (updated by momentum only).
+    config: the MoCo configuration.
+    global_batch_size: the global batch size (all replicas), for the K % batch check and the
+      loss scaling.
+  """
+
+  def __init__(self, query_encoder: keras.Model, key_encoder: keras.Model, config: MoCoConfig,
+               global_batch_size: int, name: str = "moco"):
+    super().__init__(name=name)
+    self.config = config.validate(global_batch_size)
+    self.global_batch_size = global_batch_size
+    self.query_encoder = query_encoder
+    self.key_encoder = key_encoder
+    if len(query_encoder.weights) != len(key_encoder.weights):
+      raise ValueError("query and key encoders must have the same architecture.")
+    for q_var, k_var in zip(query_encoder.weights, key_encoder.weights):
+      if tuple(q_var.shape) != tuple(k_var.shape):
+        raise ValueError(f"query weight {q_var.path} {tuple(q_var.shape)} does not match key "
+                         f"weight {k_var.path} {tuple(k_var.shape)}.")
+      k_var.assign(q_var)  # exact copy, not a fresh init
+    key_encoder.trainable = False
+    self.pairs = momentum_lib.weight_pairs(query_encoder, key_encoder)
+    self.queue = queue_lib.NegativeQueue(config.queue_size, config.embedding_dim,
+                                         seed=config.seed)
+
+  # ----------------------------------------------------------------------------------------------
+  def momentum_at(self, step: tf.Tensor) -> tf.Tensor:
+    """m for this step (constant, or the cosine schedule towards 1)."""
+    if self.config.momentum_schedule == "cosine":
+      return momentum_lib.cosine_momentum(step, self.config.total_steps, self.config.momentum)
+    return tf.constant(self.config.momentum, tf.float32)
+
+  def mochi_enabled_at(self, step: tf.Tensor) -> tf.Tensor:
+    """False during MoCHi's warm-up (a tensor: no retracing when it flips)."""
+    return tf.cast(step, tf.int64) >= self.config.mochi_warmup_steps
+
+  def encode_keys(self, images: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """k = normalize(f_k(x_k)) with MoCo's shuffle BN: [b, H, W, 3] -> [b, D] float32, detached.
+
+    With R > 1 replicas and bn_mode "shuffle"/"split", the key images of the whole global batch are
+    all-gathered, permuted with a permutation shared by every replica (a stateless function of
+    (seed, step), so no broadcast is needed), each replica encodes its slice of the permuted
+    batch, and the keys are all-gathered again and un-permuted (only two gathers per step, as in
+    MoCo). On one device, "split" permutes the batch before the split-BN encoder so that the BN
+    groups of the keys differ from those of the queries; "shuffle" on one device is a no-op.
+    """
+    num_replicas, replica_id = distribute.replica_context_info()
+    b = tf.shape(images)[0]
+    shuffle = self.config.bn_mode in ("shuffle", "split") and (
+        num_replicas > 1 or self.config.bn_mode == "split")
+    if not shuffle:
+      k = self.key_encoder(images, training=True)
+      return tf.stop_gradient(tf.math.l2_normalize(tf.cast(k, tf.float32), axis=-1))
+    all_images = distribute.all_gather(images)  # [R·b, H, W, 3]
+    n = tf.shape(all_images)[0]
+    perm_seed = tf.stack([tf.constant(self.config.seed, tf.int64), tf.cast(step, tf.int64)])
+    perm_seed = tf.random.experimental.stateless_fold_in(perm_seed, 0x5B, alg="philox")
+    perm = tf.argsort(tf.random.stateless_uniform([n], perm_seed, alg="philox"))
+    start = tf.cast(replica_id, tf.int32) * b
+    mine = tf.gather(all_images, perm[start:start + b])
+    k = self.key_encoder(mine, training=True)
+    k = tf.math.l2_normalize(tf.cast(k, tf.float32), axis=-1)
+    all_k = distribute.all_gather(k)  # [R·b, D] in permuted order
+    unshuffled = tf.gather(all_k, tf.argsort(perm))
+    return tf.stop_gradient(unshuffled[start:start + b])
+
+  # ----------------------------------------------------------------------------------------------
+  def train_step(self, batch: dict, optimizer: keras.optimizers.Optimizer,
+                 step: tf.Tensor) -> dict:
+    """One MoCo/MoCHi step for this replica's batch. Call inside `strategy.run` (or plainly).
+
+    Args:
+      batch: {"view1": [b, H, W, 3] query views, "view2": key views, optional "id" [b] and
+        "label" [b] int64 (-1 unknown)}.
+      optimizer: a Keras optimizer built on `query_encoder.trainable_variables` (inside the
+        strategy scope, before tracing), optionally a LossScaleOptimizer for float16.
+      step: the global step (scalar int tensor) *before* this update.
+
+    Returns:
+      Per-replica metrics: scalars already divided so that a SUM across replicas gives the global
+      mean ("loss", "acc1", "acc5", "hardest_negative", "synthetic_logit", "removed_same_class",
+      "finite", "momentum").
+    """
+    cfg = self.config
+    num_replicas, replica_id = distribute.replica_context_info()
+    b = tf.shape(batch["view1"])[0]
+    ids = batch.get("id")
+    labels = batch.get("label")
+
+    m = self.momentum_at(step)
+    # 1. momentum update before the keys are computed (MoCo's order).
+    with tf.control_dependencies([momentum_lib.momentum_update(self.pairs, m)]):
+      k = self.encode_keys(batch["view2"], step)
+    # 2. the queue as it was before this step (the enqueue below is ordered after this read).
+    queue_keys, queue_ids, queue_labels = self.queue.snapshot()
+    seed = mixing.step_seed(cfg.seed, step)
+    variables = self.query_encoder.trainable_variables
+    with tf.GradientTape() as tape:
+      q = self.query_encoder(batch["view1"], training=True)
+      q = tf.math.l2_normalize(tf.cast(q, tf.float32), axis=-1)
+      out = head_lib.contrastive_head(
+          q, k, queue_keys, cfg.head, seed=seed, mochi_enabled=self.mochi_enabled_at(step),
+          query_ids=ids, queue_ids=queue_ids, query_labels=labels, queue_labels=queue_labels,
+          row_offset=tf.cast(replica_id, tf.int32) * b, global_rows=self.global_batch_size)
+      # Global-batch mean: the optimizer SUMs gradients over replicas.
+      loss = tf.reduce_sum(out.loss) / self.global_batch_size
+      loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+      scaled = optimizer.scale_loss(loss) if loss_scaled else loss
+    grads = tape.gradient(scaled, variables)
+    if cfg.weight_decay:
+      # Coupled L2 (PyTorch SGD's weight_decay): ∇ += wd·θ, split over replicas because the
+      # gradients are summed; multiplied by the loss scale when the loss is scaled (float16).
+      coeff = tf.constant(cfg.weight_decay / num_replicas, tf.float32)
+      if loss_scaled:
+        coeff = coeff * tf.cast(optimizer.dynamic_scale, tf.float32)
+      grads = [g + tf.cast(coeff, v.dtype) * tf.convert_to_tensor(v)
+               if g is not None else None for g, v in zip(grads, variables)]
+    finite = tf.reduce_all(tf.math.is_finite(out.loss))
+    optimizer.apply_gradients(zip(grads, variables))
+    # 3. enqueue after the logits (ordered after the snapshot by automatic control deps).
+    self.queue.enqueue(k, ids, labels)
+
+    gb = float(self.global_batch_size)
+    metrics = {
+        "loss": loss,
+        "acc1": tf.reduce_sum(out.accuracy[1]) / gb,
+        "acc5": tf.reduce_sum(out.accuracy[5]) / gb,
+        # Hardness of the negatives: the hardest queue negative per query, averaged.
+        "hardest_negative": tf.reduce_sum(_row_max(out.l_neg[:, :cfg.queue_size])) / gb,
+        "removed_same_class": tf.reduce_sum(out.removed_same_class) / gb,
+        "finite": tf.cast(finite, tf.float32) / num_replicas,
+        "momentum": m / num_replicas,
+    }
+    if out.synthesis is not None:
+      syn = out.synthesis.logits
+      present = tf.math.is_finite(syn)
+      mean_syn = tf.math.divide_no_nan(
+          tf.reduce_sum(tf.where(present, syn, 0.0)), tf.reduce_sum(tf.cast(present, tf.float32)))
+      metrics["synthetic_logit"] = mean_syn / num_replicas
+    return metrics
+
+
+def _row_max(x: tf.Tensor) -> tf.Tensor:
+  """Max over the last axis, 0 for a row with no finite entry: [B, M] -> [B]."""
+  m = tf.reduce_max(x, axis=-1)
+  return tf.where(tf.math.is_finite(m), m, tf.zeros_like(m))
