@@ -69,7 +69,8 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     moco = moco_lib.MoCo(_encoder(1), _encoder(2), _config(), GLOBAL_BATCH)
     for a, b in zip(moco.query_encoder.weights, moco.key_encoder.weights):
       self.assertAllEqual(a, b)
-    self.assertEmpty(moco.key_encoder.trainable_weights)
+    # Only the momentum update moves the key encoder; its BN must stay in batch-statistics mode.
+    self.assertTrue(moco.key_encoder.trainable)
 
   def test_two_replicas_equal_one_replica(self):
     batches = _batches(4)
@@ -151,3 +152,19 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class KeyEncoderBatchNormTest(tf.test.TestCase):
+
+  def test_key_encoder_normalises_with_batch_statistics(self):
+    """The momentum encoder's BN runs in training mode (batch statistics, moving stats updated)."""
+    def enc(seed):
+      keras.utils.set_random_seed(seed)
+      return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                               keras.layers.Dense(8), keras.layers.BatchNormalization()])
+    cfg = moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, bn_mode="none")
+    moco = moco_lib.MoCo(enc(1), enc(2), cfg, GLOBAL_BATCH)
+    bn = moco.key_encoder.layers[-1]
+    before = bn.moving_mean.numpy().copy()
+    moco.encode_keys(_batches(1)[0]["view2"] + 3.0, tf.constant(0))
+    self.assertNotAllClose(bn.moving_mean, before)

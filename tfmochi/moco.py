@@ -88,7 +88,7 @@ class MoCo(tf.Module):
   Args:
     query_encoder: a built Keras model mapping views [b, H, W, 3] to embeddings [b, D].
     key_encoder: the same architecture (built); its weights are overwritten with the query
-      encoder's and it is frozen (updated by momentum only).
+      encoder's and it is updated by momentum only.
     config: the MoCo configuration.
     global_batch_size: the global batch size (all replicas), for the K % batch check and the
       loss scaling.
@@ -108,7 +108,9 @@ class MoCo(tf.Module):
         raise ValueError(f"query weight {q_var.path} {tuple(q_var.shape)} does not match key "
                          f"weight {k_var.path} {tuple(k_var.shape)}.")
       k_var.assign(q_var)  # exact copy, not a fresh init
-    key_encoder.trainable = False
+    # The key encoder is *not* marked trainable=False: in Keras that also freezes its BatchNorm
+    # into inference mode, while MoCo's key encoder normalises with batch statistics. It never gets
+    # gradients because it runs outside the tape and is not in the optimizer's variable list.
     self.pairs = momentum_lib.weight_pairs(query_encoder, key_encoder)
     self.queue = queue_lib.NegativeQueue(config.queue_size, config.embedding_dim,
                                          seed=config.seed)

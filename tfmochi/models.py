@@ -1,0 +1,513 @@
+"""ResNet backbones, projection heads and encoders for MoCo v2 / MoCHi (Keras 3, TF backend).
+
+The backbones are ResNet-18/34/50 in the torchvision ("v1.5") layout, so that every weight maps
+one-to-one to torchvision, detectron2 and keras-hub's `ResNetBackbone`:
+
+* convolutions have no bias; BN epsilon 1e-5, Keras momentum 0.9 (= PyTorch momentum 0.1);
+* bottlenecks put the stride on the 3x3 conv (v1.5), basic blocks on their first 3x3 conv;
+* the shortcut is 1x1 conv + BN ("downsample") when the stride or the width changes;
+* stride-2 convs and the 3x3/2 max-pool use explicit symmetric `ZeroPadding2D` + "valid"
+  padding, which reproduces PyTorch's `padding=k//2`. TF's "same" padding would pad
+  (0 before, 1 after) for even sizes and shift the sampling grid by one pixel, so the
+  weights would transfer but the features would not match. Zero padding before the max-pool is
+  equivalent to PyTorch's -inf padding because it follows a ReLU (inputs >= 0) and every
+  3x3 window contains at least one real pixel;
+* conv kernels use torchvision's Kaiming-normal (fan_out, ReLU gain) init; BN gamma = 1 and
+  beta = 0 everywhere (no zero-init of the last BN of a block: MoCo does not use it).
+
+Layer names are the torchvision module names (Keras 3 accepts dots in layer names; only "/"
+is rejected): `conv1`, `bn1`, `layer{s}.{b}.conv{i}`, `layer{s}.{b}.bn{i}`,
+`layer{s}.{b}.downsample.0` (1x1 conv), `layer{s}.{b}.downsample.1` (its BN), with s = 1..4,
+b = 0-based block index and i = 1..2 (basic) or 1..3 (bottleneck). Weight-less helper layers
+are named `conv1_pad`, `relu`, `maxpool_pad`, `maxpool`, `layer{s}.{b}.conv{i}_pad`,
+`layer{s}.{b}.relu{i}`, `layer{s}.{b}.add`, `layer{s}.{b}.relu` and `avgpool`. The torchvision
+state-dict key of a weight is `<layer name>.<weight|bias|running_mean|running_var>`; detectron2
+keys follow from `torchvision_to_detectron2_key` (ALGORITHMS.md §1.7) and keras-hub
+`ResNetBackbone` layer names from `keras_hub_layer_name` (verified bit-identical outputs).
+
+Data format is channels-last throughout; torchvision conv kernels (OIHW) are transposed to
+Keras' HWIO by `torchvision_state_dict` / `load_torchvision_state_dict`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+BN_MODES = ("standard", "sync", "split")
+
+# (block type, blocks per stage). Stage widths are 64, 128, 256, 512 for all three archs;
+# bottleneck blocks expand the width by 4 at their output.
+_SPECS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
+_WIDTHS = (64, 128, 256, 512)
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+
+BN_EPSILON = 1e-5
+# Keras momentum is the weight of the old value: 0.9 here == PyTorch's momentum=0.1.
+BN_MOMENTUM = 0.9
+
+
+def _check_arch(arch: str) -> str:
+  if arch not in _SPECS:
+    raise ValueError(f"Unknown arch {arch!r}; choose one of {list(ARCHS)}.")
+  return arch
+
+
+def feature_dim(arch: str) -> int:
+  """Width F of the pooled backbone features: 512 (resnet18/34) or 2048 (resnet50)."""
+  block, _ = _SPECS[_check_arch(arch)]
+  return _WIDTHS[-1] * _EXPANSION[block]
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch normalisation.
+
+
+@keras.saving.register_keras_serializable(package="tfmochi")
+class SplitBatchNorm(keras.layers.BatchNormalization):
+  """BatchNorm whose training statistics are computed per group of the batch (MoCo CIFAR demo).
+
+  In training the batch `[B, ..., C]` is split into `num_splits` contiguous groups of B / S
+  samples (group g = rows [g*B/S, (g+1)*B/S)), and each group is normalised with its own
+  mean / (biased) variance, as if each group sat on its own GPU with per-GPU BN. On one device
+  this recreates the "per-replica statistics" that Shuffle BN relies on (ALGORITHMS.md §1.3).
+  The moving statistics are updated once with the average of the group statistics (identical
+  to updating them per group and averaging, as the PyTorch demo does). Inference uses the moving
+  statistics exactly like `keras.layers.BatchNormalization`, and the weights (gamma, beta,
+  moving_mean, moving_variance) are the same, so checkpoints and exports are layout-identical.
+
+  Differences to facebookresearch/moco's colab `SplitBatchNorm`: that one reshapes
+  `[N, C, H, W] -> [N/S, S*C, H, W]`, i.e. sample n lands in group n mod S (interleaved);
+  here groups are contiguous, matching a replica-major global batch (what `all_gather`
+  produces). Under a random key shuffle both are equivalent. The moving variance is the biased
+  batch variance, as everywhere in Keras (PyTorch uses the unbiased one).
+
+  Statistics and normalisation are computed in float32 (inputs are up-cast) even under a
+  mixed-precision policy; the output is cast back to the layer's compute dtype.
+
+  Only the channels-last axis (-1) is supported. With `num_splits=1` it computes exactly what
+  standard BN computes.
+  """
+
+  def __init__(self, num_splits: int = 8, **kwargs):
+    if kwargs.get("synchronized", False):
+      raise ValueError("SplitBatchNorm cannot be synchronized; use bn_mode='sync' instead.")
+    if kwargs.get("renorm", False):
+      raise ValueError("SplitBatchNorm does not support renorm.")
+    super().__init__(**kwargs)
+    num_splits = int(num_splits)
+    if num_splits < 1:
+      raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
+    self.num_splits = num_splits
+
+  def build(self, input_shape):
+    rank = len(input_shape)
+    if self.axis not in (-1, rank - 1):
+      raise ValueError(
+          f"SplitBatchNorm only supports the last (channels) axis, got axis={self.axis} for "
+          f"rank-{rank} inputs.")
+    super().build(input_shape)
+
+  def _check_divisible(self, inputs):
+    """Raises ValueError (static batch) or adds a runtime assertion (dynamic batch)."""
+    batch = inputs.shape[0]
+    message = (f"SplitBatchNorm '{self.name}': the batch size must be divisible by "
+               f"num_splits={self.num_splits}")
+    if batch is not None:
+      if batch % self.num_splits:
+        raise ValueError(f"{message}; got batch size {batch}.")
+      return []
+    # Inside a tf.function traced with an unknown batch size the check can only run at
+    # execution time, where it raises tf.errors.InvalidArgumentError.
+    return [tf.debugging.assert_equal(
+        tf.math.floormod(tf.shape(inputs)[0], self.num_splits), 0, message=message)]
+
+  def call(self, inputs, training=None, mask=None):
+    if not (training and self.trainable):
+      # Same inference path (and same frozen-BN semantics) as standard BN.
+      return super().call(inputs, training=training, mask=mask)
+    if mask is not None:
+      raise NotImplementedError("SplitBatchNorm does not support masks in training.")
+    checks = self._check_divisible(inputs)
+    # float32 statistics even for bfloat16/float16 activations (overflow, precision).
+    x = tf.cast(inputs, "float32")
+    with tf.control_dependencies(checks):
+      # identity: tf.cast of a float32 tensor creates no op to hang the dependency on.
+      x = tf.identity(x)
+    shape = tf.shape(x)
+    rank = len(inputs.shape)
+    # [B, ..., C] -> [S, B/S, ..., C]; statistics over everything but the group and channel.
+    grouped = tf.reshape(x, tf.concat([[self.num_splits, -1], shape[1:]], axis=0))
+    axes = list(range(1, rank))
+    mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)  # [S, 1, ..., 1, C]
+    gamma = tf.cast(self.gamma, "float32") if self.scale else None
+    beta = tf.cast(self.beta, "float32") if self.center else None
+    outputs = tf.nn.batch_normalization(
+        grouped, mean, variance, offset=beta, scale=gamma, variance_epsilon=self.epsilon)
+    outputs = tf.reshape(outputs, shape)
+    # Average of the group statistics, [C].
+    group_mean = tf.reduce_mean(tf.reshape(mean, [self.num_splits, -1]), axis=0)
+    group_var = tf.reduce_mean(tf.reshape(variance, [self.num_splits, -1]), axis=0)
+    self.moving_mean.assign(
+        self.moving_mean * self.momentum + group_mean * (1.0 - self.momentum))
+    self.moving_variance.assign(
+        self.moving_variance * self.momentum + group_var * (1.0 - self.momentum))
+    return tf.cast(outputs, self.compute_dtype)
+
+  def get_config(self):
+    return {**super().get_config(), "num_splits": self.num_splits}
+
+
+def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8):
+  """One BN layer (epsilon 1e-5, momentum 0.9) for `bn_mode` in BN_MODES.
+
+  * "standard": `BatchNormalization`, per-replica batch statistics. Under a tf.distribute
+    strategy the moving statistics then differ between replicas; reads and checkpoints see
+    replica 0's copy.
+  * "sync": `BatchNormalization(synchronized=True)`: sum, sum of squares and count are
+    all-reduced across replicas (TF backend only), so statistics and moving averages are
+    global and identical on every replica. Outside a replica context it is standard BN.
+  * "split": `SplitBatchNorm(num_splits=bn_splits)`, per-group statistics on one device.
+  """
+  kwargs = dict(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+  if bn_mode == "standard":
+    return keras.layers.BatchNormalization(**kwargs)
+  if bn_mode == "sync":
+    return keras.layers.BatchNormalization(synchronized=True, **kwargs)
+  if bn_mode == "split":
+    return SplitBatchNorm(num_splits=bn_splits, **kwargs)
+  raise ValueError(f"Unknown bn_mode {bn_mode!r}; choose one of {list(BN_MODES)}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Backbone.
+
+
+def _conv(x, filters: int, kernel: int, stride: int, name: str):
+  """Bias-free conv with PyTorch padding (k // 2 on each side). [B, H, W, Cin] -> [B, H', W', F]."""
+  # A fresh initializer per layer: Keras 3 initializers fix their seed at construction, so a
+  # shared instance would give every same-shaped kernel identical values.
+  init = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+  pad = kernel // 2
+  if stride > 1 and pad > 0:
+    x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+    padding = "valid"
+  else:
+    # Stride 1 with an odd kernel: "same" is exactly symmetric k // 2 padding.
+    padding = "same"
+  return keras.layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False,
+                             kernel_initializer=init, name=name)(x)
+
+
+def _block(x, block: str, width: int, stride: int, prefix: str, bn):
+  """One residual block (torchvision BasicBlock / Bottleneck v1.5)."""
+  out_width = width * _EXPANSION[block]
+  shortcut = x
+  if block == "basic":
+    y = _conv(x, width, 3, stride, f"{prefix}.conv1")
+    y = bn(f"{prefix}.bn1")(y)
+    y = keras.layers.ReLU(name=f"{prefix}.relu1")(y)
+    y = _conv(y, width, 3, 1, f"{prefix}.conv2")
+    y = bn(f"{prefix}.bn2")(y)
+  else:
+    y = _conv(x, width, 1, 1, f"{prefix}.conv1")
+    y = bn(f"{prefix}.bn1")(y)
+    y = keras.layers.ReLU(name=f"{prefix}.relu1")(y)
+    y = _conv(y, width, 3, stride, f"{prefix}.conv2")  # v1.5: stride on the 3x3.
+    y = bn(f"{prefix}.bn2")(y)
+    y = keras.layers.ReLU(name=f"{prefix}.relu2")(y)
+    y = _conv(y, out_width, 1, 1, f"{prefix}.conv3")
+    y = bn(f"{prefix}.bn3")(y)
+  if stride != 1 or x.shape[-1] != out_width:
+    shortcut = _conv(x, out_width, 1, stride, f"{prefix}.downsample.0")
+    shortcut = bn(f"{prefix}.downsample.1")(shortcut)
+  y = keras.layers.Add(name=f"{prefix}.add")([y, shortcut])
+  return keras.layers.ReLU(name=f"{prefix}.relu")(y)
+
+
+def build_backbone(arch: str, *, small_stem: bool = False, bn_mode: str = "standard",
+                   bn_splits: int = 8, name: str = "backbone") -> keras.Model:
+  """Builds a ResNet backbone (no fc) in the torchvision layout.
+
+  Args:
+    arch: one of ARCHS.
+    small_stem: CIFAR-style stem as in the MoCo CIFAR demo: `conv1` is 3x3 stride 1 and there
+      is no max-pool, so C2..C5 have strides 1, 2, 4, 8 instead of 4, 8, 16, 32.
+    bn_mode: one of BN_MODES (see `make_batch_norm`).
+    bn_splits: number of groups for bn_mode="split".
+    name: model name.
+
+  Returns:
+    A functional model mapping normalised images `[B, H, W, 3]` (float, H and W may differ
+    between calls) to a dict with `C2` `[B, H/4, W/4, c2]`, `C3` `[B, H/8, W/8, c3]`,
+    `C4` `[B, H/16, W/16, c4]`, `C5` `[B, H/32, W/32, c5]` (sizes rounded up; c = 64, 128,
+    256, 512 for resnet18/34 and 256, 512, 1024, 2048 for resnet50) and `pooled` `[B, F]`,
+    the global average of C5 (F = `feature_dim(arch)`). Outputs are in the compute dtype of
+    the global dtype policy.
+  """
+  block, depths = _SPECS[_check_arch(arch)]
+  if bn_mode not in BN_MODES:
+    raise ValueError(f"Unknown bn_mode {bn_mode!r}; choose one of {list(BN_MODES)}.")
+
+  def bn(layer_name):
+    return make_batch_norm(layer_name, bn_mode, bn_splits)
+
+  images = keras.Input(shape=(None, None, 3), name="images")
+  if small_stem:
+    x = _conv(images, 64, 3, 1, "conv1")
+  else:
+    x = _conv(images, 64, 7, 2, "conv1")
+  x = bn("bn1")(x)
+  x = keras.layers.ReLU(name="relu")(x)
+  if not small_stem:
+    x = keras.layers.ZeroPadding2D(1, name="maxpool_pad")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, name="maxpool")(x)
+  outputs = {}
+  for stage, (width, depth) in enumerate(zip(_WIDTHS, depths)):
+    for b in range(depth):
+      stride = 2 if (stage > 0 and b == 0) else 1
+      x = _block(x, block, width, stride, f"layer{stage + 1}.{b}", bn)
+    outputs[f"C{stage + 2}"] = x
+  outputs["pooled"] = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+  return keras.Model(images, outputs, name=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Projection head and encoder.
+
+
+def _torch_linear(in_dim: int, units: int, name: str) -> keras.layers.Dense:
+  """Dense with PyTorch nn.Linear's default init: U(+-1/sqrt(in_dim)) for kernel and bias."""
+  bound = 1.0 / float(np.sqrt(in_dim))
+  return keras.layers.Dense(
+      units, dtype="float32", name=name,
+      kernel_initializer=keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
+      bias_initializer=keras.initializers.RandomUniform(-bound, bound))
+
+
+def build_head(in_dim: int, embedding_dim: int = 128, mlp: bool = True,
+               name: str = "head") -> keras.Model:
+  """MoCo projection head, `[B, in_dim]` -> `[B, embedding_dim]` float32 (not normalised).
+
+  mlp=True (MoCo v2): `fc.0` Dense(in_dim) -> `fc.1` ReLU -> `fc.2` Dense(embedding_dim)
+  (PyTorch's `nn.Sequential` indices). mlp=False (MoCo v1): a single `fc` Dense. No BN.
+  All layers are float32 even under a mixed-precision policy, and the input is cast to
+  float32, because the logits, the loss and the negatives queue must stay float32.
+  """
+  inputs = keras.Input(shape=(in_dim,), name=f"{name}_features", dtype="float32")
+  x = keras.layers.Activation("linear", dtype="float32", name="cast")(inputs)
+  if mlp:
+    x = _torch_linear(in_dim, in_dim, "fc.0")(x)
+    x = keras.layers.ReLU(dtype="float32", name="fc.1")(x)
+    x = _torch_linear(in_dim, embedding_dim, "fc.2")(x)
+  else:
+    x = _torch_linear(in_dim, embedding_dim, "fc")(x)
+  return keras.Model(inputs, x, name=name)
+
+
+@keras.saving.register_keras_serializable(package="tfmochi")
+class Encoder(keras.Model):
+  """Backbone + projection head: images `[B, H, W, 3]` -> embeddings `[B, D]` float32.
+
+  The embeddings are NOT L2-normalised (callers normalise). Weight order (`.weights`) is the
+  backbone's followed by the head's.
+  """
+
+  def __init__(self, backbone: keras.Model, head: keras.Model, **kwargs):
+    super().__init__(**kwargs)
+    self.backbone = backbone
+    self.head = head
+
+  def call(self, images, training=False):
+    """`[B, H, W, 3]` -> `[B, embedding_dim]` float32."""
+    return self.head(self.backbone(images, training=training)["pooled"], training=training)
+
+  def features(self, images, training=False) -> dict:
+    """The backbone dict (`C2`..`C5`, `pooled`) for `[B, H, W, 3]` images."""
+    return self.backbone(images, training=training)
+
+  def get_config(self):
+    return {**super().get_config(),
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "head": keras.saving.serialize_keras_object(self.head)}
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    backbone = keras.saving.deserialize_keras_object(config.pop("backbone"))
+    head = keras.saving.deserialize_keras_object(config.pop("head"))
+    return cls(backbone, head, **config)
+
+
+def build_encoder(arch: str, *, embedding_dim: int = 128, mlp: bool = True,
+                  small_stem: bool = False, bn_mode: str = "standard", bn_splits: int = 8,
+                  name: str = "encoder") -> Encoder:
+  """Builds an `Encoder` (see `build_backbone`, `build_head`) with all variables created."""
+  backbone = build_backbone(arch, small_stem=small_stem, bn_mode=bn_mode, bn_splits=bn_splits,
+                            name=f"{name}_backbone")
+  head = build_head(feature_dim(arch), embedding_dim, mlp, name=f"{name}_head")
+  encoder = Encoder(backbone, head, name=name)
+  # One cheap inference call so that the model is built and `weights` is complete right away
+  # (e.g. before copy_weights or optimizer.build inside a strategy scope).
+  encoder(tf.zeros([1, 32, 32, 3]), training=False)
+  return encoder
+
+
+def copy_weights(src: keras.Model, dst: keras.Model) -> None:
+  """Assigns every variable of `src` (trainable and not, incl. BN moving stats) to `dst`.
+
+  Variables are matched by position in `.weights` (both models must have the same
+  architecture) after checking count and shapes, so nothing is assigned on mismatch. Use it to
+  start the key encoder from the query encoder: `keras.models.clone_model` gives fresh random
+  weights.
+
+  Raises:
+    ValueError: different number of variables or any shape mismatch.
+  """
+  src_w, dst_w = src.weights, dst.weights
+  if len(src_w) != len(dst_w):
+    raise ValueError(f"copy_weights: {src.name!r} has {len(src_w)} variables but {dst.name!r} "
+                     f"has {len(dst_w)}; the architectures differ.")
+  bad = [f"#{i} {s.path} {tuple(s.shape)} vs {d.path} {tuple(d.shape)}"
+         for i, (s, d) in enumerate(zip(src_w, dst_w)) if tuple(s.shape) != tuple(d.shape)]
+  if bad:
+    raise ValueError(f"copy_weights: shape mismatch between {src.name!r} and {dst.name!r}: "
+                     + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+  for s, d in zip(src_w, dst_w):
+    d.assign(s.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision / detectron2 names.
+
+_BN_KEYS = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
+            ("running_var", "moving_variance"))
+# Keys of a torchvision checkpoint that have no counterpart in the backbone.
+DEFAULT_IGNORE = ("fc.*", "*num_batches_tracked")
+
+
+_MODULE_RANK = {name: i for i, name in enumerate(
+    ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample.0", "downsample.1"))}
+
+
+def _torch_order(layer_name: str) -> tuple[int, int, int]:
+  """Sort key reproducing torchvision's module order (stem, then blocks, then within a block)."""
+  match = re.fullmatch(r"layer(\d+)\.(\d+)\.(.+)", layer_name)
+  if match is None:
+    return (0, 0, _MODULE_RANK.get(layer_name, len(_MODULE_RANK)))
+  stage, block, module = match.groups()
+  return (int(stage), int(block), _MODULE_RANK.get(module, len(_MODULE_RANK)))
+
+
+def _torch_entries(backbone: keras.Model):
+  """Yields (torchvision key, keras variable, is_conv_kernel) in torchvision order."""
+  # Functional models list layers in topological order, which puts `downsample.0` before
+  # `bn3`; sort so the state dict has torchvision's key order.
+  for layer in sorted(backbone.layers, key=lambda l: _torch_order(l.name)):
+    if isinstance(layer, keras.layers.Conv2D):
+      if layer.use_bias:
+        raise ValueError(f"Conv layer {layer.name!r} has a bias; not a torchvision layout.")
+      yield f"{layer.name}.weight", layer.kernel, True
+    elif isinstance(layer, keras.layers.BatchNormalization):
+      for torch_name, attr in _BN_KEYS:
+        yield f"{layer.name}.{torch_name}", getattr(layer, attr), False
+
+
+def torchvision_state_dict(backbone: keras.Model) -> dict[str, np.ndarray]:
+  """torchvision ResNet state dict (without `fc.*` and `num_batches_tracked`) of a backbone.
+
+  Conv kernels are returned as OIHW (`conv1.weight` is (64, 3, 7, 7)), BN as
+  `weight`/`bias`/`running_mean`/`running_var` (1-D). Values are float32 numpy copies.
+  """
+  state = {}
+  for key, var, is_kernel in _torch_entries(backbone):
+    value = np.asarray(keras.ops.convert_to_numpy(var.value), dtype=np.float32)
+    state[key] = np.ascontiguousarray(value.transpose(3, 2, 0, 1)) if is_kernel else value
+  return state
+
+
+def load_torchvision_state_dict(backbone: keras.Model, state: Mapping[str, object], *,
+                                ignore: Iterable[str] = DEFAULT_IGNORE) -> None:
+  """Loads a torchvision-named state dict (OIHW kernels) into a backbone; exact inverse.
+
+  Args:
+    backbone: a model from `build_backbone`.
+    state: key -> array-like (numpy arrays; CPU torch tensors also work via np.asarray).
+    ignore: fnmatch patterns of keys to skip silently; the default skips the classifier and
+      BN counters so a plain torchvision checkpoint loads. Prefixes such as
+      `module.encoder_q.` must be stripped by the caller.
+
+  Raises:
+    ValueError: naming every missing, unexpected and mis-shaped key (nothing is assigned).
+  """
+  ignore = tuple(ignore)
+  entries = {key: (var, is_kernel) for key, var, is_kernel in _torch_entries(backbone)}
+  given = {k: v for k, v in state.items()
+           if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignore)}
+  missing = [k for k in entries if k not in given]
+  unexpected = sorted(k for k in given if k not in entries)
+  values, mis_shaped = {}, []
+  for key, (var, is_kernel) in entries.items():
+    if key not in given:
+      continue
+    value = np.asarray(given[key], dtype=np.float32)
+    if is_kernel and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if tuple(value.shape) != tuple(var.shape):
+      expected = tuple(var.shape)
+      if is_kernel:
+        expected = (expected[3], expected[2], expected[0], expected[1])
+      mis_shaped.append(f"{key}: got {tuple(np.shape(given[key]))}, expected {expected}")
+    values[key] = value
+  if missing or unexpected or mis_shaped:
+    raise ValueError(
+        f"Cannot load the state dict into {backbone.name!r}: "
+        f"missing keys {missing}; unexpected keys {unexpected}; mis-shaped {mis_shaped}.")
+  for key, (var, _) in entries.items():
+    var.assign(values[key])
+
+
+def torchvision_to_detectron2_key(key: str) -> str:
+  """Renames a torchvision ResNet key as MoCo's detectron2 converter does (ALGORITHMS §1.7).
+
+  E.g. `conv1.weight` -> `stem.conv1.weight`, `bn1.running_mean` -> `stem.conv1.norm.running_mean`,
+  `layer1.0.bn2.weight` -> `res2.0.conv2.norm.weight`, `layer3.0.downsample.0.weight` ->
+  `res4.0.shortcut.weight`, `layer3.0.downsample.1.bias` -> `res4.0.shortcut.norm.bias`.
+  """
+  if "layer" not in key:
+    key = "stem." + key
+  key = re.sub(r"layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", key)
+  key = re.sub(r"bn(\d)", r"conv\1.norm", key)
+  key = key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+  return key
+
+
+def keras_hub_layer_name(layer_name: str) -> str:
+  """Name of the matching layer in keras-hub's `ResNetBackbone` (v1.5, no pre-activation).
+
+  `conv1`/`bn1` -> `conv1_conv`/`conv1_bn`; `layer{s}.{b}.conv{i}`/`bn{i}` ->
+  `stack{s-1}_block{b}_{i}_conv`/`_bn`; `downsample.0`/`.1` -> `stack{s-1}_block{b}_0_conv`/`_bn`.
+  Weights within each layer are in the same order and shape (checked against keras-hub 0.32,
+  where copying by these names gives bit-identical `pyramid_outputs` P2..P5 == C2..C5).
+  """
+  if layer_name in ("conv1", "bn1"):
+    return "conv1_" + layer_name[:-1]  # "conv1_conv" / "conv1_bn".
+  match = re.fullmatch(r"layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])", layer_name)
+  if match is None:
+    raise ValueError(f"{layer_name!r} is not a weight layer of the torchvision ResNet layout.")
+  stage, block, module = match.groups()
+  if module.startswith("downsample"):
+    suffix = "0_conv" if module.endswith("0") else "0_bn"
+  else:
+    suffix = f"{module[-1]}_{module[:-1]}"
+  return f"stack{int(stage) - 1}_block{block}_{suffix}"
