@@ -14,3 +14,10 @@ import tensorflow as tf  # noqa: E402
 from tfmochi import distribute as _distribute  # noqa: E402
 
 _distribute.configure_cpu_replicas(2)
+
+# tf.test.TestCase helpers (create_tempdir, get_temp_dir) read absl flags; pytest never parses
+# them, so mark them parsed with their defaults.
+from absl import flags as _flags  # noqa: E402
+
+if not _flags.FLAGS.is_parsed():
+  _flags.FLAGS.mark_as_parsed()

@@ -63,3 +63,59 @@ def all_gather(x: tf.Tensor, axis: int = 0) -> tf.Tensor:
   if ctx is None or ctx.num_replicas_in_sync == 1:
     return x
   return ctx.all_gather(x, axis=axis)
+
+
+def make_strategy(name: str = "default", *, tpu: str | None = None,
+                  cpu_replicas: int = 1) -> tf.distribute.Strategy:
+  """Builds the tf.distribute strategy a run asks for.
+
+  Args:
+    name: "default" (one device), "mirrored" (all local GPUs, or `cpu_replicas` logical CPUs
+      when there is no GPU), "multi_worker" (MultiWorkerMirroredStrategy; the cluster comes from
+      the TF_CONFIG environment variable) or "tpu".
+    tpu: for "tpu": the TPU name, "local" on a TPU VM, or a grpc:// address.
+    cpu_replicas: for "mirrored" without GPUs: split the CPU into this many logical devices.
+
+  Returns:
+    The strategy.
+
+  Raises:
+    ValueError: an unknown name, or a multi-worker run without TF_CONFIG.
+  """
+  import json
+  import os
+
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "mirrored":
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+      return tf.distribute.MirroredStrategy()
+    devices = configure_cpu_replicas(cpu_replicas)
+    return tf.distribute.MirroredStrategy(devices)
+  if name == "multi_worker":
+    tf_config = os.environ.get("TF_CONFIG")
+    if not tf_config:
+      raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                       '(e.g. {"cluster": {"worker": ["host0:port", "host1:port"]}, '
+                       '"task": {"type": "worker", "index": 0}}) on every worker.')
+    try:
+      json.loads(tf_config)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if name == "tpu":
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+  raise ValueError(f"strategy must be one of default, mirrored, multi_worker, tpu; got {name!r}.")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """True on the worker that writes summaries, exports and summary.json (worker 0)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not getattr(resolver, "task_type", None):
+    return True
+  return resolver.task_type in ("chief", None) or (
+      resolver.task_type == "worker" and resolver.task_id == 0)

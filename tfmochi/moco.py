@@ -158,7 +158,7 @@ class MoCo(tf.Module):
 
   # ----------------------------------------------------------------------------------------------
   def train_step(self, batch: dict, optimizer: keras.optimizers.Optimizer,
-                 step: tf.Tensor) -> dict:
+                 step: tf.Tensor, skip_nonfinite: bool = False) -> dict:
     """One MoCo/MoCHi step for this replica's batch. Call inside `strategy.run` (or plainly).
 
     Args:
@@ -167,17 +167,24 @@ class MoCo(tf.Module):
       optimizer: a Keras optimizer built on `query_encoder.trainable_variables` (inside the
         strategy scope, before tracing), optionally a LossScaleOptimizer for float16.
       step: the global step (scalar int tensor) *before* this update.
+      skip_nonfinite: make a step whose loss or gradient is non-finite on any replica a no-op:
+        the optimizer must then skip non-finite updates itself (a LossScaleOptimizer does), and
+        the BatchNorm statistics and the queue are restored/left as they were.
 
     Returns:
       Per-replica metrics: scalars already divided so that a SUM across replicas gives the global
       mean ("loss", "acc1", "acc5", "hardest_negative", "synthetic_logit", "removed_same_class",
-      "finite", "momentum").
+      "finite" (loss and gradients), "finite_loss", "momentum").
     """
     cfg = self.config
     num_replicas, replica_id = distribute.replica_context_info()
     b = tf.shape(batch["view1"])[0]
     ids = batch.get("id")
     labels = batch.get("label")
+
+    stats = [v for v in self.query_encoder.non_trainable_variables
+             + self.key_encoder.non_trainable_variables]
+    saved_stats = [tf.identity(v) for v in stats] if skip_nonfinite else []
 
     m = self.momentum_at(step)
     # 1. momentum update before the keys are computed (MoCo's order).
@@ -207,10 +214,23 @@ class MoCo(tf.Module):
         coeff = coeff * tf.cast(optimizer.dynamic_scale, tf.float32)
       grads = [g + tf.cast(coeff, v.dtype) * tf.convert_to_tensor(v)
                if g is not None else None for g, v in zip(grads, variables)]
-    finite = tf.reduce_all(tf.math.is_finite(out.loss))
+    finite_loss = tf.reduce_all(tf.math.is_finite(out.loss))
+    finite = tf.logical_and(finite_loss, tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]))
     optimizer.apply_gradients(zip(grads, variables))
+    if skip_nonfinite:
+      # One verdict for all replicas (the optimizer sees all-reduced gradients too).
+      ctx = tf.distribute.get_replica_context()
+      everywhere = tf.cast(finite, tf.float32)
+      if ctx is not None and num_replicas > 1:
+        everywhere = ctx.all_reduce(tf.distribute.ReduceOp.MIN, everywhere)
+      keep = everywhere > 0.5
+      for var, saved in zip(stats, saved_stats):  # forward passes moved the BN statistics
+        var.assign(tf.where(keep, tf.convert_to_tensor(var), saved))
+    else:
+      keep = True
     # 3. enqueue after the logits (ordered after the snapshot by automatic control deps).
-    self.queue.enqueue(k, ids, labels)
+    self.queue.enqueue(k, ids, labels, enabled=keep)
 
     gb = float(self.global_batch_size)
     metrics = {
@@ -220,7 +240,9 @@ class MoCo(tf.Module):
         # Hardness of the negatives: the hardest queue negative per query, averaged.
         "hardest_negative": tf.reduce_sum(_row_max(out.l_neg[:, :cfg.queue_size])) / gb,
         "removed_same_class": tf.reduce_sum(out.removed_same_class) / gb,
+        # 1.0 after the SUM over replicas when every replica's loss (and gradient) is finite.
         "finite": tf.cast(finite, tf.float32) / num_replicas,
+        "finite_loss": tf.cast(finite_loss, tf.float32) / num_replicas,
         "momentum": m / num_replicas,
     }
     if out.synthesis is not None:

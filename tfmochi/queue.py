@@ -76,7 +76,8 @@ class NegativeQueue(tf.Module):
     return tf.identity(self.keys), tf.identity(self.ids), tf.identity(self.labels)
 
   def enqueue(self, keys: tf.Tensor, ids: tf.Tensor | None = None,
-              labels: tf.Tensor | None = None) -> tf.Operation:
+              labels: tf.Tensor | None = None,
+              enabled: bool | tf.Tensor = True) -> tf.Operation:
     """Writes this step's keys of *every* replica at the pointer and advances it.
 
     Call in replica context (inside `strategy.run`) with this replica's keys, or outside any
@@ -87,6 +88,7 @@ class NegativeQueue(tf.Module):
       keys: [b, D] this replica's L2-normalised keys (detached).
       ids: [b] int sample ids, or None (-1).
       labels: [b] int labels, or None (-1).
+      enabled: scalar bool; False writes nothing (a skipped step), with the same ops and shapes.
 
     Returns:
       The grouped assign op.
@@ -111,6 +113,12 @@ class NegativeQueue(tf.Module):
     new_keys = tf.tensor_scatter_nd_update(tf.identity(self.keys), rows, all_keys)
     new_ids = tf.tensor_scatter_nd_update(tf.identity(self.ids), rows, all_ids)
     new_labels = tf.tensor_scatter_nd_update(tf.identity(self.labels), rows, all_labels)
+    if enabled is not True:
+      enabled = tf.convert_to_tensor(enabled, tf.bool)
+      new_keys = tf.where(enabled, new_keys, tf.identity(self.keys))
+      new_ids = tf.where(enabled, new_ids, tf.identity(self.ids))
+      new_labels = tf.where(enabled, new_labels, tf.identity(self.labels))
+      n = tf.where(enabled, n, tf.zeros_like(n))
     return tf.group(
         self.keys.assign(new_keys), self.ids.assign(new_ids), self.labels.assign(new_labels),
         self.ptr.assign(tf.math.floormod(ptr + n, self.size)))

@@ -1,0 +1,265 @@
+"""Tests for tfmochi.augment: every op eagerly, in tf.function and in tf.data.map; semantics."""
+
+from __future__ import annotations
+
+import math
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from tfmochi import augment
+
+SEED = (3, 7)
+
+
+def _image(height=20, width=28, channels=3, seed=0) -> tf.Tensor:
+  rng = np.random.default_rng(seed)
+  return tf.constant(rng.integers(0, 256, (height, width, channels)), tf.uint8)
+
+
+def _seeds(n: int, offset: int = 0) -> tf.Tensor:
+  """[n, 2] int64 distinct seeds."""
+  return tf.stack([tf.range(offset, offset + n, dtype=tf.int64),
+                   tf.fill([n], tf.constant(11, tf.int64))], axis=1)
+
+
+def _map_over_seeds(fn, image: tf.Tensor, n: int, offset: int = 0) -> np.ndarray:
+  """Runs fn(image, seed) for n seeds inside tf.data.map (graph mode), stacks the results."""
+  ds = tf.data.Dataset.from_tensor_slices(_seeds(n, offset)).map(lambda s: fn(image, s))
+  return np.stack([x.numpy() for x in ds])
+
+
+# name -> fn(image, seed); each must be deterministic given the seed.
+OPS = {
+    "random_resized_crop": lambda x, s: augment.random_resized_crop(x, 12, s),
+    "color_jitter": lambda x, s: augment.color_jitter(x, 0.4, 0.4, 0.4, 0.1, s),
+    "random_color_jitter": lambda x, s: augment.random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s),
+    "random_grayscale": lambda x, s: augment.random_grayscale(x, 0.5, s),
+    "gaussian_blur": lambda x, s: augment.gaussian_blur(x, 1.3),
+    "random_blur": lambda x, s: augment.random_blur(x, 0.5, s),
+    "random_flip": lambda x, s: augment.random_flip(x, s),
+    "normalize": lambda x, s: augment.normalize(x),
+    "moco_v2_view": lambda x, s: augment.moco_v2_view(x, 12, s),
+    "moco_v1_view": lambda x, s: augment.moco_v1_view(x, 12, s),
+    "linear_train_view": lambda x, s: augment.linear_train_view(x, 12, s),
+    "center_view": lambda x, s: augment.center_view(x, 12),
+    "two_views": lambda x, s: tf.stack(augment.two_views(x, 12, s)),
+}
+
+
+class AugmentTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(*[(name, name) for name in OPS])
+  def test_eager_function_and_dataset_agree(self, name):
+    fn = OPS[name]
+    image = _image()
+    seed = tf.constant(SEED, tf.int64)
+    eager = fn(image, seed)
+    graph = tf.function(fn)(image, seed)
+    in_map = next(iter(tf.data.Dataset.from_tensors((image, seed)).map(fn)))
+    self.assertEqual(eager.dtype, tf.float32)
+    self.assertAllClose(eager, graph, atol=1e-5)
+    self.assertAllClose(eager, in_map, atol=1e-5)
+    # int32 seeds and Python tuples are accepted and mean the same key.
+    self.assertAllClose(eager, fn(image, tf.constant(SEED, tf.int32)), atol=1e-5)
+
+  @parameterized.parameters("mocov2", "mocov1")
+  def test_views_shape_range_and_seeds(self, recipe):
+    image = _image()
+    view_fn = augment.AUGMENTATIONS[recipe]
+    a = view_fn(image, 16, SEED)
+    self.assertEqual(a.shape, (16, 16, 3))
+    self.assertEqual(a.dtype, tf.float32)
+    low = (0.0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+    high = (1.0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+    self.assertTrue(np.all(a.numpy() >= low - 1e-5) and np.all(a.numpy() <= high + 1e-5))
+    self.assertAllEqual(a, view_fn(image, 16, SEED))  # same seed -> same view
+    self.assertGreater(np.abs(a - view_fn(image, 16, (4, 7))).mean(), 1e-3)
+    q, k = augment.two_views(image, 16, SEED, recipe=recipe)
+    self.assertGreater(np.abs(q - k).mean(), 1e-3)  # the two views are independent draws
+    self.assertAllEqual(q, augment.two_views(image, 16, SEED, recipe=recipe)[0])
+
+  def test_unknown_recipe(self):
+    with self.assertRaisesRegex(ValueError, "mocov2"):
+      augment.two_views(_image(), 8, SEED, recipe="simclr")
+
+  def test_float_and_grayscale_inputs(self):
+    image = _image()
+    as_float = tf.cast(image, tf.float32) / 255.0
+    self.assertAllClose(augment.moco_v2_view(image, 8, SEED),
+                        augment.moco_v2_view(as_float, 8, SEED), atol=1e-5)
+    gray = _image(channels=1)
+    view = augment.moco_v1_view(gray, 8, SEED)
+    self.assertEqual(view.shape, (8, 8, 3))
+    self.assertAllClose(augment.to_float(gray), tf.tile(tf.cast(gray, tf.float32) / 255.0,
+                                                        [1, 1, 3]))
+    # Channel count only known at run time (tf.io.decode_image without `channels`).
+    fn = tf.function(lambda x: augment.normalize(x),
+                     input_signature=[tf.TensorSpec([None, None, None], tf.uint8)])
+    self.assertEqual(fn(gray).shape, (20, 28, 3))
+
+  def test_flip_is_exact_and_half_the_time(self):
+    image = _image()
+    out = _map_over_seeds(augment.random_flip, image, 200)
+    x = augment.to_float(image).numpy()
+    flipped = np.array([np.array_equal(o, x[:, ::-1]) for o in out])
+    kept = np.array([np.array_equal(o, x) for o in out])
+    self.assertTrue(np.all(flipped ^ kept))
+    self.assertBetween(flipped.mean(), 0.38, 0.62)
+
+  def test_grayscale(self):
+    image = _image()
+    out = augment.grayscale(image).numpy()
+    self.assertAllEqual(out[..., 0], out[..., 1])
+    self.assertAllEqual(out[..., 0], out[..., 2])
+    x = image.numpy() / 255.0
+    self.assertAllClose(out[..., 0], x @ np.array([0.299, 0.587, 0.114]), atol=1e-5)
+
+  def test_grayscale_probability(self):
+    out = _map_over_seeds(lambda x, s: augment.random_grayscale(x, 0.2, s), _image(), 500)
+    gray = np.all(out[..., 0:1] == out, axis=(1, 2, 3))
+    self.assertBetween(gray.mean(), 0.2 - 0.065, 0.2 + 0.065)
+
+  def test_color_jitter_probability(self):
+    image = _image()
+    out = _map_over_seeds(lambda x, s: augment.random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s),
+                          image, 300)
+    changed = np.abs(out - augment.to_float(image).numpy()).max(axis=(1, 2, 3)) > 1e-4
+    self.assertBetween(changed.mean(), 0.8 - 0.08, 0.8 + 0.08)
+
+  def test_blur_probability(self):
+    image = _image()
+    # sigma >= 1 always changes a random image, so "changed" == "blur applied".
+    out = _map_over_seeds(lambda x, s: augment.random_blur(x, 0.5, s, sigma_range=(1.0, 2.0)),
+                          image, 300)
+    changed = np.abs(out - augment.to_float(image).numpy()).max(axis=(1, 2, 3)) > 1e-3
+    self.assertBetween(changed.mean(), 0.5 - 0.09, 0.5 + 0.09)
+
+  def test_blur_semantics(self):
+    image = _image()
+    x = augment.to_float(image).numpy()
+    self.assertAllClose(augment.gaussian_blur(image, 0.1), x, atol=1e-6)  # ~ delta kernel
+    constant = tf.fill([9, 7, 3], 0.3)
+    self.assertAllClose(augment.gaussian_blur(constant, 2.0), constant, atol=1e-6)
+    # NumPy reference: separable Gaussian, edge-replicated borders, radius ceil(3 * 2).
+    sigma, r = 1.3, 6
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma**2))
+    k /= k.sum()
+    padded = np.pad(x, ((r, r), (r, r), (0, 0)), mode="edge")
+    rows = sum(k[i] * padded[i:i + x.shape[0]] for i in range(2 * r + 1))
+    ref = sum(k[j] * rows[:, j:j + x.shape[1]] for j in range(2 * r + 1))
+    blurred = augment.gaussian_blur(image, sigma)
+    self.assertAllClose(blurred, ref, atol=1e-5)
+    self.assertAllClose(np.mean(blurred), np.mean(x), atol=0.02)
+    self.assertLess(np.std(blurred), np.std(x))
+
+  def test_color_jitter_semantics(self):
+    image = _image()
+    x = augment.to_float(image).numpy()
+    self.assertAllClose(augment.color_jitter(image, 0, 0, 0, 0, SEED), x)
+    # Brightness alone: a single multiplicative factor in [0.5, 1.5], then clipping.
+    out = augment.color_jitter(image, 0.5, 0, 0, 0, SEED).numpy()
+    inside = (x > 0.05) & (out < 0.999)
+    factor = np.median(out[inside] / x[inside])
+    self.assertBetween(factor, 0.5, 1.5)
+    self.assertAllClose(out, np.clip(x * factor, 0, 1), atol=1e-5)
+    # Contrast alone keeps the mean luma (no clipping for a mid-range image).
+    mid = tf.constant(np.random.default_rng(1).uniform(0.4, 0.6, (10, 12, 3)), tf.float32)
+    out = augment.color_jitter(mid, 0, 0.4, 0, 0, SEED)
+    luma = lambda t: np.mean(np.asarray(t) @ np.array([0.299, 0.587, 0.114]))  # noqa: E731
+    self.assertAllClose(luma(out), luma(mid), atol=1e-5)
+    # Saturation alone leaves a gray image unchanged; hue alone too (gray has no hue).
+    gray = augment.grayscale(image)
+    self.assertAllClose(augment.color_jitter(gray, 0, 0, 0.4, 0, SEED), gray, atol=1e-6)
+    self.assertAllClose(augment.color_jitter(gray, 0, 0, 0, 0.5, SEED), gray, atol=1e-5)
+    full = augment.color_jitter(image, 0.4, 0.4, 0.4, 0.1, SEED).numpy()
+    self.assertTrue(np.all(full >= 0) and np.all(full <= 1))
+    with self.assertRaises(ValueError):
+      augment.color_jitter(image, 0, 0, 0, 0.6, SEED)
+
+  def test_color_jitter_order_is_random(self):
+    # Each op's factor comes from its own sub-seed, so brightness-only / contrast-only calls with
+    # the same seed reproduce the factors: the full jitter must equal one of the two orders, and
+    # both orders must occur over seeds.
+    image = _image()
+    jitter = lambda x, b, c, s: augment.color_jitter(x, b, c, 0, 0, s)  # noqa: E731
+    orders = []
+    for i in range(24):
+      seed = (i, 5)
+      full = jitter(image, 0.9, 0.9, seed).numpy()
+      b_then_c = jitter(jitter(image, 0.9, 0, seed), 0, 0.9, seed).numpy()
+      c_then_b = jitter(jitter(image, 0, 0.9, seed), 0.9, 0, seed).numpy()
+      if np.abs(b_then_c - c_then_b).max() < 1e-4:
+        continue  # no clipping: the orders agree
+      is_bc = np.abs(full - b_then_c).max() < 1e-5
+      is_cb = np.abs(full - c_then_b).max() < 1e-5
+      self.assertTrue(is_bc or is_cb)
+      orders.append(is_bc)
+    self.assertIn(True, orders)
+    self.assertIn(False, orders)
+
+  def test_normalize_matches_numpy(self):
+    image = _image()
+    expected = (image.numpy() / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array(
+        [0.229, 0.224, 0.225])
+    self.assertAllClose(augment.normalize(image), expected, atol=1e-5)
+
+  def test_random_resized_crop_statistics(self):
+    height, width = 60, 80
+    windows = tf.data.Dataset.from_tensor_slices(_seeds(300)).map(
+        lambda s: tf.stack(augment._rrc_window(height, width, s, (0.2, 1.0), (3 / 4, 4 / 3))))
+    w = np.stack([x.numpy() for x in windows])  # [300, 4] top, left, h, w
+    top, left, ch, cw = w.T
+    self.assertTrue(np.all(top >= 0) and np.all(left >= 0))
+    self.assertTrue(np.all(top + ch <= height) and np.all(left + cw <= width))
+    area = ch * cw / (height * width)
+    # Rounding of the side lengths moves the area a little past the nominal range.
+    self.assertTrue(np.all(area >= 0.2 * 0.9) and np.all(area <= 1.0))
+    aspect = cw / ch
+    self.assertTrue(np.all(aspect >= 0.75 * 0.9) and np.all(aspect <= 4 / 3 * 1.1))
+    self.assertBetween(area.mean(), 0.45, 0.7)
+    self.assertGreater(area.std(), 0.15)  # spread over the range, not stuck at one value
+    self.assertGreater(len(np.unique(top)), 5)
+
+  def test_random_resized_crop_fallback_and_output(self):
+    # A 200 x 10 strip cannot hold any crop of >= 90% area within the ratio range: torchvision
+    # falls back to the centre crop clamped to ratio 3/4 (w = 10, h = round(10 / 0.75) = 13).
+    window = augment._rrc_window(200, 10, tf.constant(SEED, tf.int64), (0.9, 1.0), (3 / 4, 4 / 3))
+    self.assertEqual([int(v) for v in window], [93, 0, 13, 10])
+    out = augment.random_resized_crop(_image(), 12, SEED)
+    self.assertEqual(out.shape, (12, 12, 3))
+    self.assertTrue(np.all(out.numpy() >= 0) and np.all(out.numpy() <= 1))
+    # Scale (1, 1) and ratio of the image itself: the whole image, just resized.
+    square = _image(16, 16)
+    whole = augment.random_resized_crop(square, 16, SEED, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    self.assertAllClose(whole, augment.to_float(square), atol=1e-5)
+
+  def test_center_view(self):
+    image = _image(40, 30)
+    out = augment.center_view(image, 16)
+    self.assertEqual(out.shape, (16, 16, 3))
+    # Shorter side 30 -> round(16 * 256 / 224) = 18, longer 40 -> int(18 * 40 / 30) = 24;
+    # centre crop 16 from [24, 18]: top 4, left 1.
+    resized = tf.image.resize(augment.to_float(image), [24, 18], antialias=True)
+    expected = augment.normalize(tf.clip_by_value(resized, 0, 1)[4:20, 1:17])
+    self.assertAllClose(out, expected, atol=1e-5)
+    self.assertEqual(int(round(224 * 256 / 224)), 256)  # the ImageNet case is Resize(256)
+
+  def test_linear_train_view_uses_wider_scale(self):
+    windows = tf.data.Dataset.from_tensor_slices(_seeds(200)).map(
+        lambda s: tf.stack(augment._rrc_window(64, 64, s, (0.08, 1.0), (3 / 4, 4 / 3))))
+    area = np.array([int(x[2]) * int(x[3]) / 64**2 for x in windows])
+    self.assertLess(area.min(), 0.2)
+    self.assertGreaterEqual(area.min(), 0.08 * 0.8)
+    view = augment.linear_train_view(_image(), 10, SEED)
+    self.assertEqual(view.shape, (10, 10, 3))
+
+  def test_seed_validation(self):
+    with self.assertRaises(TypeError):
+      augment.random_flip(_image(), tf.constant([1.0, 2.0]))
+    self.assertTrue(math.isfinite(float(tf.reduce_sum(augment.random_flip(_image(), [1, 2])))))
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,92 @@
+"""Tests of tfmochi.config: defaults, flags round trip, validation messages, the shipped flagfiles."""
+
+import glob
+import os
+
+from absl import flags
+from absl.testing import parameterized
+import tensorflow as tf
+
+from tfmochi import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse(argv):
+  fv = flags.FlagValues()
+  config_lib.define_flags(fv)
+  fv(["prog"] + argv)
+  return config_lib.from_flags(fv)
+
+
+class ConfigTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_defaults_are_the_offline_quickstart(self):
+    cfg = config_lib.TrainConfig().validate()
+    self.assertEqual(cfg.dataset, "quickstart")
+    self.assertEqual(_parse([]), cfg)
+
+  def test_every_issue_flag_exists_with_help(self):
+    fv = flags.FlagValues()
+    config_lib.define_flags(fv)
+    for name in ("dataset data_dir model_dir arch image_size batch_size epochs train_steps "
+                 "learning_rate weight_decay queue_size moco_momentum temperature embedding_dim "
+                 "mlp_head loss tau_plus hard_beta drop_hardest keep_hardest mochi_num_hard "
+                 "mochi_num_mix mochi_num_query_mix mochi_beta_max mochi_warmup_epochs bn_mode "
+                 "strategy tpu cpu_replicas mixed_precision seed deterministic "
+                 "knn_every_epochs label_mode labeled_fraction").split():
+      self.assertIn(name, fv)
+      self.assertTrue(fv[name].help, name)
+
+  def test_flagfiles_parse(self):
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # nested --flagfile paths are relative to the repository root
+    self.addCleanup(os.chdir, cwd)
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "*.flags")))
+    self.assertGreaterEqual(len(files), 4)
+    for path in files:
+      with open(path) as f:
+        self.assertTrue(f.readline().startswith("#"), path)  # each starts with its comment
+      fv = flags.FlagValues()
+      config_lib.define_flags(fv)
+      fv(["prog", f"--flagfile={path}"] + (["--tpu=x"] if path.endswith("tpu.flags") else []))
+      config_lib.from_flags(fv)
+    mochi = _parse([f"--flagfile={ROOT}/configs/mochi.flags"])
+    self.assertEqual((mochi.mochi_num_hard, mochi.mochi_num_mix, mochi.mochi_num_query_mix),
+                     (1024, 1024, 512))
+    self.assertEqual((mochi.batch_size, mochi.queue_size, mochi.mochi_warmup_epochs),
+                     (512, 65536, 15))
+    in100 = _parse([f"--flagfile={ROOT}/configs/mochi_in100.flags"])
+    self.assertEqual((in100.dataset, in100.batch_size, in100.queue_size,
+                      in100.mochi_warmup_epochs), ("imagenet100", 128, 16384, 10))
+    moco = _parse([f"--flagfile={ROOT}/configs/moco_v2.flags"])
+    self.assertEqual(moco.mochi_num_hard, 0)
+
+  @parameterized.parameters(
+      (["--queue_size=100", "--batch_size=64"], r"--queue_size \(K\) must be a multiple"),
+      (["--mochi_num_hard=5000", "--queue_size=4096"], r"--mochi_num_hard \(N\) must be in"),
+      (["--mochi_beta_max=0.7", "--mochi_num_hard=8", "--mochi_num_mix=2"],
+       r"--mochi_beta_max .*\(0, 0.5\]"),
+      (["--temperature=0"], r"--temperature \(T\)"),
+      (["--tau_plus=1"], r"--tau_plus"),
+      (["--drop_hardest=120"], r"--drop_hardest .*\(0, 100\)"),
+      (["--arch=vgg"], "--arch must be one of resnet18, resnet34, resnet50"),
+      (["--strategy=tpu"], "--strategy=tpu needs --tpu"),
+      (["--cpu_replicas=2"], "--cpu_replicas > 1 .* --strategy=mirrored"),
+      (["--bn_splits=3"], "divisible by --bn_splits"),
+      (["--label_mode=oracle", "--labeled_fraction=0"], "no labels"),
+      (["--drop_hardest=5", "--keep_hardest=5"], "exclusive"),
+      (["--moco_momentum=1.5"], r"--moco_momentum \(m\)"),
+  )
+  def test_invalid_values_name_the_flag(self, argv, pattern):
+    with self.assertRaisesRegex(config_lib.ConfigError, pattern):
+      _parse(argv)
+
+  def test_json_round_trip(self):
+    cfg = config_lib.TrainConfig(mochi_num_hard=16, mochi_num_mix=8)
+    again = config_lib.TrainConfig.from_dict(__import__("json").loads(cfg.to_json()))
+    self.assertEqual(cfg, again)
+
+
+if __name__ == "__main__":
+  tf.test.main()

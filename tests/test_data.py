@@ -1,0 +1,436 @@
+"""Tests for tfmochi.data: sources, errors, bad files, determinism, resume, distribution."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tfmochi import data
+
+SIZE = 16
+
+
+def _batches(ds: tf.data.Dataset, n: int) -> list[dict[str, np.ndarray]]:
+  return [{k: v.numpy() for k, v in b.items()} for b in ds.take(n)]
+
+
+def _assert_same_batches(test, a, b):
+  test.assertEqual(len(a), len(b))
+  for x, y in zip(a, b):
+    test.assertAllEqual(x["id"], y["id"])
+    test.assertAllEqual(x["label"], y["label"])
+    test.assertAllEqual(x["view1"], y["view1"])
+    test.assertAllEqual(x["view2"], y["view2"])
+
+
+def _tiny_source(n: int = 10) -> data.DataSource:
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, 12, 10, 3), dtype=np.uint8)
+  return data.from_numpy(images, np.arange(n) % 3, name="tiny", ids=np.arange(n) + 100)
+
+
+def _tempdir(test: tf.test.TestCase) -> str:
+  # Plain tempfile: tf.test's create_tempdir needs parsed absl flags, which pytest does not do.
+  path = tempfile.mkdtemp(prefix="tfmochi-test-data-")
+  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+  buf = io.BytesIO()
+  image = Image.fromarray(array)
+  (image.convert(mode) if mode else image).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def _jpeg(array: np.ndarray, mode: str | None = None) -> bytes:
+  buf = io.BytesIO()
+  image = Image.fromarray(array)
+  (image.convert(mode) if mode else image).save(buf, "JPEG", quality=95)
+  return buf.getvalue()
+
+
+def _write(path: str, payload: bytes) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(payload)
+
+
+class QuickstartTest(tf.test.TestCase):
+
+  def test_splits(self):
+    train, test = data.load("quickstart", "train"), data.load("quickstart", "test")
+    self.assertEqual((train.num_examples, test.num_examples), (1497, 300))
+    self.assertEqual((train.num_classes, train.has_labels, train.name), (10, True, "quickstart"))
+    examples = list(test.dataset.as_numpy_iterator())
+    self.assertLen(examples, 300)
+    self.assertEqual(examples[0]["image"].shape, (8, 8, 3))
+    self.assertEqual(examples[0]["image"].dtype, np.uint8)
+    self.assertEqual(examples[0]["label"].dtype, np.int64)
+    labels = np.array([e["label"] for e in examples])
+    self.assertAllEqual(np.unique(labels), np.arange(10))
+    self.assertAllInRange(np.bincount(labels), 28, 32)  # stratified: ~30 per class
+    self.assertGreater(max(e["image"].max() for e in examples), 200)  # 0..16 scaled to 0..255
+    test_ids = {int(e["id"]) for e in examples}
+    train_ids = {int(e["id"]) for e in train.dataset.as_numpy_iterator()}
+    self.assertLen(train_ids, 1497)
+    self.assertEmpty(train_ids & test_ids)
+    self.assertEqual(train_ids | test_ids, set(range(1797)))
+    again = {int(e["id"]) for e in data.load("quickstart", "test").dataset.as_numpy_iterator()}
+    self.assertEqual(again, test_ids)  # deterministic held-out split
+    other = data.load("quickstart", "test", seed=1).dataset.as_numpy_iterator()
+    self.assertNotEqual({int(e["id"]) for e in other}, test_ids)
+
+  def test_steps_per_epoch(self):
+    self.assertEqual(data.steps_per_epoch(1497, 256), 5)
+    self.assertEqual(data.steps_per_epoch(10, 10), 1)
+    self.assertEqual(data.steps_per_epoch(9, 10), 0)
+
+
+class TfdsTest(tf.test.TestCase):
+
+  def test_cifar10_mock(self):
+    with tfds.testing.mock_data(num_examples=12):
+      source = data.load("cifar10", "train", data_dir="/does/not/matter")
+      test = data.load("cifar10", "test")
+      self.assertEqual((source.num_examples, source.num_classes), (12, 10))
+      self.assertEqual(test.split, "test")
+      examples = list(source.dataset.as_numpy_iterator())
+      self.assertEqual([e["id"] for e in examples], list(range(12)))
+      for e in examples:
+        self.assertEqual(e["image"].shape, (32, 32, 3))
+        self.assertEqual(e["image"].dtype, np.uint8)
+        self.assertBetween(e["label"], 0, 9)
+      batch = _batches(data.pretrain_dataset(source, global_batch_size=4, image_size=SIZE,
+                                             seed=0), 1)[0]
+      self.assertEqual(batch["view1"].shape, (4, SIZE, SIZE, 3))
+      self.assertEqual(batch["view1"].dtype, np.float32)
+      evals = _batches(data.eval_dataset(test, batch_size=5, image_size=SIZE), 10)
+      self.assertEqual([len(b["id"]) for b in evals], [5, 5, 2])
+      self.assertEqual(evals[0]["image"].shape, (5, SIZE, SIZE, 3))
+
+  def test_imagenet2012_mock_random_sizes(self):
+    with tfds.testing.mock_data(num_examples=8):
+      source = data.load("imagenet2012", "train")
+      self.assertEqual((source.num_examples, source.num_classes), (8, 1000))
+      self.assertEqual(data.load("imagenet2012", "test").split, "test")  # tfds "validation"
+      shapes = {e["image"].shape for e in source.dataset.as_numpy_iterator()}
+      self.assertGreater(len(shapes), 1)  # mock images have random sizes ...
+      batch = _batches(data.pretrain_dataset(source, global_batch_size=4, image_size=SIZE,
+                                             seed=0), 1)[0]
+      self.assertEqual(batch["view2"].shape, (4, SIZE, SIZE, 3))  # ... resized by the pipeline
+
+  def test_imagenet100_filter_and_relabel(self):
+    wnids = sorted(data.imagenet100_wnids())
+    self.assertLen(wnids, 100)
+    with tfds.testing.mock_data(num_examples=300):
+      names = tfds.builder("imagenet2012").info.features["label"]
+      full = {int(e["id"]): int(e["label"])
+              for e in data.load("imagenet2012", "train").dataset.as_numpy_iterator()}
+      source = data.load("imagenet100", "train")
+      examples = list(source.dataset.as_numpy_iterator())
+    expected = {i for i, label in full.items() if names.int2str(label) in set(wnids)}
+    self.assertEqual(source.num_classes, 100)
+    self.assertEqual(source.num_examples, len(expected))
+    self.assertEqual({int(e["id"]) for e in examples}, expected)
+    self.assertGreater(len(expected), 10)
+    for e in examples:
+      self.assertBetween(e["label"], 0, 99)
+      self.assertEqual(wnids[e["label"]], names.int2str(full[int(e["id"])]))
+
+  def test_tfds_stream_resume(self):
+    # tfds sources shuffle with a seeded buffer; resume must still be exact.
+    with tfds.testing.mock_data(num_examples=10):
+      source = data.load("cifar10", "train")
+      kwargs = dict(global_batch_size=4, image_size=8, seed=5, shuffle_buffer=6)
+      full = _batches(data.pretrain_dataset(source, **kwargs), 5)  # 2 steps per epoch
+      for k in (3,):
+        _assert_same_batches(self, full[k:], _batches(
+            data.pretrain_dataset(source, start_step=k, **kwargs), 5 - k))
+      self.assertNotEqual(list(full[0]["id"]), list(full[2]["id"]))  # reshuffled per epoch
+
+
+class PreparedTfdsTest(tf.test.TestCase):
+  """The real (unmocked) tfds read path, on a tiny prepared data set written by the test."""
+
+  def setUp(self):
+    super().setUp()
+    self.root = _tempdir(self)
+    ds_dir = os.path.join(self.root, "tiny_images", "1.0.0")
+    os.makedirs(ds_dir)
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(num_classes=3)})
+    rng = np.random.default_rng(0)
+    self.lengths = {"train": [5, 4], "test": [3]}  # two train files: ids need the file offsets
+    k = 0
+    for split, shards in self.lengths.items():
+      for i, n in enumerate(shards):
+        path = os.path.join(ds_dir, f"tiny_images-{split}.tfrecord-{i:05d}-of-{len(shards):05d}")
+        with tf.io.TFRecordWriter(path) as writer:
+          for _ in range(n):
+            image = rng.integers(0, 256, (6 + k % 3, 7, 3), dtype=np.uint8)
+            writer.write(features.serialize_example({"image": image, "label": k % 3}))
+            k += 1
+    tfds.folder_dataset.write_metadata(
+        data_dir=ds_dir, features=features, filename_template=None, check_data=True,
+        split_infos=[tfds.core.SplitInfo(name=s, shard_lengths=l, num_bytes=0)
+                     for s, l in self.lengths.items()])
+
+  def test_ids_shards_and_splits(self):
+    source = data.load("tiny_images", "train", data_dir=self.root)
+    self.assertEqual((source.num_examples, source.num_classes, source.has_labels), (9, 3, True))
+    examples = list(source.dataset.as_numpy_iterator())
+    self.assertEqual(sorted(int(e["id"]) for e in examples), list(range(9)))
+    self.assertEqual({e["image"].shape[0] for e in examples}, {6, 7, 8})
+    shards = []
+    for index in range(2):
+      ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=index,
+                                       num_replicas_in_sync=2)
+      shards.append([int(e["id"]) for e in source.for_input_context(ctx)])
+    self.assertEqual(sorted(shards[0] + shards[1]), list(range(9)))
+    self.assertBetween(len(shards[0]), 4, 5)
+    test = data.load("tiny_images", "test", data_dir=self.root)
+    self.assertEqual(test.num_examples, 3)
+    self.assertEqual(sorted(int(e["id"]) for e in test.dataset), [0, 1, 2])
+    kwargs = dict(global_batch_size=4, image_size=8, seed=0)
+    full = _batches(data.pretrain_dataset(source, **kwargs), 3)
+    _assert_same_batches(self, full[2:], _batches(
+        data.pretrain_dataset(source, start_step=2, **kwargs), 1))
+
+
+class ErrorTest(tf.test.TestCase):
+
+  def test_unknown_name(self):
+    with self.assertRaisesRegex(data.DataError, "quickstart.*folder.*tensorflow-datasets"):
+      data.load("no_such_data_set_xyz")
+    with self.assertRaisesRegex(data.DataError, "Did you mean 'quickstart'"):
+      data.load("quikstart")
+
+  def test_imagenet_not_prepared_fails_fast(self):
+    empty = _tempdir(self)
+    for name in ("imagenet2012", "imagenet100"):
+      start = time.time()
+      with self.assertRaises(data.DataError) as ctx:
+        data.load(name, "train", data_dir=empty)
+      self.assertLess(time.time() - start, 10.0)
+      message = str(ctx.exception)
+      for needle in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
+                     "tfds build imagenet2012", "--manual_dir", f"--data_dir={empty}",
+                     os.path.join(empty, "downloads", "manual")):
+        self.assertIn(needle, message)
+    # With the archives in place the message says the build step is what is missing.
+    manual = os.path.join(empty, "downloads", "manual")
+    for tar in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+      _write(os.path.join(manual, tar), b"")
+    with self.assertRaisesRegex(data.DataError, "has not been built"):
+      data.load("imagenet2012", "test", data_dir=empty)
+
+  def test_other_tfds_not_prepared(self):
+    empty = _tempdir(self)
+    start = time.time()
+    with self.assertRaisesRegex(data.DataError, f"tfds build cifar10 --data_dir={empty}"):
+      data.load("cifar10", "train", data_dir=empty)
+    self.assertLess(time.time() - start, 10.0)
+
+  def test_folder_errors(self):
+    with self.assertRaisesRegex(data.DataError, "needs --data_dir"):
+      data.load("folder")
+    root = _tempdir(self)
+    with self.assertRaisesRegex(data.DataError, "does not exist"):
+      data.load("folder", data_dir=os.path.join(root, "missing"))
+    with self.assertRaisesRegex(data.DataError, "no class subfolders"):
+      data.load("folder", data_dir=root)
+    _write(os.path.join(root, "a.png"), _png(np.zeros((4, 4, 3), np.uint8)))
+    with self.assertRaisesRegex(data.DataError, r"1 image file\(s\) directly in it"):
+      data.load("folder", data_dir=root)
+    os.makedirs(os.path.join(root, "cat"))
+    with self.assertRaisesRegex(data.DataError, "no image files"):
+      data.load("folder", data_dir=root)
+    _write(os.path.join(root, "cat", "bad.jpg"), b"not an image")
+    with self.assertRaisesRegex(data.DataError, "none of the 1 image files"):
+      data.load("folder", data_dir=root, holdout_fraction=0.0)
+    with self.assertRaisesRegex(data.DataError, "'train' and 'test'"):
+      data.load("quickstart", "unlabelled")
+
+
+class FolderTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.root = _tempdir(self)
+    self.rgb = np.zeros((10, 14, 3), np.uint8)
+    self.rgb[..., 0], self.rgb[..., 1], self.rgb[..., 2] = 200, 60, 110
+    noise = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    train = os.path.join(self.root, "train")
+    files = {
+        "cat/rgb.png": _png(noise(12, 9)),
+        "cat/photo.JPG": _jpeg(noise(20, 16)),
+        "cat/gray.png": _png(noise(8, 8), "L"),
+        "cat/alpha.png": _png(self.rgb, "RGBA"),
+        "cat/gray_alpha.png": _png(noise(6, 7), "LA"),
+        "dog/palette.png": _png(noise(9, 9), "P"),
+        "dog/cmyk.jpg": _jpeg(self.rgb, "CMYK"),
+        "dog/sub/nested.bmp": (lambda b: (Image.fromarray(noise(5, 5)).save(b, "BMP"),
+                                          b.getvalue())[1])(io.BytesIO()),
+        "dog/corrupt.jpg": b"this is not a jpeg at all",
+        "dog/truncated.png": _png(noise(30, 30))[:150],
+        "dog/notes.txt": b"ignored: not an image extension",
+    }
+    for name, payload in files.items():
+      _write(os.path.join(train, name), payload)
+    _write(os.path.join(self.root, "val", "cat", "v.png"), _png(noise(7, 7)))
+    _write(os.path.join(self.root, "val", "dog", "v.jpeg"), _jpeg(noise(7, 9)))
+
+  def test_split_folders_and_bad_files(self):
+    with self.assertLogs("absl", level="WARNING") as logs:
+      source = data.load("folder", "train", data_dir=self.root)
+    self.assertEqual(source.num_examples, 8)
+    self.assertEqual(source.num_skipped, 2)
+    self.assertEqual(sorted(os.path.basename(p) for p in source.skipped_files),
+                     ["corrupt.jpg", "truncated.png"])
+    self.assertIn("skipped 2 of 10", logs.output[0])
+    self.assertIn("truncated.png", logs.output[0])
+    self.assertEqual((source.num_classes, source.has_labels), (2, True))
+    examples = list(source.dataset.as_numpy_iterator())
+    self.assertLen(examples, 8)
+    for e in examples:
+      self.assertEqual(e["image"].ndim, 3)
+      self.assertEqual(e["image"].shape[-1], 3)
+      self.assertEqual(e["image"].dtype, np.uint8)
+    self.assertEqual(sorted(e["label"] for e in examples), [0] * 5 + [1] * 3)
+    # ids follow the sorted listing of train/: cat/alpha.png is 0, dog/cmyk.jpg is 5. The CMYK
+    # JPEG (Adobe-inverted, as Pillow writes it) decodes to the original colour; RGBA drops alpha.
+    by_id = {int(e["id"]): e["image"] for e in examples}
+    self.assertNotIn(6, by_id)  # dog/corrupt.jpg
+    for i in (0, 5):
+      self.assertEqual(by_id[i].shape, (10, 14, 3))
+      self.assertAllClose(by_id[i].mean(axis=(0, 1)), [200, 60, 110], atol=4)
+    test = data.load("folder", "test", data_dir=self.root)
+    self.assertEqual((test.num_examples, test.num_skipped), (2, 0))
+    batch = _batches(data.pretrain_dataset(source, global_batch_size=4, image_size=SIZE,
+                                           seed=0), 2)
+    self.assertEqual(batch[1]["view1"].shape, (4, SIZE, SIZE, 3))
+
+  def test_header_only_validation_drops_bad_files_in_the_pipeline(self):
+    source = data.load("folder", "train", data_dir=self.root, validate="header")
+    self.assertEqual((source.num_examples, source.num_skipped), (9, 1))  # truncated passes
+    self.assertLen(list(source.dataset.as_numpy_iterator()), 8)
+
+  def test_held_out_split_without_split_folders(self):
+    flat = os.path.join(self.root, "train")  # class folders only
+    train = data.load("folder", "train", data_dir=flat, holdout_fraction=0.25)
+    test = data.load("folder", "test", data_dir=flat, holdout_fraction=0.25)
+    train_ids = {int(e["id"]) for e in train.dataset.as_numpy_iterator()}
+    test_ids = {int(e["id"]) for e in test.dataset.as_numpy_iterator()}
+    self.assertEmpty(train_ids & test_ids)
+    # 10 candidates, 2 or 3 held out (stratified 25%), minus the bad files wherever they fell.
+    self.assertEqual(train.num_examples + test.num_examples, 8)
+    self.assertEqual(train.num_skipped + test.num_skipped, 2)
+    self.assertEqual(len(train_ids) + len(test_ids), 8)
+
+
+class PretrainPipelineTest(tf.test.TestCase):
+
+  def test_deterministic_and_seeded(self):
+    source = data.load("quickstart", "train")
+    kwargs = dict(global_batch_size=16, image_size=SIZE)
+    a = _batches(data.pretrain_dataset(source, seed=1, **kwargs), 2)
+    b = _batches(data.pretrain_dataset(source, seed=1, **kwargs), 2)
+    _assert_same_batches(self, a, b)
+    c = _batches(data.pretrain_dataset(source, seed=2, **kwargs), 1)
+    self.assertNotEqual(list(a[0]["id"]), list(c[0]["id"]))
+    first = a[0]
+    self.assertEqual(first["view1"].shape, (16, SIZE, SIZE, 3))
+    self.assertEqual(first["label"].dtype, np.int64)
+    self.assertGreater(np.abs(first["view1"] - first["view2"]).mean(), 1e-2)
+    self.assertLen(set(first["id"]), 16)
+
+  def test_resume_is_exact_across_epochs(self):
+    source = _tiny_source(10)  # batch 4 -> 2 steps per epoch, 2 examples unused per epoch
+    kwargs = dict(global_batch_size=4, image_size=8, seed=3)
+    full = _batches(data.pretrain_dataset(source, **kwargs), 7)
+    for k in (3, 4):  # mid-epoch after a boundary, and exactly at one
+      _assert_same_batches(self, full[k:], _batches(
+          data.pretrain_dataset(source, start_step=k, **kwargs), 7 - k))
+    for epoch in range(3):
+      ids = np.concatenate([full[2 * epoch]["id"], full[2 * epoch + 1]["id"]])
+      self.assertLen(set(ids), 8)  # no repeats within an epoch
+    self.assertNotEqual(list(full[0]["id"]), list(full[2]["id"]))
+    # The same sample gets new views in a new epoch (seed includes the epoch).
+    views = {}
+    for b in full[:4]:
+      for i, v in zip(b["id"], b["view1"]):
+        views.setdefault(int(i), []).append(v)
+    twice = [v for v in views.values() if len(v) == 2]
+    self.assertNotEmpty(twice)
+    self.assertNotAllClose(twice[0][0], twice[0][1])
+
+  def test_batch_larger_than_data(self):
+    with self.assertRaisesRegex(data.DataError, "larger than"):
+      data.pretrain_dataset(_tiny_source(3), global_batch_size=4, image_size=8, seed=0)
+
+  def test_input_pipelines_read_disjoint_shards(self):
+    source = _tiny_source(10)
+    ids = []
+    for index in range(2):
+      ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=index,
+                                       num_replicas_in_sync=2)
+      batches = _batches(data.pretrain_dataset(source, global_batch_size=4, image_size=8, seed=0,
+                                               recipe="mocov1", input_context=ctx), 2)  # 1 epoch
+      self.assertEqual(batches[0]["view1"].shape, (2, 8, 8, 3))
+      ids.append(set(np.concatenate([b["id"] for b in batches])))
+    self.assertEmpty(ids[0] & ids[1])
+    self.assertLen(ids[0] | ids[1], 8)
+
+  def test_mirrored_strategy(self):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    source = _tiny_source(10)
+    kwargs = dict(global_batch_size=4, image_size=8, seed=0)
+    dist = strategy.distribute_datasets_from_function(
+        lambda ctx: data.pretrain_dataset(source, input_context=ctx, **kwargs))
+    batch = next(iter(dist))
+    views = strategy.experimental_local_results(batch["view1"])
+    ids = strategy.experimental_local_results(batch["id"])
+    self.assertLen(views, 2)
+    for v in views:
+      self.assertEqual(v.shape, (2, 8, 8, 3))
+    # One pipeline feeding two replicas: step 0 holds the same examples as without a context.
+    single = _batches(data.pretrain_dataset(source, **kwargs), 1)[0]
+    self.assertAllEqual(np.concatenate([i.numpy() for i in ids]), single["id"])
+
+
+class EvalPipelineTest(tf.test.TestCase):
+
+  def test_eval_dataset(self):
+    source = data.load("quickstart", "test")
+    batches = _batches(data.eval_dataset(source, batch_size=128, image_size=SIZE), 10)
+    self.assertEqual([len(b["id"]) for b in batches], [128, 128, 44])
+    self.assertEqual(batches[0]["image"].shape, (128, SIZE, SIZE, 3))
+    self.assertEqual(batches[0]["image"].dtype, np.float32)
+    ids = np.concatenate([b["id"] for b in batches])
+    self.assertLen(set(ids), 300)
+    again = _batches(data.eval_dataset(source, batch_size=128, image_size=SIZE), 1)[0]
+    self.assertAllEqual(again["image"], batches[0]["image"])
+    aug = lambda seed: data.eval_dataset(  # noqa: E731
+        source, batch_size=64, image_size=SIZE, train_augment=True, seed=seed)
+    aug0 = aug(0)
+    self.assertAllEqual(_batches(aug0, 1)[0]["image"], _batches(aug0, 1)[0]["image"])
+    self.assertNotAllClose(_batches(aug0, 1)[0]["image"], _batches(aug(1), 1)[0]["image"])
+    shuffled = _batches(data.eval_dataset(source, batch_size=300, image_size=SIZE, shuffle=True),
+                        1)[0]["id"]
+    self.assertCountEqual(shuffled, ids)
+    self.assertNotEqual(list(shuffled), list(ids))
+
+
+if __name__ == "__main__":
+  tf.test.main()

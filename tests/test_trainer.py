@@ -1,0 +1,131 @@
+"""End-to-end tests of tfmochi.trainer: tiny runs on one device, 2 mirrored replicas, resume,
+the imagenet2012 path under tfds mock data, label modes, non-finite handling."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tfmochi import checkpoints
+from tfmochi import config as config_lib
+from tfmochi import trainer
+
+TINY = dict(dataset="quickstart", image_size=16, batch_size=16, queue_size=64, bn_splits=2,
+            embedding_dim=16, train_steps=6, steps_per_loop=3, checkpoint_every_steps=3,
+            export_format="none", verbose=False, learning_rate=0.03, knn_eval=False)
+
+
+def tiny(model_dir, **kw):
+  values = dict(TINY, model_dir=str(model_dir))
+  values.update(kw)
+  return config_lib.TrainConfig(**values)
+
+
+class TrainerTest(tf.test.TestCase):
+
+  def test_tiny_run_writes_everything(self):
+    model_dir = self.create_tempdir().full_path
+    summary = trainer.train(tiny(model_dir, mochi_num_hard=8, mochi_num_mix=4,
+                                 mochi_num_query_mix=2, mochi_warmup_epochs=0.05, knn_eval=True))
+    for key in ("global_step", "final_loss", "knn_top1", "images_per_sec", "wall_seconds",
+                "knn_top1_random_init"):
+      self.assertIn(key, summary)
+    self.assertEqual(summary["global_step"], 6)
+    self.assertTrue(np.isfinite(summary["final_loss"]))
+    on_disk = json.load(open(os.path.join(model_dir, "summary.json")))
+    self.assertEqual(on_disk["global_step"], 6)
+    self.assertEqual([checkpoints.checkpoint_step(p) for p in
+                      checkpoints.list_checkpoints(model_dir)], [6, 3])
+    self.assertTrue(os.listdir(os.path.join(model_dir, "train")))  # TensorBoard events
+    run_config = checkpoints.load_run_config(model_dir)
+    self.assertEqual(run_config.mochi_num_hard, 8)
+
+  def test_resume_continues_from_the_checkpoint(self):
+    model_dir = self.create_tempdir().full_path
+    trainer.train(tiny(model_dir, train_steps=3))
+    t = trainer.Trainer(tiny(model_dir, train_steps=6))
+    self.assertEqual(t.restore(), 3)
+    queue_before = t.moco.queue.keys.numpy()
+    self.assertFalse(np.allclose(queue_before[:48],
+                                 trainer.Trainer(tiny(self.create_tempdir().full_path))
+                                 .moco.queue.keys.numpy()[:48]))  # queue restored, not re-init
+    summary = t.run()
+    self.assertEqual(summary["global_step"], 6)
+
+  def test_mirrored_two_replicas(self):
+    model_dir = self.create_tempdir().full_path
+    summary = trainer.train(tiny(model_dir, strategy="mirrored", cpu_replicas=2,
+                                 bn_mode="shuffle"))
+    self.assertEqual(summary["replicas"], 2)
+    self.assertEqual(summary["global_step"], 6)
+    self.assertTrue(np.isfinite(summary["final_loss"]))
+
+  def test_imagenet_path_under_mock_data(self):
+    model_dir = self.create_tempdir().full_path
+    with tfds.testing.mock_data(num_examples=48):
+      summary = trainer.train(tiny(model_dir, dataset="imagenet2012", train_steps=2,
+                                   steps_per_loop=2, knn_every_epochs=0))
+    self.assertEqual(summary["global_step"], 2)
+
+  def test_oracle_mode_counts_removed_false_negatives(self):
+    model_dir = self.create_tempdir().full_path
+    t = trainer.Trainer(tiny(model_dir, label_mode="oracle", train_steps=8, steps_per_loop=8,
+                             checkpoint_every_steps=8))
+    loop = t._make_loop()
+    out = loop(iter(t._dataset(0)), tf.constant(8))
+    # 10 classes: after the queue holds real keys, ~1/10 of it shares the query's label.
+    self.assertGreater(float(out["removed_same_class"]), 0.0)
+
+  def _poison_step(self, bad_step):
+    """Makes the query views NaN at one step: a corrupt batch, as a data bug would.
+
+    (oneDNN's ReLU maps NaN to 0, so the loss may stay finite while the gradient is NaN: the
+    trainer reports which of the two went non-finite.)"""
+    original = trainer.Trainer._replica_step
+
+    def poisoned(self_, batch):
+      batch = dict(batch)
+      nan_or_one = tf.where(tf.equal(self_.step, bad_step), float("nan"), 1.0)
+      batch["view1"] = batch["view1"] * nan_or_one
+      return original(self_, batch)
+
+    trainer.Trainer._replica_step = poisoned
+    self.addCleanup(setattr, trainer.Trainer, "_replica_step", original)
+
+  def test_nonfinite_loss_stops_with_a_message_and_keeps_the_checkpoint(self):
+    model_dir = self.create_tempdir().full_path
+    trainer.train(tiny(model_dir, train_steps=3))
+    self._poison_step(4)
+    with self.assertRaisesRegex(trainer.TrainingError, r"(loss|gradient) became non-finite .* at step 4.*"
+                                r"ckpt-3"):
+      trainer.train(tiny(model_dir, train_steps=6))
+    self.assertEqual(checkpoints.checkpoint_step(checkpoints.list_checkpoints(model_dir)[0]), 3)
+
+  def test_nonfinite_skip_counts_steps(self):
+    model_dir = self.create_tempdir().full_path
+    self._poison_step(1)
+    t = trainer.Trainer(tiny(model_dir, train_steps=3, steps_per_loop=3, nonfinite="skip"))
+    summary = t.run()
+    self.assertEqual(summary["skipped_steps"], 1)
+    for v in t.moco.query_encoder.weights + t.moco.key_encoder.weights:
+      self.assertTrue(np.all(np.isfinite(v.numpy())), v.path)  # weights and BN statistics
+    self.assertTrue(np.all(np.isfinite(t.moco.queue.keys.numpy())))
+    self.assertEqual(int(t.moco.queue.ptr.numpy()), 2 * 16)  # 3 steps, one skipped
+
+  def test_mask_labels_is_a_fixed_seeded_subset(self):
+    ids = tf.range(2000, dtype=tf.int64)
+    labels = ids % 10
+    a = trainer.mask_labels(labels, ids, 0.3, seed=1).numpy()
+    b = trainer.mask_labels(labels, ids, 0.3, seed=1).numpy()
+    c = trainer.mask_labels(labels, ids, 0.3, seed=2).numpy()
+    self.assertAllEqual(a, b)
+    self.assertNotAllEqual(a, c)
+    self.assertAllClose(np.mean(a >= 0), 0.3, atol=0.04)
+    kept = a >= 0
+    self.assertAllEqual(a[kept], labels.numpy()[kept])
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,427 @@
+"""MoCo v1/v2 image augmentations: per-image, stateless-seeded, tf.image / tf.nn only.
+
+Every function takes one image `[H, W, C]` (uint8 in [0, 255] or float in [0, 1], C = 3 or 1;
+grayscale is tiled to RGB) and returns float32. Randomness is *stateless*: every draw comes from
+`tf.random.stateless_*` with a seed derived from the caller's `seed` (an int tensor of shape
+[2]), so a given (image, seed) always yields the same view, eagerly, in `tf.function` and inside
+`tf.data.Dataset.map`. That is what makes a training run resumable and reproducible: the data
+pipeline derives the seed from (run seed, epoch, sample id).
+
+The recipes follow facebookresearch/moco (ALGORITHMS.md §1.4, §1.6) with torchvision semantics:
+
+  mocov2: RandomResizedCrop(scale 0.2-1) -> ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8
+          -> RandomGrayscale p=0.2 -> GaussianBlur(sigma ~ U[0.1, 2]) p=0.5 -> flip -> normalize
+  mocov1: RandomResizedCrop(scale 0.2-1) -> RandomGrayscale p=0.2
+          -> ColorJitter(0.4, 0.4, 0.4, 0.4) always -> flip -> normalize
+
+Known differences from torchvision/PIL (all small):
+  * Resizing is TF bilinear with `antialias=True` (PIL's bilinear filter also widens its support
+    when downsampling), so pixels differ by interpolation round-off, not by method.
+  * PIL works on uint8 between ops; here everything stays float32 in [0, 1] (no re-quantisation).
+  * PIL's GaussianBlur approximates the Gaussian with three box blurs; here it is an exact
+    (truncated at the fixed radius ceil(3 * sigma_max)) Gaussian kernel, edges replicated as PIL.
+  * Hue is shifted in float HSV (`tf.image.adjust_hue`); PIL rounds H to uint8 (1/256 steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+# ImageNet statistics of [0, 1] RGB (torchvision / MoCo `Normalize`).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+# MoCo's blur range; the kernel is built once for the largest sigma so its size stays static.
+_MAX_BLUR_SIGMA = 2.0
+
+SeedLike = tf.Tensor | Sequence[int]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_seed(seed: SeedLike) -> tf.Tensor:
+  """Returns `seed` as an int64 tensor of shape [2] (the stateless RNG key)."""
+  seed = tf.convert_to_tensor(seed)
+  if seed.dtype not in (tf.int32, tf.int64):
+    raise TypeError(f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype}.")
+  seed = tf.cast(seed, tf.int64)
+  seed.shape.assert_is_compatible_with([2])
+  return tf.reshape(seed, [2])
+
+
+def _split(seed: SeedLike, n: int) -> list[tf.Tensor]:
+  """Splits a seed into `n` independent sub-seeds, each [2] int64."""
+  return tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), n), num=n)
+
+
+def _uniform(seed: tf.Tensor, low: float = 0.0, high: float = 1.0) -> tf.Tensor:
+  """One stateless U[low, high) float32 scalar."""
+  return tf.random.stateless_uniform([], seed, minval=low, maxval=high, dtype=tf.float32)
+
+
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+  """Tiles a 1-channel image to 3 channels; leaves 3-channel images alone. Keeps the dtype."""
+  image = tf.convert_to_tensor(image)
+  image.shape.assert_has_rank(3)
+  channels = image.shape[-1]
+  if channels == 3:
+    return image
+  if channels == 1:
+    return tf.tile(image, [1, 1, 3])
+  if channels is None:  # e.g. from tf.io.decode_image without `channels`: decide at run time
+    image = tf.cond(tf.equal(tf.shape(image)[-1], 1), lambda: tf.tile(image, [1, 1, 3]),
+                    lambda: image)
+    image.set_shape([None, None, 3])
+    return image
+  raise ValueError(f"Expected an image with 1 or 3 channels, got shape {image.shape}.")
+
+
+def to_float(image: tf.Tensor) -> tf.Tensor:
+  """Converts an image to float32 RGB in [0, 1].
+
+  Args:
+    image: [H, W, 3 or 1], uint8 in [0, 255] or float in [0, 1].
+
+  Returns:
+    float32 [H, W, 3] in [0, 1].
+  """
+  image = to_rgb(image)
+  if image.dtype == tf.uint8:
+    return tf.image.convert_image_dtype(image, tf.float32)  # / 255, exact
+  if not image.dtype.is_floating:
+    raise TypeError(f"Images must be uint8 or float, got {image.dtype}.")
+  return tf.cast(image, tf.float32)
+
+
+def _grayscale(image: tf.Tensor) -> tf.Tensor:
+  """float [H, W, 3] -> float [H, W, 1] luma (PIL "L" weights)."""
+  return tf.reduce_sum(image * tf.constant(_LUMA, image.dtype), axis=-1, keepdims=True)
+
+
+def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
+  """Bilinear, antialiased (PIL-like) resize of float [h, w, 3] to [height, width, 3]."""
+  return tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# geometric ops
+
+
+def _rrc_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
+                scale: tuple[float, float], ratio: tuple[float, float],
+                attempts: int = 10) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  """torchvision RandomResizedCrop.get_params, vectorised over the attempts.
+
+  All `attempts` candidates are drawn at once and the first one that fits is taken, which is the
+  same distribution as torchvision's sequential loop (a candidate's draw does not depend on the
+  earlier ones). Falls back to the centre crop clamped to the ratio range, like torchvision.
+
+  Returns:
+    (top, left, crop_height, crop_width), int32 scalars.
+  """
+  s_area, s_ratio, s_top, s_left = _split(seed, 4)
+  h = tf.cast(height, tf.float32)
+  w = tf.cast(width, tf.float32)
+  area = h * w
+  target_area = area * tf.random.stateless_uniform([attempts], s_area, scale[0], scale[1])
+  log_ratio = tf.random.stateless_uniform([attempts], s_ratio, math.log(ratio[0]),
+                                          math.log(ratio[1]))
+  aspect = tf.exp(log_ratio)
+  # tf.round is round-half-to-even like Python's round() in torchvision.
+  cw = tf.round(tf.sqrt(target_area * aspect))  # [attempts]
+  ch = tf.round(tf.sqrt(target_area / aspect))
+  fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  cw_ok, ch_ok = cw[first], ch[first]
+  top_ok = tf.floor(_uniform(s_top) * (h - ch_ok + 1.0))
+  left_ok = tf.floor(_uniform(s_left) * (w - cw_ok + 1.0))
+
+  # Fallback: whole image, clamped to the ratio range, centred.
+  in_ratio = w / h
+  fb_w = tf.where(in_ratio < ratio[0], w,
+                  tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w))
+  fb_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+  fb_top = tf.floor((h - fb_h) / 2.0)
+  fb_left = tf.floor((w - fb_w) / 2.0)
+
+  ok = tf.reduce_any(fits)
+  pick = lambda a, b: tf.cast(tf.where(ok, a, b), tf.int32)  # noqa: E731
+  return pick(top_ok, fb_top), pick(left_ok, fb_left), pick(ch_ok, fb_h), pick(cw_ok, fb_w)
+
+
+def random_resized_crop(image: tf.Tensor, size: int, seed: SeedLike,
+                        scale: tuple[float, float] = (0.2, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """torchvision RandomResizedCrop: random area fraction + log-uniform aspect, then resize.
+
+  Args:
+    image: [H, W, 3|1] uint8 or float in [0, 1].
+    size: output side S.
+    seed: [2] int seed.
+    scale: range of the crop area as a fraction of the image area.
+    ratio: range of the crop aspect ratio w/h (sampled log-uniformly).
+
+  Returns:
+    float32 [S, S, 3] in [0, 1].
+  """
+  image = to_rgb(image)
+  shape = tf.shape(image)
+  top, left, ch, cw = _rrc_window(shape[0], shape[1], _as_seed(seed), scale, ratio)
+  crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, 3]))
+  out = _resize(to_float(crop), size, size)
+  out = tf.clip_by_value(out, 0.0, 1.0)
+  out.set_shape([size, size, 3])
+  return out
+
+
+def random_flip(image: tf.Tensor, seed: SeedLike, p: float = 0.5) -> tf.Tensor:
+  """Horizontal flip with probability p. Returns float32 [H, W, 3]."""
+  image = to_float(image)
+  return tf.cond(_uniform(_as_seed(seed)) < p, lambda: tf.reverse(image, axis=[1]),
+                 lambda: image)
+
+
+def center_view(image: tf.Tensor, size: int) -> tf.Tensor:
+  """MoCo lincls val transform scaled to `size`: Resize(round(size*256/224)), CenterCrop(size).
+
+  Args:
+    image: [H, W, 3|1] uint8 or float in [0, 1].
+    size: output side S (224 gives torchvision's Resize(256) + CenterCrop(224)).
+
+  Returns:
+    float32 [S, S, 3], ImageNet-normalised.
+  """
+  image = to_float(image)
+  resize_to = int(round(size * 256 / 224))
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  h, w = shape[0], shape[1]
+  short = tf.minimum(h, w)
+  # torchvision: the short side becomes `resize_to`, the long side int(resize_to * long / short).
+  new_h = tf.where(h <= w, float(resize_to), tf.floor(resize_to * h / short))
+  new_w = tf.where(h <= w, tf.floor(resize_to * w / short), float(resize_to))
+  new_h = tf.cast(new_h, tf.int32)
+  new_w = tf.cast(new_w, tf.int32)
+  image = tf.clip_by_value(_resize(image, new_h, new_w), 0.0, 1.0)
+  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
+  image = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
+  image.set_shape([size, size, 3])
+  return normalize(image)
+
+
+# ----------------------------------------------------------------------------------------------
+# photometric ops
+
+
+def _blend(a: tf.Tensor, b: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  """torchvision `_blend`: factor * a + (1 - factor) * b, clipped to [0, 1]."""
+  return tf.clip_by_value(factor * a + (1.0 - factor) * b, 0.0, 1.0)
+
+
+def _factor_range(x: float, name: str) -> tuple[float, float]:
+  if x < 0:
+    raise ValueError(f"color_jitter {name} must be >= 0, got {x}.")
+  return max(0.0, 1.0 - x), 1.0 + x
+
+
+def color_jitter(image: tf.Tensor, brightness: float, contrast: float, saturation: float,
+                 hue: float, seed: SeedLike) -> tf.Tensor:
+  """torchvision ColorJitter: the four ops, in a random order per image.
+
+  brightness/contrast/saturation factors ~ U[max(0, 1 - x), 1 + x] are multiplicative blends
+  (with black, the mean of the grayscale image, and the grayscale image); hue shifts by
+  U[-hue, hue] of the colour wheel. An op whose strength is 0 is skipped, as in torchvision, so
+  `color_jitter(x, 0, 0, 0, 0, seed)` is the identity (up to the float conversion).
+
+  Args:
+    image: [H, W, 3|1] uint8 or float in [0, 1].
+    brightness, contrast, saturation: jitter strengths >= 0 (static Python floats).
+    hue: hue jitter strength in [0, 0.5].
+    seed: [2] int seed.
+
+  Returns:
+    float32 [H, W, 3] in [0, 1].
+  """
+  if not 0.0 <= hue <= 0.5:
+    raise ValueError(f"color_jitter hue must be in [0, 0.5], got {hue}.")
+  image = to_float(image)
+  s_order, s_b, s_c, s_s, s_h = _split(seed, 5)
+  ops: list[Callable[[tf.Tensor], tf.Tensor]] = []
+  if brightness > 0:
+    b = _uniform(s_b, *_factor_range(brightness, "brightness"))
+    ops.append(lambda x: _blend(x, tf.zeros_like(x), b))
+  if contrast > 0:
+    c = _uniform(s_c, *_factor_range(contrast, "contrast"))
+    ops.append(lambda x: _blend(x, tf.reduce_mean(_grayscale(x)), c))
+  if saturation > 0:
+    s = _uniform(s_s, *_factor_range(saturation, "saturation"))
+    ops.append(lambda x: _blend(x, _grayscale(x), s))
+  if hue > 0:
+    delta = _uniform(s_h, -hue, hue)
+    ops.append(lambda x: tf.clip_by_value(tf.image.adjust_hue(x, delta), 0.0, 1.0))
+  if not ops:
+    return image
+  # A random permutation of the active ops (torchvision: torch.randperm(4)), applied by a loop
+  # around one switch: the graph holds each op once instead of once per position.
+  order = tf.argsort(tf.random.stateless_uniform([len(ops)], s_order))
+
+  def body(k, x):
+    x = tf.switch_case(order[k], [lambda f=f: f(x) for f in ops])
+    return k + 1, tf.ensure_shape(x, [None, None, 3])
+
+  _, image = tf.while_loop(lambda k, _: k < len(ops), body, (tf.constant(0), image),
+                           maximum_iterations=len(ops))
+  return image
+
+
+def random_color_jitter(image: tf.Tensor, p: float, brightness: float, contrast: float,
+                        saturation: float, hue: float, seed: SeedLike) -> tf.Tensor:
+  """`color_jitter` applied with probability p (torchvision RandomApply). float32 [H, W, 3]."""
+  image = to_float(image)
+  s_apply, s_jitter = _split(seed, 2)
+  return tf.cond(
+      _uniform(s_apply) < p,
+      lambda: color_jitter(image, brightness, contrast, saturation, hue, s_jitter),
+      lambda: image)
+
+
+def grayscale(image: tf.Tensor) -> tf.Tensor:
+  """PIL-style luma replicated to 3 channels. float32 [H, W, 3]."""
+  return tf.tile(_grayscale(to_float(image)), [1, 1, 3])
+
+
+def random_grayscale(image: tf.Tensor, p: float, seed: SeedLike) -> tf.Tensor:
+  """torchvision RandomGrayscale(p): all 3 channels set to the luma with probability p."""
+  image = to_float(image)
+  return tf.cond(_uniform(_as_seed(seed)) < p, lambda: grayscale(image), lambda: image)
+
+
+def _edge_pad(x: tf.Tensor, r: int, axis: int) -> tf.Tensor:
+  """Replicates the border `r` times along `axis` (PIL's blur extends edges this way)."""
+  n = tf.shape(x)[axis]
+  first = tf.gather(x, [0], axis=axis)
+  last = tf.gather(x, tf.reshape(n - 1, [1]), axis=axis)
+  return tf.concat([tf.repeat(first, r, axis=axis), x, tf.repeat(last, r, axis=axis)], axis)
+
+
+def gaussian_blur(image: tf.Tensor, sigma, max_sigma: float = _MAX_BLUR_SIGMA) -> tf.Tensor:
+  """PIL GaussianBlur(radius=sigma): separable Gaussian of standard deviation `sigma`.
+
+  The kernel has the static radius ceil(3 * max_sigma) (13 taps for MoCo's sigma <= 2) for
+  every sigma, so the op traces once; a small sigma just makes the outer taps vanish (sigma=0.1
+  puts exp(-50) on the neighbours: numerically a delta). Borders replicate the edge pixel, so a
+  constant image stays constant.
+
+  Args:
+    image: [H, W, 3|1] uint8 or float in [0, 1].
+    sigma: float scalar (tensor ok), 0 < sigma <= max_sigma.
+    max_sigma: sets the kernel radius.
+
+  Returns:
+    float32 [H, W, 3].
+  """
+  image = to_float(image)
+  radius = int(math.ceil(3.0 * max_sigma))
+  sigma = tf.cast(sigma, tf.float32)
+  x = tf.range(-radius, radius + 1, dtype=tf.float32)
+  kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
+  kernel = kernel / tf.reduce_sum(kernel)  # [2r+1]
+  k_rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1])  # [2r+1, 1, 3, 1]
+  k_cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, 3, 1])  # [1, 2r+1, 3, 1]
+  x = _edge_pad(_edge_pad(image, radius, 0), radius, 1)[tf.newaxis]  # [1, H+2r, W+2r, 3]
+  x = tf.nn.depthwise_conv2d(x, k_rows, strides=[1, 1, 1, 1], padding="VALID")
+  x = tf.nn.depthwise_conv2d(x, k_cols, strides=[1, 1, 1, 1], padding="VALID")
+  return x[0]
+
+
+def random_blur(image: tf.Tensor, p: float, seed: SeedLike,
+                sigma_range: tuple[float, float] = (0.1, _MAX_BLUR_SIGMA)) -> tf.Tensor:
+  """MoCo v2 GaussianBlur: with probability p, blur with sigma ~ U[sigma_range]."""
+  image = to_float(image)
+  s_apply, s_sigma = _split(seed, 2)
+  sigma = _uniform(s_sigma, sigma_range[0], sigma_range[1])
+  return tf.cond(_uniform(s_apply) < p,
+                 lambda: gaussian_blur(image, sigma, max(sigma_range[1], _MAX_BLUR_SIGMA)),
+                 lambda: image)
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """(x - ImageNet mean) / std on [0, 1] RGB. float32 [H, W, 3]."""
+  image = to_float(image)
+  return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes
+
+
+def moco_v2_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
+  """One MoCo v2 (`--aug-plus`) view. Returns float32 [S, S, 3], normalised."""
+  s_crop, s_jitter, s_gray, s_blur, s_flip = _split(seed, 5)
+  x = random_resized_crop(image, size, s_crop, scale=(0.2, 1.0))
+  x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
+  x = random_grayscale(x, 0.2, s_gray)
+  x = random_blur(x, 0.5, s_blur)
+  x = random_flip(x, s_flip)
+  x = normalize(x)
+  x.set_shape([size, size, 3])
+  return x
+
+
+def moco_v1_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
+  """One MoCo v1 (InstDisc-style) view. Returns float32 [S, S, 3], normalised."""
+  s_crop, s_gray, s_jitter, s_flip = _split(seed, 4)
+  x = random_resized_crop(image, size, s_crop, scale=(0.2, 1.0))
+  x = random_grayscale(x, 0.2, s_gray)
+  x = color_jitter(x, 0.4, 0.4, 0.4, 0.4, s_jitter)
+  x = random_flip(x, s_flip)
+  x = normalize(x)
+  x.set_shape([size, size, 3])
+  return x
+
+
+AUGMENTATIONS: dict[str, Callable[[tf.Tensor, int, SeedLike], tf.Tensor]] = {
+    "mocov2": moco_v2_view,
+    "mocov1": moco_v1_view,
+}
+
+
+def two_views(image: tf.Tensor, size: int, seed: SeedLike,
+              recipe: str = "mocov2") -> tuple[tf.Tensor, tf.Tensor]:
+  """MoCo's TwoCropsTransform: two independent draws of the same recipe.
+
+  Args:
+    image: [H, W, 3|1] uint8 or float in [0, 1].
+    size: output side S.
+    seed: [2] int seed; the views use two different sub-seeds of it.
+    recipe: a key of AUGMENTATIONS.
+
+  Returns:
+    (view_q, view_k), each float32 [S, S, 3].
+  """
+  try:
+    view = AUGMENTATIONS[recipe]
+  except KeyError:
+    raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
+                     f"{sorted(AUGMENTATIONS)}.") from None
+  s_q, s_k = _split(seed, 2)
+  return view(image, size, s_q), view(image, size, s_k)
+
+
+def linear_train_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
+  """MoCo lincls train transform: RandomResizedCrop (scale 0.08-1), flip, normalize.
+
+  Returns:
+    float32 [S, S, 3].
+  """
+  s_crop, s_flip = _split(seed, 2)
+  x = random_resized_crop(image, size, s_crop, scale=(0.08, 1.0))
+  x = normalize(random_flip(x, s_flip))
+  x.set_shape([size, size, 3])
+  return x

@@ -1,0 +1,181 @@
+"""A run directory: its configuration, its checkpoints, atomic writes, restore with fallback.
+
+Layout of `model_dir` (local or gs://):
+
+  config.json            the TrainConfig of the run (written once, atomically)
+  checkpoints/ckpt-N.*   tf.train.Checkpoint: step, query_encoder, key_encoder, queue, optimizer
+  train/, eval/          TensorBoard event files
+  summary.json           the end-of-run summary (atomically)
+  export/<format>/       the exported backbone
+
+Everything downstream (export, evaluate, analyze) rebuilds the encoder from config.json and reads
+the `query_encoder` node of the newest readable checkpoint, so any of them works on a run that is
+still training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+from absl import logging
+import tensorflow as tf
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A model_dir has no usable checkpoint, or one that does not fit the model. Clear message."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Atomic file writes (local and gs://)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: never half-written."""
+  directory = os.path.dirname(path)
+  if directory:
+    tf.io.gfile.makedirs(directory)
+  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str):
+  with tf.io.gfile.GFile(path, "r") as f:
+    return json.load(f)
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dir(model_dir: str) -> str:
+  return os.path.join(model_dir, CHECKPOINT_SUBDIR)
+
+
+def list_checkpoints(model_dir: str) -> list[str]:
+  """Checkpoint prefixes of a run, newest first (empty if none)."""
+  directory = checkpoint_dir(model_dir)
+  state = tf.train.get_checkpoint_state(directory) if tf.io.gfile.exists(directory) else None
+  if state is None:
+    return []
+  paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
+  paths = [p if os.path.isabs(p) or "://" in p else os.path.join(directory, p) for p in paths]
+  return [p for p in reversed(paths) if tf.io.gfile.exists(p + ".index")]
+
+
+def checkpoint_step(path: str) -> int:
+  """The step number of a `ckpt-N` prefix."""
+  try:
+    return int(path.rsplit("-", 1)[1])
+  except (IndexError, ValueError):
+    return -1
+
+
+def restore_with_fallback(checkpoint: tf.train.Checkpoint, model_dir: str,
+                          partial: bool = False) -> str | None:
+  """Restores the newest *readable* checkpoint of a run; falls back to older ones with a warning.
+
+  Args:
+    checkpoint: the object graph to restore into.
+    model_dir: the run directory.
+    partial: allow the checkpoint to hold more than `checkpoint` (e.g. only the query encoder is
+      wanted).
+
+  Returns:
+    The restored checkpoint prefix, or None when the run has no checkpoint yet.
+
+  Raises:
+    CheckpointError: checkpoints exist but none can be read into this model (e.g. another
+      architecture), with the reason.
+  """
+  paths = list_checkpoints(model_dir)
+  errors = []
+  for path in paths:
+    try:
+      status = checkpoint.restore(path)
+      if partial:
+        status.expect_partial()
+      # Every object of the model must be in the checkpoint (another architecture fails here).
+      status.assert_existing_objects_matched()
+      if errors:
+        logging.warning("Restored the older checkpoint %s because newer ones could not be read: "
+                        "%s", path, "; ".join(errors))
+      return path
+    except (tf.errors.OpError, ValueError, AssertionError) as e:
+      reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      errors.append(f"{os.path.basename(path)}: {reason}")
+      logging.warning("Cannot read checkpoint %s: %s", path, reason)
+  if errors:
+    raise CheckpointError(
+        f"No checkpoint in {checkpoint_dir(model_dir)} could be read into this model ("
+        + "; ".join(errors) + "). If the run used another --arch, --embedding_dim, --mlp_head or "
+        "--small_stem, use the same values (config.json of the run has them), or a new "
+        "--model_dir.")
+  return None
+
+
+def load_run_config(model_dir: str):
+  """The TrainConfig a run was started with (from model_dir/config.json)."""
+  from tfmochi import config as config_lib  # local: config imports the heavy modules
+
+  path = os.path.join(model_dir, CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    if not tf.io.gfile.exists(model_dir):
+      raise CheckpointError(f"--model_dir {model_dir} does not exist. Point it at the directory a "
+                            "training run wrote (it holds config.json and checkpoints/).")
+    raise CheckpointError(f"{model_dir} has no {CONFIG_FILE}: it is not a tfmochi training "
+                          "directory (python -m tfmochi.train --model_dir=... writes one).")
+  return config_lib.TrainConfig.from_dict(read_json(path))
+
+
+def encoder_bn_mode(moco_bn_mode: str) -> str:
+  """The models.build_backbone BN layer for a MoCo bn_mode (shuffle/none use plain BN)."""
+  return {"split": "split", "sync": "sync"}.get(moco_bn_mode, "standard")
+
+
+def restore_encoder(model_dir: str, checkpoint_path: str | None = None):
+  """Rebuilds a run's query encoder and loads its newest readable checkpoint.
+
+  Args:
+    model_dir: the run directory.
+    checkpoint_path: a specific checkpoint prefix (default: the newest readable one).
+
+  Returns:
+    (encoder, train_config, step).
+
+  Raises:
+    CheckpointError: no config, no checkpoint, or a checkpoint that does not fit.
+  """
+  from tfmochi import models  # local import: keeps this module light for the trainer
+
+  config = load_run_config(model_dir)
+  encoder = models.build_encoder(
+      config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
+      small_stem=config.small_stem, bn_mode=encoder_bn_mode(config.bn_mode),
+      bn_splits=config.bn_splits, name="query_encoder")
+  step = tf.Variable(0, dtype=tf.int64)
+  ckpt = tf.train.Checkpoint(step=step, query_encoder=encoder)
+  if checkpoint_path is not None:
+    try:
+      ckpt.read(checkpoint_path).expect_partial().assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError) as e:
+      raise CheckpointError(f"Cannot read {checkpoint_path} into a {config.arch} encoder: "
+                            f"{str(e).splitlines()[0][:300]}") from None
+    path = checkpoint_path
+  else:
+    path = restore_with_fallback(ckpt, model_dir, partial=True)
+  if path is None:
+    raise CheckpointError(f"{model_dir} has no checkpoint yet (looked in "
+                          f"{checkpoint_dir(model_dir)}). Train first, or wait for the first "
+                          "checkpoint of a running job.")
+  return encoder, config, int(step.numpy())

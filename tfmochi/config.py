@@ -1,0 +1,299 @@
+"""The training configuration: one frozen dataclass, its validation, and its command-line flags.
+
+`TrainConfig` is what the library takes (`tfmochi.trainer.train(config)`); nothing below the entry
+points reads absl FLAGS. `define_flags()` registers the flags with help text and `from_flags()`
+turns parsed flags into a validated `TrainConfig`; only `tfmochi.train` and `tfmochi.benchmark`
+call them. The defaults are the offline quickstart (digits shipped with scikit-learn, CPU, a few
+minutes); `configs/*.flags` hold the paper recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from absl import flags
+
+from tfmochi import head as head_lib
+from tfmochi import losses as losses_lib
+from tfmochi import mixing
+from tfmochi import moco as moco_lib
+from tfmochi import momentum as momentum_lib
+from tfmochi import queue as queue_lib
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "bfloat16", "float16")
+AUGMENTATIONS = ("mocov2", "mocov1")
+EXPORT_FORMATS = ("saved_model", "hub", "keras", "detectron2", "torchvision", "none")
+
+
+class ConfigError(ValueError):
+  """A flag value or combination is invalid. The message names it and the allowed values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every setting of a pretraining run (the flags, one to one)."""
+  # data
+  dataset: str = "quickstart"
+  data_dir: str | None = None
+  model_dir: str = "runs/quickstart"
+  image_size: int = 32
+  batch_size: int = 64
+  augmentation: str = "mocov2"
+  # model
+  arch: str = "resnet18"
+  small_stem: bool = True
+  embedding_dim: int = 128
+  mlp_head: bool = True
+  bn_mode: str = "split"
+  bn_splits: int = 8
+  # MoCo
+  queue_size: int = 4096
+  moco_momentum: float = 0.99
+  momentum_schedule: str = "constant"
+  temperature: float = 0.2
+  # loss family
+  loss: str = "infonce"
+  tau_plus: float = 0.1
+  hard_beta: float = 1.0
+  drop_hardest: float | None = None
+  keep_hardest: float | None = None
+  mask_duplicates: bool = True
+  label_mode: str = "none"
+  labeled_fraction: float = 1.0
+  # MoCHi
+  mochi_num_hard: int = 0
+  mochi_num_mix: int = 0
+  mochi_num_query_mix: int = 0
+  mochi_beta_max: float = 0.5
+  mochi_warmup_epochs: float = 0.0
+  # optimisation
+  epochs: float = 20.0
+  train_steps: int | None = None
+  learning_rate: float = 0.06
+  weight_decay: float = 5e-4
+  lr_warmup_epochs: float = 0.0
+  cosine_per_epoch: bool = False
+  # runtime
+  strategy: str = "default"
+  tpu: str | None = None
+  cpu_replicas: int = 1
+  mixed_precision: str = "float32"
+  seed: int = 0
+  deterministic: bool = False
+  steps_per_loop: int = 10
+  checkpoint_every_steps: int | None = None
+  keep_checkpoints: int = 3
+  knn_every_epochs: float = 0.0
+  knn_eval: bool = True
+  knn_k: int = 200
+  knn_t: float = 0.1
+  nonfinite: str = "stop"
+  export_format: str = "saved_model"
+  verbose: bool = True
+
+  # ---------------------------------------------------------------------------------------------
+  def head_config(self) -> head_lib.HeadConfig:
+    return head_lib.HeadConfig(
+        temperature=self.temperature, loss=self.loss, tau_plus=self.tau_plus,
+        hard_beta=self.hard_beta, drop_hardest=self.drop_hardest,
+        keep_hardest=self.keep_hardest,
+        mochi=mixing.MochiConfig(self.mochi_num_hard, self.mochi_num_mix,
+                                 self.mochi_num_query_mix, self.mochi_beta_max),
+        mask_duplicates=self.mask_duplicates, label_mode=self.label_mode)
+
+  def moco_config(self, steps_per_epoch: int, total_steps: int) -> moco_lib.MoCoConfig:
+    return moco_lib.MoCoConfig(
+        queue_size=self.queue_size, embedding_dim=self.embedding_dim,
+        momentum=self.moco_momentum, momentum_schedule=self.momentum_schedule,
+        total_steps=total_steps, bn_mode=self.bn_mode, weight_decay=self.weight_decay,
+        mochi_warmup_steps=int(round(self.mochi_warmup_epochs * steps_per_epoch)),
+        seed=self.seed, head=self.head_config())
+
+  def total_steps(self, steps_per_epoch: int) -> int:
+    if self.train_steps:
+      return int(self.train_steps)
+    return max(1, int(math.ceil(self.epochs * steps_per_epoch)))
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "TrainConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+  # ---------------------------------------------------------------------------------------------
+  def validate(self) -> "TrainConfig":
+    """Checks every value and combination that can be checked without data; raises ConfigError."""
+    def need(cond, message):
+      if not cond:
+        raise ConfigError(message)
+
+    def choice(name, value, choices):
+      need(value in choices, f"--{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+    choice("arch", self.arch, ARCHS)
+    choice("strategy", self.strategy, STRATEGIES)
+    choice("mixed_precision", self.mixed_precision, PRECISIONS)
+    choice("augmentation", self.augmentation, AUGMENTATIONS)
+    choice("bn_mode", self.bn_mode, moco_lib.BN_MODES)
+    choice("momentum_schedule", self.momentum_schedule, moco_lib.MOMENTUM_SCHEDULES)
+    choice("loss", self.loss, losses_lib.LOSSES)
+    choice("label_mode", self.label_mode, head_lib.LABEL_MODES)
+    choice("nonfinite", self.nonfinite, ("stop", "skip"))
+    choice("export_format", self.export_format, EXPORT_FORMATS)
+    need(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, "
+         "TensorBoard logs and the exported backbone.")
+    need(self.image_size >= 8, f"--image_size must be >= 8 pixels, got {self.image_size}.")
+    need(self.batch_size >= 1, f"--batch_size (global) must be >= 1, got {self.batch_size}.")
+    need(self.embedding_dim >= 1, f"--embedding_dim must be >= 1, got {self.embedding_dim}.")
+    need(self.bn_splits >= 1, f"--bn_splits must be >= 1, got {self.bn_splits}.")
+    need(self.cpu_replicas >= 1, f"--cpu_replicas must be >= 1, got {self.cpu_replicas}.")
+    need(self.epochs > 0 or (self.train_steps or 0) > 0,
+         f"--epochs must be > 0 (or give --train_steps), got {self.epochs}.")
+    need(self.train_steps is None or self.train_steps >= 1,
+         f"--train_steps must be >= 1, got {self.train_steps}.")
+    need(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}.")
+    need(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}.")
+    need(self.lr_warmup_epochs >= 0, "--lr_warmup_epochs must be >= 0.")
+    need(self.mochi_warmup_epochs >= 0,
+         f"--mochi_warmup_epochs must be >= 0, got {self.mochi_warmup_epochs}.")
+    need(self.steps_per_loop >= 1, f"--steps_per_loop must be >= 1, got {self.steps_per_loop}.")
+    need(self.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1.")
+    need(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+         "--checkpoint_every_steps must be >= 1.")
+    need(self.knn_every_epochs >= 0, "--knn_every_epochs must be >= 0 (0 = only at the end).")
+    need(self.knn_k >= 1 and self.knn_t > 0, "--knn_k must be >= 1 and --knn_t > 0.")
+    need(0.0 <= self.labeled_fraction <= 1.0,
+         f"--labeled_fraction must be in [0, 1], got {self.labeled_fraction}.")
+    need(self.strategy != "tpu" or self.tpu is not None or "TPU_NAME" in os.environ,
+         "--strategy=tpu needs --tpu=NAME (the TPU name, 'local' on a TPU VM, or grpc://ADDR).")
+    need(self.cpu_replicas == 1 or self.strategy == "mirrored",
+         "--cpu_replicas > 1 splits the CPU into logical devices for --strategy=mirrored; "
+         f"got --strategy={self.strategy}.")
+    need(self.bn_mode != "split" or self.batch_size % self.bn_splits == 0,
+         f"--bn_mode=split needs --batch_size ({self.batch_size}) divisible by --bn_splits "
+         f"({self.bn_splits}) (per replica).")
+    if self.label_mode != "none" and self.labeled_fraction == 0:
+      raise ConfigError(f"--label_mode={self.label_mode} with --labeled_fraction=0 has no labels "
+                        "to use; raise --labeled_fraction or use --label_mode=none.")
+    try:
+      queue_lib.check_queue_size(self.queue_size, self.batch_size)
+      momentum_lib.check_momentum(self.moco_momentum)
+      self.head_config().validate(self.queue_size)
+    except ValueError as e:
+      msg = str(e)
+      for name in ("queue_size (K)", "moco_momentum (m)", "temperature (T)", "tau_plus",
+                   "hard_beta", "drop_hardest", "keep_hardest", "mochi_num_hard (N)",
+                   "mochi_num_mix (s)", "mochi_num_query_mix (s')", "mochi_beta_max",
+                   "label_mode", "loss"):
+        if msg.startswith(name):
+          msg = "--" + msg
+          break
+      raise ConfigError(msg) from None
+    return self
+
+
+# -------------------------------------------------------------------------------------------------
+# Flags (entry points only)
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+_HELP = {
+    "dataset": "Data set: quickstart (offline digits), imagenet2012, imagenet100, folder "
+               "(--data_dir/<class>/*.jpg) or any tensorflow-datasets name.",
+    "data_dir": "tfds data directory (may be gs://), or the image folder for --dataset=folder.",
+    "model_dir": "Where checkpoints, TensorBoard logs, summary.json and exports go (may be gs://). "
+                 "A run restarted with the same --model_dir resumes.",
+    "image_size": "Training crop size in pixels (224 for ImageNet).",
+    "batch_size": "Global batch size over all replicas.",
+    "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter) or mocov1.",
+    "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout).",
+    "small_stem": "CIFAR-style stem (3x3 conv, no max-pool) for small images.",
+    "embedding_dim": "D, the projection (and queue) dimension.",
+    "mlp_head": "MoCo v2 MLP projection head (else MoCo v1's linear head).",
+    "bn_mode": "shuffle (MoCo shuffle BN across replicas), split (single device, --bn_splits "
+               "groups), sync (synchronized BN) or none.",
+    "bn_splits": "Groups of split BN (the MoCo CIFAR demo uses 8).",
+    "queue_size": "K, the number of queue negatives (multiple of --batch_size).",
+    "moco_momentum": "m, the key encoder's momentum.",
+    "momentum_schedule": "constant, or cosine (m rises to 1 over the run).",
+    "temperature": "T, the softmax temperature.",
+    "loss": "infonce (MoCo), debiased (Chuang et al.) or hard (Robinson et al.).",
+    "tau_plus": "tau+, the class prior of the debiased/hard losses, in [0, 1).",
+    "hard_beta": "beta, the hardness concentration of --loss=hard.",
+    "drop_hardest": "Cai et al.: remove the hardest p%% of queue negatives per query (0<p<100).",
+    "keep_hardest": "Cai et al.: keep only the hardest p%% of queue negatives per query.",
+    "mask_duplicates": "Remove queue entries of the query's own image (needed when K nears the "
+                       "data set size).",
+    "label_mode": "none (self-supervised), oracle (remove same-class negatives) or supcon "
+                  "(same-class entries are positives). Needs labels.",
+    "labeled_fraction": "Fraction of training images that keep their label (seeded subset).",
+    "mochi_num_hard": "MoCHi N: hardest negatives mixed per query (0 = plain MoCo).",
+    "mochi_num_mix": "MoCHi s: synthetic negatives from pairs of hard negatives.",
+    "mochi_num_query_mix": "MoCHi s': synthetic negatives mixing the query into a hard negative.",
+    "mochi_beta_max": "MoCHi beta_max in (0, 0.5]: the query's largest share in s' points.",
+    "mochi_warmup_epochs": "Epochs of plain MoCo before MoCHi starts (paper: 10 IN-100, 15 IN-1K).",
+    "epochs": "Training epochs.",
+    "train_steps": "Training steps; overrides --epochs.",
+    "learning_rate": "Learning rate per 256 images (scaled linearly with --batch_size).",
+    "weight_decay": "Coupled L2 weight decay (as PyTorch SGD), on all parameters.",
+    "lr_warmup_epochs": "Linear learning-rate warm-up epochs before the cosine decay.",
+    "cosine_per_epoch": "Set the cosine learning rate once per epoch, exactly as MoCo does.",
+    "strategy": "default (one device), mirrored, multi_worker (TF_CONFIG) or tpu.",
+    "tpu": "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).",
+    "cpu_replicas": "Split the CPU into N logical devices for --strategy=mirrored (testing).",
+    "mixed_precision": "float32, bfloat16 (TPU/CPU) or float16 (GPU, with loss scaling); the "
+                       "head, queue and loss always stay float32.",
+    "seed": "Run seed: data order, augmentations, MoCHi draws, shuffle BN.",
+    "deterministic": "Deterministic ops and input pipeline (slower): a resumed run repeats the "
+                     "uninterrupted one step for step.",
+    "steps_per_loop": "Training steps per tf.function call.",
+    "checkpoint_every_steps": "Checkpoint interval in steps (default: once per epoch).",
+    "keep_checkpoints": "How many recent checkpoints to keep.",
+    "knn_every_epochs": "Run the kNN monitor on the held-out split every N epochs (0 = only at "
+                        "the end).",
+    "knn_eval": "Run the kNN monitor on the held-out split at the end of training (and at random "
+                "init for a fresh run), when the data set has labels.",
+    "knn_k": "k of the kNN monitor.",
+    "knn_t": "Temperature of the kNN monitor's weights.",
+    "nonfinite": "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.",
+    "export_format": "Export at the end of training: saved_model, hub, keras, detectron2, "
+                     "torchvision or none.",
+    "verbose": "Progress bar on stdout.",
+}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Registers one flag per TrainConfig field (idempotent)."""
+  if "queue_size" in flag_values:
+    return
+  defaults = TrainConfig()
+  for name, field in _FIELDS.items():
+    default = getattr(defaults, name)
+    help_text = _HELP[name]
+    kind = field.type
+    if kind == "bool":
+      flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
+    elif kind in ("int", "int | None"):
+      flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+    elif kind in ("float", "float | None"):
+      flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+    else:
+      flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+  # Aliases users may reach for.
+  flags.DEFINE_alias("moco_t", "temperature", flag_values=flag_values)
+  flags.DEFINE_alias("moco_k", "queue_size", flag_values=flag_values)
+  flags.DEFINE_alias("moco_m", "moco_momentum", flag_values=flag_values)
+  flags.DEFINE_alias("lr", "learning_rate", flag_values=flag_values)
+
+
+def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfig:
+  """A validated TrainConfig from parsed flags (raises ConfigError)."""
+  values = {name: flag_values[name].value for name in _FIELDS}
+  return TrainConfig(**values).validate()

@@ -1,0 +1,834 @@
+"""Data sets and the distributed, resumable MoCo input pipeline.
+
+`load(name, split, data_dir)` resolves a data set name to a `DataSource`:
+
+  quickstart     offline: scikit-learn's 1,797 handwritten digits (8x8, shipped inside the
+                 scikit-learn package), as uint8 RGB; stratified 1,497 / 300 split, fixed by
+                 `load(..., seed=)` (default 0).
+  imagenet2012   tensorflow-datasets, needs the manual download prepared in `data_dir`.
+  imagenet100    imagenet2012 filtered to the 100 CMC classes (tfmochi/data/imagenet100_wnids.txt),
+                 relabelled 0..99 in sorted-wnid order (= torchvision ImageFolder on the subset).
+  folder         images in `data_dir/<class>/...`, or with split folders
+                 `data_dir/train/<class>/...` + `data_dir/{val|validation|test}/<class>/...`.
+  anything else  a tensorflow-datasets name (cifar10, stl10, ...) read from `data_dir` (gs:// ok).
+
+Nothing is ever downloaded implicitly: a data set that is not prepared stops at once with a
+`DataError` that says how to prepare it (this must work on a machine without internet).
+
+Examples are dicts {"image": uint8 [H, W, 3], "label": int64 (-1 if unlabelled), "id": int64}.
+`id` identifies the sample: unique within a split and stable across runs and shardings. For a
+held-out split that tfmochi makes (quickstart, folder without split folders) it is the index in
+the whole collection, so train and test ids never collide; for tfds it is the record index within
+the tfds split (imagenet100 keeps the imagenet2012 index). Ids need not be contiguous.
+
+`pretrain_dataset` turns a source into an infinite stream of per-replica batches of two views.
+Data-position contract (what makes resume exact):
+  * steps_per_epoch = num_examples // global_batch_size (MoCo's drop_last), every epoch has
+    exactly that many steps and no batch straddles two epochs;
+  * at epoch e every input pipeline permutes its shard with a seed derived from (seed, e,
+    pipeline id) and feeds the first steps_per_epoch * (replicas per pipeline) batches of it;
+  * the views of sample `id` at epoch e use the augmentation seed derived from (seed, e, id);
+  * so batch k is a pure function of (seed, k, topology = global batch, replicas, input
+    pipelines); `start_step=k` starts at epoch k // steps_per_epoch and skips the first
+    (k % steps_per_epoch) steps' examples of that epoch *before* decoding. In-memory sources (quickstart, folder) skip by slicing the permutation
+    (free); tfds sources read, without decoding, the skipped records of the current epoch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import difflib
+import importlib.resources
+import os
+import re
+from collections.abc import Callable, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from tfmochi import augment
+
+AUTOTUNE = tf.data.AUTOTUNE
+BUILTIN_DATASETS = ("quickstart", "imagenet2012", "imagenet100", "folder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_HELD_OUT_DIRS = ("val", "validation", "test")
+_TEST_SPLITS = ("test", "validation", "val")
+_QUICKSTART_TEST_SIZE = 300
+# Split sizes of ImageNet-1k (tfds imagenet2012) and of its CMC 100-class subset. The subset's
+# size is used only when the underlying imagenet2012 split has exactly the ImageNet-1k size and
+# the shipped class list is used; otherwise the filtered split is counted once (slow on real data).
+_IMAGENET_SIZES = {"train": 1_281_167, "validation": 50_000}
+_IMAGENET100_SIZES = {"train": 126_689, "validation": 5_000}
+_MAX_LISTED_SKIPS = 20
+
+
+class DataError(ValueError):
+  """A data set cannot be used as asked; the message says what is wrong and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# DataSource
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Reader:
+  """How a source produces raw examples and decodes them (internal).
+
+  Exactly one of `records` (random access: numpy arrays raw/label/id) or `open_stream`
+  ((num_shards, index) -> tf.data.Dataset of raw dicts in a deterministic order) is set.
+  `decode` maps a raw image (uint8 array or encoded bytes or a file path) to uint8 [H, W, 3].
+  """
+  decode: Callable[[tf.Tensor], tf.Tensor]
+  records: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+  open_stream: Callable[[int, int], tf.data.Dataset] | None = None
+  # Folders validated only by header: a file that fails to decode later is dropped (not counted).
+  guard_errors: bool = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataSource:
+  """One split of a data set, ready to be read whole or per input pipeline.
+
+  Attributes:
+    name: data set name as passed to `load`.
+    split: "train" or "test" (or a raw tfds split expression).
+    num_examples: number of examples in the split (after skipping bad files).
+    num_classes: number of classes, None for unlabelled data sets.
+    has_labels: False when every label is -1.
+    num_skipped: image files that could not be decoded and were left out (folders only).
+    skipped_files: their paths.
+  """
+  name: str
+  split: str
+  num_examples: int
+  num_classes: int | None
+  has_labels: bool
+  num_skipped: int = 0
+  skipped_files: tuple[str, ...] = ()
+  _reader: _Reader | None = dataclasses.field(default=None, repr=False)
+
+  def raw(self, num_shards: int = 1, index: int = 0) -> tf.data.Dataset:
+    """Undecoded examples {"raw", "label", "id"} of shard `index` of `num_shards`."""
+    _check_shard(num_shards, index)
+    if self._reader.records is not None:
+      raw, labels, ids = _shard_records(self._reader.records, num_shards, index)
+      return tf.data.Dataset.from_tensor_slices({"raw": raw, "label": labels, "id": ids})
+    return self._reader.open_stream(num_shards, index)
+
+  def decode(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """{"raw", "label", "id"} -> {"image": uint8 [H, W, 3], "label", "id"}."""
+    return {"image": self._reader.decode(example["raw"]), "label": example["label"],
+            "id": example["id"]}
+
+  def shard(self, num_shards: int = 1, index: int = 0) -> tf.data.Dataset:
+    """Decoded examples of one shard, in a fixed order (each shard is read by one pipeline)."""
+    ds = self.raw(num_shards, index).map(self.decode, num_parallel_calls=AUTOTUNE)
+    return ds.ignore_errors(log_warning=True) if self._reader.guard_errors else ds
+
+  def for_input_context(self, input_context: tf.distribute.InputContext | None
+                        ) -> tf.data.Dataset:
+    """The shard read by this host's input pipeline (everything without a context)."""
+    if input_context is None:
+      return self.dataset
+    return self.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+
+  @property
+  def dataset(self) -> tf.data.Dataset:
+    """The whole split, decoded: {"image": uint8 [H, W, 3], "label": int64, "id": int64}."""
+    return self.shard(1, 0)
+
+
+def _check_shard(num_shards: int, index: int) -> None:
+  if num_shards < 1 or not 0 <= index < num_shards:
+    raise ValueError(f"Bad shard {index} of {num_shards}.")
+
+
+def _shard_records(records, num_shards: int, index: int):
+  # Strided like tf.data.Dataset.shard: shard sizes differ by at most one.
+  return tuple(a[index::num_shards] for a in records)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Training steps per epoch: full global batches only (MoCo drops the last partial batch)."""
+  if global_batch_size < 1:
+    raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}.")
+  return num_examples // global_batch_size
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+
+
+def load(name: str, split: str = "train", data_dir: str | None = None, *, seed: int = 0,
+         holdout_fraction: float = 0.1, validate: str = "decode", download: bool = False,
+         num_workers: int | None = None) -> DataSource:
+  """Resolves a data set name and split to a DataSource. Fails fast with a DataError.
+
+  Args:
+    name: "quickstart", "imagenet2012", "imagenet100", "folder" or a tensorflow-datasets name.
+    split: "train" or "test" ("validation"/"val" are aliases of "test"; for ImageNet the held-out
+      split is tfds' "validation"). tfds sources also accept any tfds split expression.
+    data_dir: tfds data directory (may be gs://; None = tfds default) or, for "folder", the
+      image folder.
+    seed: seed of the held-out split tfmochi makes when a data set has none (quickstart, folder
+      without split folders). Use the same value for "train" and "test".
+    holdout_fraction: share of a folder held out as "test" when it has no split folders.
+    validate: folder images: "decode" (default: every file is decoded once here; bad files are
+      skipped and counted), "header" (only the file signature is checked here; a file that
+      fails to decode later is dropped by tf.data, not counted) or "none".
+    download: allow tfds to download and prepare a missing data set (needs internet; never for
+      ImageNet, whose archives must be downloaded by hand).
+    num_workers: threads for validating folder images (default: 4 x CPUs, at most 32).
+
+  Returns:
+    A DataSource.
+
+  Raises:
+    DataError: unknown name, data not prepared, empty or malformed folder, unknown split.
+  """
+  test = split in _TEST_SPLITS
+  if split not in ("train",) + _TEST_SPLITS and name in ("quickstart", "folder"):
+    raise DataError(f"Data set {name!r} has the splits 'train' and 'test'; got {split!r}.")
+  if name == "quickstart":
+    return _quickstart(test, seed)
+  if name == "folder":
+    return _folder(data_dir, test, seed=seed, holdout_fraction=holdout_fraction,
+                   validate=validate, num_workers=num_workers)
+  if name == "imagenet100":
+    return _tfds_source("imagenet2012", split, data_dir, download=download,
+                        wnids=imagenet100_wnids(), display_name="imagenet100")
+  return _tfds_source(name, split, data_dir, download=download)
+
+
+def _unknown_name_error(name: str, known: Sequence[str] = ()) -> DataError:
+  close = difflib.get_close_matches(name, list(BUILTIN_DATASETS) + list(known), n=3)
+  hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+  return DataError(
+      f"Unknown data set {name!r}.{hint} Choose one of: {', '.join(BUILTIN_DATASETS)}, or any "
+      "tensorflow-datasets name (e.g. cifar10, stl10; "
+      "https://www.tensorflow.org/datasets/catalog).")
+
+
+def from_numpy(images: np.ndarray, labels: np.ndarray | None = None, *, name: str = "numpy",
+               split: str = "train", ids: np.ndarray | None = None,
+               num_classes: int | None = None) -> DataSource:
+  """An in-memory DataSource (tests, small custom data).
+
+  Args:
+    images: uint8 [N, H, W, 3] (or [N, H, W, 1], tiled to RGB when read).
+    labels: int [N], or None for unlabelled data (labels become -1).
+    name: reported name.
+    split: reported split.
+    ids: int64 [N] unique sample ids (default 0..N-1).
+    num_classes: default max(label) + 1.
+
+  Returns:
+    A DataSource with random access (exact, free resume).
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+    raise DataError(f"images must be uint8 [N, H, W, 3|1], got {images.dtype} {images.shape}.")
+  n = len(images)
+  has_labels = labels is not None
+  labels = (np.full([n], -1, np.int64) if labels is None
+            else np.asarray(labels, dtype=np.int64).reshape([n]))
+  ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64).reshape([n])
+  if len(np.unique(ids)) != n:
+    raise DataError("ids must be unique.")
+  if has_labels and num_classes is None:
+    num_classes = int(labels.max()) + 1 if n else 0
+
+  def decode(raw):
+    return augment.to_rgb(raw)
+
+  return DataSource(name=name, split=split, num_examples=n,
+                    num_classes=num_classes if has_labels else None, has_labels=has_labels,
+                    _reader=_Reader(decode=decode, records=(images, labels, ids)))
+
+
+# ----------------------------------------------------------------------------------------------
+# quickstart: scikit-learn digits
+
+
+def _stratified_holdout(labels: np.ndarray, num_test: int, seed: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded stratified split of indices 0..N-1 with exactly `num_test` held out.
+
+  Each class holds out its proportional share (largest remainders get the rounding), so the
+  split depends only on (labels, num_test, seed).
+
+  Returns:
+    (train_indices, test_indices), both sorted int64.
+  """
+  n = len(labels)
+  classes, counts = np.unique(labels, return_counts=True)
+  exact = counts * num_test / max(n, 1)
+  quota = np.floor(exact).astype(np.int64)
+  extra = num_test - int(quota.sum())
+  order = np.argsort(-(exact - quota), kind="stable")  # largest remainders first
+  quota[order[:extra]] += 1
+  rng = np.random.default_rng(seed)
+  test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:q]
+                         for c, q in zip(classes, quota)] + [np.zeros([0], np.int64)])
+  test = np.sort(test).astype(np.int64)
+  train = np.setdiff1d(np.arange(n, dtype=np.int64), test)
+  return train, test
+
+
+def _quickstart(test: bool, seed: int) -> DataSource:
+  try:
+    from sklearn import datasets as sk_datasets  # local: only this data set needs it
+  except ImportError as e:
+    raise DataError("The quickstart data set needs scikit-learn: pip install scikit-learn") from e
+  digits = sk_datasets.load_digits()
+  # 0..16 gray levels -> 0..255, tiled to RGB.
+  gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8]
+  images = np.repeat(gray[..., None], 3, axis=-1)
+  labels = digits.target.astype(np.int64)
+  train, held_out = _stratified_holdout(labels, _QUICKSTART_TEST_SIZE, seed)
+  idx = held_out if test else train
+  return from_numpy(images[idx], labels[idx], name="quickstart",
+                    split="test" if test else "train", ids=idx, num_classes=10)
+
+
+# ----------------------------------------------------------------------------------------------
+# folder
+
+
+def _sniff(header: bytes) -> str | None:
+  """Image type from the file signature, None if it is none of the supported formats."""
+  if header.startswith(b"\xff\xd8\xff"):
+    return "jpeg"
+  if header.startswith(b"\x89PNG\r\n\x1a\n"):
+    return "png"
+  if header.startswith(b"BM"):
+    return "bmp"
+  if header.startswith((b"GIF87a", b"GIF89a")):
+    return "gif"
+  return None
+
+
+def _check_image(path: str, full: bool) -> str | None:
+  """Returns why `path` is not a usable image, or None if it is."""
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = f.read() if full else f.read(16)
+  except (tf.errors.OpError, OSError) as e:
+    return f"unreadable ({type(e).__name__})"
+  if not data:
+    return "empty file"
+  if _sniff(data[:16]) is None:
+    return "not a JPEG/PNG/BMP/GIF file"
+  if full:
+    try:
+      image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    except (tf.errors.OpError, ValueError) as e:
+      return "cannot be decoded: " + str(getattr(e, "message", e)).strip().splitlines()[0][:120]
+    if image.shape[0] == 0 or image.shape[1] == 0:
+      return "empty image"
+  return None
+
+
+def _list_images(class_dir: str) -> list[str]:
+  """Image files under class_dir (recursively, like torchvision ImageFolder), sorted."""
+  paths = []
+  for root, _, files in tf.io.gfile.walk(class_dir):
+    paths += [os.path.join(root, f) for f in files
+              if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+  return sorted(paths)
+
+
+def _subdirs(path: str) -> list[str]:
+  return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
+                if not d.startswith(".") and tf.io.gfile.isdir(os.path.join(path, d)))
+
+
+def _folder_error(data_dir: str, problem: str) -> DataError:
+  return DataError(
+      f"--dataset=folder: {problem}. Expected images in {data_dir}/<class>/*.jpg (also .jpeg, "
+      ".png, .bmp, .gif), or split folders train/<class>/... and val/<class>/... "
+      "(or validation/, test/).")
+
+
+def _decode_file(path: tf.Tensor) -> tf.Tensor:
+  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _folder(data_dir: str | None, test: bool, *, seed: int, holdout_fraction: float,
+            validate: str, num_workers: int | None) -> DataSource:
+  if not data_dir:
+    raise DataError("--dataset=folder needs --data_dir: a folder with one subfolder of images "
+                    "per class (data_dir/<class>/*.jpg).")
+  if not tf.io.gfile.isdir(data_dir):
+    raise DataError(f"--dataset=folder: data_dir {data_dir} does not exist or is not a folder.")
+  if validate not in ("decode", "header", "none"):
+    raise ValueError(f"validate must be 'decode', 'header' or 'none', got {validate!r}.")
+  top = _subdirs(data_dir)
+  held_out = [d for d in _HELD_OUT_DIRS if d in top]
+  split_folders = "train" in top and bool(_subdirs(os.path.join(data_dir, "train")))
+  if split_folders:
+    classes = _subdirs(os.path.join(data_dir, "train"))
+    if test:
+      if not held_out:
+        raise _folder_error(data_dir, f"{data_dir}/train exists but there is no val/, "
+                            "validation/ or test/ folder for the held-out split")
+      root = os.path.join(data_dir, held_out[0])
+    else:
+      root = os.path.join(data_dir, "train")
+    extra = sorted(set(_subdirs(root)) - set(classes))
+    if extra:
+      raise _folder_error(data_dir, f"{root} has classes that train/ lacks: {extra[:5]}")
+  else:
+    classes, root = top, data_dir
+  if not classes:
+    loose = [f for f in tf.io.gfile.listdir(data_dir) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    detail = (f"found {len(loose)} image file(s) directly in it but no class subfolders" if loose
+              else "it has no class subfolders")
+    raise _folder_error(data_dir, f"{data_dir}: {detail}")
+  paths, labels = [], []
+  for label, cls in enumerate(classes):
+    class_dir = os.path.join(root, cls)
+    if tf.io.gfile.isdir(class_dir):
+      found = _list_images(class_dir)
+      paths += found
+      labels += [label] * len(found)
+  if not paths:
+    raise _folder_error(data_dir, f"no image files in the class subfolders of {root}")
+  paths = np.array(paths, dtype=object)
+  labels = np.array(labels, dtype=np.int64)
+  ids = np.arange(len(paths), dtype=np.int64)
+  if not split_folders:
+    num_test = int(round(len(paths) * holdout_fraction))
+    train_idx, test_idx = _stratified_holdout(labels, num_test, seed)
+    keep = test_idx if test else train_idx
+    if len(keep) == 0:
+      raise _folder_error(data_dir, f"{len(paths)} images are too few for a held-out "
+                          f"{'test' if test else 'train'} split at holdout_fraction="
+                          f"{holdout_fraction}")
+    paths, labels, ids = paths[keep], labels[keep], ids[keep]
+
+  skipped: list[tuple[str, str]] = []
+  if validate != "none":
+    workers = num_workers or min(32, 4 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      reasons = list(pool.map(lambda p: _check_image(p, validate == "decode"), paths))
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    skipped = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    paths, labels, ids = paths[ok], labels[ok], ids[ok]
+  if skipped:
+    listed = "; ".join(f"{p} ({r})" for p, r in skipped[:_MAX_LISTED_SKIPS])
+    more = f"; ... and {len(skipped) - _MAX_LISTED_SKIPS} more" if len(
+        skipped) > _MAX_LISTED_SKIPS else ""
+    logging.warning("tfmochi.data: skipped %d of %d image files in %s that cannot be used: %s%s",
+                    len(skipped), len(skipped) + len(paths), root, listed, more)
+  if len(paths) == 0:
+    raise _folder_error(data_dir, f"none of the {len(skipped)} image files in {root} can be "
+                        "decoded")
+  reader = _Reader(decode=_decode_file,
+                   records=(paths.astype(str), labels, ids),
+                   guard_errors=validate != "decode")
+  return DataSource(name="folder", split="test" if test else "train", num_examples=len(paths),
+                    num_classes=len(classes), has_labels=True, num_skipped=len(skipped),
+                    skipped_files=tuple(p for p, _ in skipped), _reader=reader)
+
+
+# ----------------------------------------------------------------------------------------------
+# tensorflow-datasets
+
+
+def imagenet100_wnids() -> list[str]:
+  """The 100 ImageNet class wnids of ImageNet-100 (CMC subset), in the shipped file's order."""
+  text = importlib.resources.files("tfmochi").joinpath("data/imagenet100_wnids.txt").read_text()
+  wnids = [w.strip() for w in text.split() if w.strip()]
+  if len(wnids) != 100 or len(set(wnids)) != 100:
+    raise DataError(f"tfmochi/data/imagenet100_wnids.txt must list 100 distinct wnids, "
+                    f"found {len(set(wnids))}.")
+  return wnids
+
+
+def _imagenet_instructions(builder, display_name: str) -> DataError:
+  root = str(builder.data_dir_root)
+  manual = os.path.join(root, "downloads", "manual")
+  tars = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+  present = [t for t in tars if tf.io.gfile.exists(os.path.join(manual, t))]
+  if len(present) == len(tars):
+    state = (f"The archives are in {manual}, but the data set has not been built yet (this "
+             "takes hours and ~300 GB of disk, so tfmochi does not start it for you).")
+  else:
+    missing = [t for t in tars if t not in present]
+    state = f"Missing in {manual}: {', '.join(missing)}."
+  subset = (" imagenet100 is read from the prepared imagenet2012 (filtered to 100 classes)."
+            if display_name != "imagenet2012" else "")
+  return DataError(
+      f"{display_name}: ImageNet (tfds imagenet2012) is not prepared in {root}.{subset} "
+      f"{state} ImageNet cannot be downloaded automatically. To prepare it: "
+      "(1) download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+      "https://image-net.org/download-images (registration required); "
+      f"(2) put both in {manual}; "
+      f"(3) run: tfds build imagenet2012 --data_dir={root} --manual_dir={manual}; "
+      f"(4) pass --data_dir={root} (a gs:// copy of the prepared folder works too).")
+
+
+def _not_prepared(builder, name: str, display_name: str) -> DataError:
+  if name == "imagenet2012":
+    return _imagenet_instructions(builder, display_name)
+  root = str(builder.data_dir_root)
+  return DataError(
+      f"Data set {name!r} is not prepared in {root}. tfmochi does not download data "
+      "during training (this machine may have no internet). On a machine with internet run: "
+      f"tfds build {name} --data_dir={root}  and then pass --data_dir={root} here (copy the "
+      "folder over, or use a gs:// bucket).")
+
+
+def _resolve_tfds_split(builder, name: str, split: str) -> str:
+  known = set(builder.info.splits.keys())  # empty when unprepared (and under tfds mock_data)
+  if split not in _TEST_SPLITS:
+    return split
+  if name.startswith("imagenet2012"):
+    return "validation"  # imagenet2012's "test" split has no labels
+  for candidate in ("test", "validation"):
+    if candidate in known:
+      return candidate
+  if known:
+    raise DataError(f"Data set {name!r} has no held-out split (it has: {sorted(known)}). Use a "
+                    "tfds split expression, e.g. split='train[90%:]'.")
+  return "test"
+
+
+def _file_offsets(builder, split: str) -> np.ndarray:
+  """Index of the first record of every file of the (base) split, for global record ids."""
+  base = re.split(r"[\[(+]", split)[0]
+  try:
+    lengths = list(builder.info.splits[base].shard_lengths)
+  except (KeyError, ValueError, TypeError):
+    lengths = []
+  if not lengths:
+    return np.zeros([1], np.int64)
+  return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def _record_index(tfds_id: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
+  """'name-split.tfrecord-00003-of-00016__57' -> offsets[3] + 57 (int64 index in the split)."""
+  file_idx = tf.strings.to_number(
+      tf.strings.regex_replace(tfds_id, r"^.*-(\d+)-of-\d+__\d+$", r"\1"), tf.int64)
+  record = tf.strings.to_number(tf.strings.regex_replace(tfds_id, r"^.*__(\d+)$", r"\1"),
+                                tf.int64)
+  file_idx = tf.minimum(file_idx, tf.cast(tf.size(offsets) - 1, tf.int64))
+  return tf.gather(offsets, file_idx) + record
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None, *, download: bool,
+                 wnids: list[str] | None = None, display_name: str | None = None) -> DataSource:
+  import tensorflow_datasets as tfds  # local: importing tfds is slow and not needed otherwise
+
+  display_name = display_name or name
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    try:
+      known = tfds.core.registered.list_imported_builders()
+    except Exception:  # pylint: disable=broad-except  (suggestions only)
+      known = []
+    raise _unknown_name_error(name, known) from None
+  features = builder.info.features
+  if "image" not in features or not isinstance(features["image"], tfds.features.Image):
+    raise DataError(f"Data set {name!r} has no 'image' feature (features: {list(features)}); "
+                    "tfmochi needs an image classification data set.")
+  if download and not builder.is_prepared():
+    if name == "imagenet2012" and not tf.io.gfile.exists(
+        os.path.join(str(builder.data_dir_root), "downloads", "manual")):
+      raise _imagenet_instructions(builder, display_name)
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except  (network, disk, checksum, ...)
+      raise DataError(f"Downloading {name!r} into {builder.data_dir_root} failed: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+  tfds_split = _resolve_tfds_split(builder, name, split)
+  read_config = tfds.ReadConfig(add_tfds_id=True)
+  # The encoded bytes travel through shuffle/skip; decoding happens after (cheap resume).
+  decoders = {"image": tfds.decode.SkipDecoding()}
+
+  def as_dataset(sub_split):
+    return builder.as_dataset(split=sub_split, shuffle_files=False, decoders=decoders,
+                              read_config=read_config)
+
+  # Fail fast (no network, no long work): opening an unprepared data set raises at once. Under
+  # tfds.testing.mock_data `is_prepared()` is False but `as_dataset` works, hence both checks.
+  try:
+    probe = as_dataset(tfds_split)
+  except Exception as e:  # pylint: disable=broad-except
+    if builder.is_prepared():
+      raise DataError(f"Cannot read split {tfds_split!r} of {name!r} (splits: "
+                      f"{sorted(builder.info.splits.keys())}): {e}") from e
+    raise _not_prepared(builder, name, display_name) from e
+
+  label_feature = features["label"] if "label" in features else None
+  # stl10-style "unlabelled" splits carry the label -1 for every example.
+  has_labels = (isinstance(label_feature, tfds.features.ClassLabel)
+                and not tfds_split.startswith("unlabel"))
+  num_classes = label_feature.num_classes if has_labels else None
+  table = None
+  if wnids is not None:
+    sorted_wnids = sorted(wnids)
+    try:
+      originals = [label_feature.str2int(w) for w in sorted_wnids]
+    except (KeyError, ValueError) as e:
+      raise DataError(f"{display_name}: a wnid of tfmochi/data/imagenet100_wnids.txt is not an "
+                      f"{name} class: {e}") from e
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(originals, tf.int64),
+                                            tf.range(len(originals), dtype=tf.int64)),
+        default_value=-1)
+    num_classes = len(wnids)
+  offsets = tf.constant(_file_offsets(builder, tfds_split))
+
+  def to_raw(ex):
+    label = tf.cast(ex["label"], tf.int64) if has_labels else tf.constant(-1, tf.int64)
+    if table is not None:
+      label = table.lookup(label)
+    return {"raw": ex["image"], "label": label, "id": _record_index(ex["tfds_id"], offsets)}
+
+  def open_stream(num_shards: int, index: int) -> tf.data.Dataset:
+    if num_shards == 1:
+      ds = probe
+    else:
+      # Even sub-splits (not ReadConfig(input_context), which needs >= num_shards files):
+      # balanced shards even for single-file data sets; ids stay global via tfds_id.
+      ds = as_dataset(tfds.even_splits(tfds_split, n=num_shards)[index])
+    ds = ds.map(to_raw, num_parallel_calls=AUTOTUNE)
+    if table is not None:
+      ds = ds.filter(lambda ex: ex["label"] >= 0)
+    return ds
+
+  image_feature = features["image"]
+
+  def decode(raw):
+    image = augment.to_rgb(image_feature.decode_example(raw))
+    if image.dtype != tf.uint8:
+      image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
+    image.set_shape([None, None, 3])
+    return image
+
+  num_examples = _tfds_num_examples(builder, tfds_split, probe, wnids, open_stream)
+  if num_examples == 0:
+    raise DataError(f"Split {tfds_split!r} of {display_name!r} is empty.")
+  return DataSource(name=display_name, split=split, num_examples=num_examples,
+                    num_classes=num_classes, has_labels=has_labels,
+                    _reader=_Reader(decode=decode, open_stream=open_stream))
+
+
+def _tfds_num_examples(builder, tfds_split: str, probe: tf.data.Dataset,
+                       wnids: list[str] | None, open_stream) -> int:
+  try:
+    known = int(builder.info.splits[tfds_split].num_examples)
+  except (KeyError, ValueError, TypeError):
+    known = 0  # unprepared metadata (e.g. tfds.testing.mock_data)
+  if wnids is None:
+    if known:
+      return known
+    cardinality = int(probe.cardinality())
+    if cardinality >= 0:
+      return cardinality
+  elif (known and known == _IMAGENET_SIZES.get(tfds_split)
+        and sorted(wnids) == sorted(imagenet100_wnids())):
+    return _IMAGENET100_SIZES[tfds_split]
+  logging.warning("tfmochi.data: counting the examples of %s[%s] (one pass over the labels).",
+                  builder.name, tfds_split)
+  return int(open_stream(1, 0).reduce(np.int64(0), lambda n, _: n + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# pipelines
+
+
+def _fold(key: tf.Tensor, *data) -> tf.Tensor:
+  """Stateless seed derived from `key` and integers `data` (order matters)."""
+  for d in data:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(d, tf.int64))
+  return key
+
+
+# Distinct sub-streams of the run seed (arbitrary constants).
+_SHUFFLE_STREAM = 0x5f
+_AUGMENT_STREAM = 0xa9
+
+
+def _input_topology(global_batch_size: int, input_context: tf.distribute.InputContext | None
+                    ) -> tuple[int, int, int, int]:
+  """(num_pipelines, pipeline_id, per-replica batch, replicas fed per pipeline per step)."""
+  if input_context is None:
+    return 1, 0, global_batch_size, 1
+  replicas = input_context.num_replicas_in_sync
+  pipelines = input_context.num_input_pipelines
+  if replicas % pipelines:
+    raise ValueError(f"{replicas} replicas cannot be split evenly over {pipelines} pipelines.")
+  batch = input_context.get_per_replica_batch_size(global_batch_size)  # raises if not divisible
+  return pipelines, input_context.input_pipeline_id, batch, replicas // pipelines
+
+
+def _epoch_stream(source: DataSource, num_shards: int, index: int, per_epoch: int,
+                  start_epoch: int, first_skip: int, key: tf.Tensor,
+                  shuffle_buffer: int | None) -> tf.data.Dataset:
+  """Infinite (epoch, raw example) stream: per epoch a seeded shuffle, first `per_epoch` taken.
+
+  The first epoch (start_epoch) starts `first_skip` examples in. Nothing is decoded here.
+  """
+  reader = source._reader  # pylint: disable=protected-access
+
+  def skip_of(epoch):  # examples already consumed before the resume point
+    return tf.where(epoch == start_epoch, tf.constant(first_skip, tf.int64),
+                    tf.constant(0, tf.int64))
+
+  if reader.records is not None:
+    raw, labels, ids = _shard_records(reader.records, num_shards, index)
+    n = len(ids)
+    if n == 0:
+      raise DataError(f"Input pipeline {index} of {num_shards} gets no examples of "
+                      f"{source.name} ({source.num_examples} examples).")
+    raw_t, labels_t, ids_t = tf.constant(raw), tf.constant(labels), tf.constant(ids)
+
+    def epoch_indices(epoch):
+      perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                      _fold(key, epoch))
+      # A shard shorter than an epoch's share (uneven sharding) wraps around.
+      positions = tf.range(skip_of(epoch), per_epoch, dtype=tf.int64) % n
+      picked = tf.gather(perm, positions)
+      return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(picked), epoch), picked))
+
+    def fetch(epoch, i):
+      return epoch, {"raw": tf.gather(raw_t, i), "label": tf.gather(labels_t, i),
+                     "id": tf.gather(ids_t, i)}
+
+    ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_indices)
+    return ds.map(fetch, num_parallel_calls=AUTOTUNE)
+
+  base = source.raw(num_shards, index)
+  buffer = shuffle_buffer or 10_000
+
+  def epoch_examples(epoch):
+    shuffle_seed = tf.random.stateless_uniform([], _fold(key, epoch), minval=None, maxval=None,
+                                               dtype=tf.int64)
+    ds = base.shuffle(buffer, seed=shuffle_seed).repeat().take(per_epoch).skip(skip_of(epoch))
+    return ds.map(lambda ex: (epoch, ex))
+
+  return tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: int, seed: int,
+                     recipe: str = "mocov2",
+                     input_context: tf.distribute.InputContext | None = None,
+                     start_step: int = 0, shuffle_buffer: int | None = None,
+                     deterministic: bool = True,
+                     num_parallel_calls: int = AUTOTUNE) -> tf.data.Dataset:
+  """Infinite stream of per-replica MoCo batches, fully determined by (seed, step).
+
+  See the module docstring for the data-position contract. Works as the input_fn of
+  `strategy.distribute_datasets_from_function(lambda ctx: pretrain_dataset(..., input_context=
+  ctx))`: every input pipeline reads its own shard of the source.
+
+  Args:
+    source: from `load`.
+    global_batch_size: B, summed over replicas.
+    image_size: view side S.
+    seed: run seed (data order and augmentations).
+    recipe: "mocov2" or "mocov1" (augment.AUGMENTATIONS).
+    input_context: from distribute_datasets_from_function, or None for a single pipeline.
+    start_step: first global step to produce (resume).
+    shuffle_buffer: tfds sources only (in-memory sources use a full permutation): shuffle
+      buffer of encoded examples; default 10,000.
+    deterministic: keep the element order under parallel maps (needed for exact resume).
+    num_parallel_calls: of the decode + augment map.
+
+  Returns:
+    tf.data.Dataset of {"view1": float32 [b, S, S, 3], "view2": same, "label": int64 [b],
+    "id": int64 [b]} with b = the per-replica batch (B without a context).
+  """
+  if recipe not in augment.AUGMENTATIONS:
+    raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
+                     f"{sorted(augment.AUGMENTATIONS)}.")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  num_shards, index, batch, replicas_per_pipeline = _input_topology(global_batch_size,
+                                                                    input_context)
+  spe = steps_per_epoch(source.num_examples, global_batch_size)
+  if spe < 1:
+    raise DataError(f"The global batch ({global_batch_size}) is larger than the "
+                    f"{source.num_examples} examples of {source.name}/{source.split}.")
+  batches_per_epoch = spe * replicas_per_pipeline  # this pipeline's batches in one epoch
+  start_epoch, steps_in = divmod(start_step, spe)
+  run_key = tf.constant([seed, 0], tf.int64)
+  shuffle_key = _fold(run_key, _SHUFFLE_STREAM, index)
+  augment_key = _fold(run_key, _AUGMENT_STREAM)
+  ds = _epoch_stream(source, num_shards, index, per_epoch=batches_per_epoch * batch,
+                     start_epoch=start_epoch, first_skip=steps_in * replicas_per_pipeline * batch,
+                     key=shuffle_key, shuffle_buffer=shuffle_buffer)
+
+  def make_views(epoch, ex):
+    example = source.decode(ex)
+    view1, view2 = augment.two_views(example["image"], image_size,
+                                     _fold(augment_key, epoch, example["id"]), recipe)
+    return {"view1": view1, "view2": view2, "label": example["label"], "id": example["id"]}
+
+  ds = ds.map(make_views, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+  if source._reader.guard_errors:  # pylint: disable=protected-access
+    ds = ds.ignore_errors(log_warning=True)
+  ds = ds.batch(batch, drop_remainder=True)
+  ds = ds.prefetch(AUTOTUNE)
+  return ds.with_options(_options(deterministic))
+
+
+def eval_dataset(source: DataSource, *, batch_size: int, image_size: int,
+                 train_augment: bool = False, seed: int = 0, shuffle: bool = False,
+                 input_context: tf.distribute.InputContext | None = None,
+                 num_parallel_calls: int = AUTOTUNE) -> tf.data.Dataset:
+  """One pass over a split for kNN / linear evaluation (MoCo lincls transforms).
+
+  Args:
+    source: from `load`.
+    batch_size: examples per batch; the last batch may be smaller.
+    image_size: side S.
+    train_augment: linear_train_view (RandomResizedCrop 0.08-1 + flip) instead of center_view;
+      its draws depend on (seed, id): pass a different seed per epoch for fresh crops.
+    seed: augmentation and shuffle seed.
+    shuffle: shuffle the examples (seeded; full permutation for in-memory sources).
+    input_context: read only this pipeline's shard.
+    num_parallel_calls: of the decode + transform map.
+
+  Returns:
+    tf.data.Dataset of {"image": float32 [n, S, S, 3], "label": int64 [n], "id": int64 [n]}.
+  """
+  if input_context is None:
+    ds = source.raw()
+  else:
+    ds = source.raw(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if shuffle:
+    reader = source._reader  # pylint: disable=protected-access
+    buffer = len(reader.records[2]) if reader.records is not None else 10_000
+    ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=False)
+  key = tf.constant([seed, 1], tf.int64)
+
+  def transform(ex):
+    example = source.decode(ex)
+    if train_augment:
+      image = augment.linear_train_view(example["image"], image_size,
+                                        _fold(key, example["id"]))
+    else:
+      image = augment.center_view(example["image"], image_size)
+    return {"image": image, "label": example["label"], "id": example["id"]}
+
+  ds = ds.map(transform, num_parallel_calls=num_parallel_calls)
+  if source._reader.guard_errors:  # pylint: disable=protected-access
+    ds = ds.ignore_errors(log_warning=True)
+  return ds.batch(batch_size).prefetch(AUTOTUNE)
+

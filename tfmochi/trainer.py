@@ -1,0 +1,486 @@
+"""The pretraining loop: data, strategy, model, optimizer, checkpoints, monitoring, export.
+
+`train(config)` runs a whole pretraining job from a `TrainConfig` (no flags involved) and returns
+the summary it also writes to `<model_dir>/summary.json`. The sections below follow the order of
+a run: set up → data → model & optimizer → restore → loop (several steps per tf.function call,
+progress, TensorBoard, kNN monitor, checkpoints, SIGTERM) → export → summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmochi import checkpoints as ckpt_lib
+from tfmochi import config as config_lib
+from tfmochi import data as data_lib
+from tfmochi import distribute
+from tfmochi import knn as knn_lib
+from tfmochi import models
+from tfmochi import moco as moco_lib
+from tfmochi import schedules
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (non-finite loss, ...); the message says what and what was kept."""
+
+
+@dataclasses.dataclass
+class _Preemption:
+  """Set by SIGTERM/SIGINT: checkpoint at the next loop boundary and leave cleanly."""
+  requested: bool = False
+  signal_name: str = ""
+
+
+def mask_labels(labels: tf.Tensor, ids: tf.Tensor, fraction: float, seed: int) -> tf.Tensor:
+  """Keeps the label of a fixed, seeded fraction of the images; the others become -1.
+
+  Whether image `id` keeps its label is a stateless function of (seed, id), so the subset is the
+  same at every epoch, on every replica and after a resume.
+
+  Args:
+    labels: [b] int64 labels (-1 = unknown).
+    ids: [b] int64 sample ids.
+    fraction: p in [0, 1].
+    seed: the run seed.
+
+  Returns:
+    [b] int64 labels.
+  """
+  if fraction >= 1.0:
+    return labels
+  # A hash of "seed:id" is a per-image uniform draw that needs no state and no loop.
+  keys = tf.strings.join([tf.strings.as_string(tf.cast(seed, tf.int64)), ":",
+                          tf.strings.as_string(tf.cast(ids, tf.int64))])
+  buckets = 1 << 30
+  u = tf.cast(tf.strings.to_hash_bucket_fast(keys, buckets), tf.float64) / buckets
+  return tf.where(u < fraction, tf.cast(labels, tf.int64),
+                  tf.fill(tf.shape(labels), tf.constant(-1, tf.int64)))
+
+
+def _set_precision(name: str) -> None:
+  policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[name]
+  keras.mixed_precision.set_global_policy(policy)
+
+
+def _build_encoder(config: config_lib.TrainConfig, name: str) -> models.Encoder:
+  return models.build_encoder(
+      config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
+      small_stem=config.small_stem, bn_mode=ckpt_lib.encoder_bn_mode(config.bn_mode),
+      bn_splits=config.bn_splits, name=name)
+
+
+def _check_model_dir(config: config_lib.TrainConfig) -> None:
+  """The model_dir must be writable, and a resumed run must have the same model."""
+  try:
+    tf.io.gfile.makedirs(config.model_dir)
+    probe = os.path.join(config.model_dir, ".write_test")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise config_lib.ConfigError(
+        f"--model_dir {config.model_dir} is not writable ({str(e).splitlines()[0]}). Choose a "
+        "directory you can write to.") from None
+  path = os.path.join(config.model_dir, ckpt_lib.CONFIG_FILE)
+  if tf.io.gfile.exists(path):
+    old = ckpt_lib.read_json(path)
+    fixed = ("arch", "small_stem", "embedding_dim", "mlp_head", "queue_size", "dataset")
+    diff = [f"--{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in fixed
+            if k in old and old[k] != getattr(config, k)]
+    if diff and ckpt_lib.list_checkpoints(config.model_dir):
+      raise config_lib.ConfigError(
+          f"--model_dir {config.model_dir} holds a run with another model ({'; '.join(diff)}). "
+          "Resume it with its own settings, or use a new --model_dir.")
+
+
+class _Progress:
+  """One line per update: step/total, ETA, loss, proxy accuracy, lr, images/s."""
+
+  def __init__(self, total: int, start: int, enabled: bool):
+    self.total, self.start, self.enabled = total, start, enabled
+    self.t0 = time.time()
+    self.tty = sys.stdout.isatty()
+
+  def update(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    done = step - self.start
+    elapsed = time.time() - self.t0
+    eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+    width = 24
+    filled = int(width * step / max(self.total, 1))
+    bar = "=" * filled + "." * (width - filled)
+    parts = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+    line = f"step {step}/{self.total} [{bar}] ETA {_fmt_time(eta)} {parts}"
+    if self.tty:
+      sys.stdout.write("\r" + line + " " * 4)
+      if step >= self.total:
+        sys.stdout.write("\n")
+    else:
+      sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+  def newline(self) -> None:
+    if self.enabled and self.tty:
+      sys.stdout.write("\n")
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+  """Builds everything a run needs; `run()` trains to the end (or to a preemption)."""
+
+  def __init__(self, config: config_lib.TrainConfig):
+    self.config = config.validate()
+    cfg = self.config
+    # ---- set up
+    if cfg.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(cfg.seed)
+    _set_precision(cfg.mixed_precision)
+    # ---- data first: a missing data set must fail in seconds, before any device set-up
+    self.train_source = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir,
+                                      seed=cfg.seed)
+    if cfg.label_mode != "none" and not self.train_source.has_labels:
+      raise config_lib.ConfigError(
+          f"--label_mode={cfg.label_mode} needs labels, and the data set {cfg.dataset!r} has none. "
+          "Use --label_mode=none, or a labelled data set.")
+    self.strategy = distribute.make_strategy(cfg.strategy, tpu=cfg.tpu,
+                                             cpu_replicas=cfg.cpu_replicas)
+    self.num_replicas = self.strategy.num_replicas_in_sync
+    if cfg.batch_size % self.num_replicas:
+      raise config_lib.ConfigError(
+          f"--batch_size {cfg.batch_size} (global) must be divisible by the {self.num_replicas} "
+          "replicas.")
+    per_replica = cfg.batch_size // self.num_replicas
+    if cfg.bn_mode == "split" and per_replica % cfg.bn_splits:
+      raise config_lib.ConfigError(
+          f"--bn_mode=split needs the per-replica batch ({per_replica}) divisible by --bn_splits "
+          f"({cfg.bn_splits}).")
+    if cfg.bn_mode == "shuffle" and self.num_replicas == 1:
+      logging.warning("--bn_mode=shuffle on a single device cannot shuffle BN statistics between "
+                      "devices; use --bn_mode=split (MoCo's single-GPU recipe) or sync.")
+    self.chief = distribute.is_chief(self.strategy)
+    _check_model_dir(cfg)
+    self.steps_per_epoch = data_lib.steps_per_epoch(self.train_source.num_examples,
+                                                    cfg.batch_size)
+    if self.steps_per_epoch < 1:
+      raise config_lib.ConfigError(
+          f"--batch_size {cfg.batch_size} is larger than the {self.train_source.num_examples} "
+          f"training images of {cfg.dataset}; use a smaller batch.")
+    self.total_steps = cfg.total_steps(self.steps_per_epoch)
+    self.checkpoint_every = cfg.checkpoint_every_steps or self.steps_per_epoch
+    self.knn_every = (int(round(cfg.knn_every_epochs * self.steps_per_epoch))
+                      if cfg.knn_every_epochs > 0 else 0)
+
+    # ---- model & optimizer (built in scope, before any tf.function traces)
+    moco_config = cfg.moco_config(self.steps_per_epoch, self.total_steps)
+    lr = schedules.scaled_learning_rate(cfg.learning_rate, cfg.batch_size)
+    self.lr_schedule = schedules.WarmupCosine(
+        lr, self.total_steps,
+        warmup_steps=min(int(round(cfg.lr_warmup_epochs * self.steps_per_epoch)),
+                         self.total_steps - 1),
+        steps_per_epoch=self.steps_per_epoch if cfg.cosine_per_epoch else None)
+    with self.strategy.scope():
+      self.moco = moco_lib.MoCo(_build_encoder(cfg, "query_encoder"),
+                                _build_encoder(cfg, "key_encoder"), moco_config, cfg.batch_size)
+      optimizer = keras.optimizers.SGD(learning_rate=self.lr_schedule, momentum=0.9)
+      if cfg.mixed_precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      elif cfg.nonfinite == "skip":
+        # LossScaleOptimizer skips (and does not apply) any step with non-finite gradients, in
+        # cross-replica context: exactly "skip the step". Scale 1, never grown: no scaling.
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            optimizer, initial_scale=1.0, dynamic_growth_steps=2**31 - 1)
+      optimizer.build(self.moco.query_encoder.trainable_variables)
+      self.optimizer = optimizer
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                              aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps",
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.checkpoint = tf.train.Checkpoint(
+        step=self.step, skipped=self.skipped, query_encoder=self.moco.query_encoder,
+        key_encoder=self.moco.key_encoder, queue=self.moco.queue, optimizer=self.optimizer)
+    directory = ckpt_lib.checkpoint_dir(cfg.model_dir)
+    if not self.chief:  # every worker must save (collectives), only the chief's copy is kept
+      directory = os.path.join(cfg.model_dir, f"worker_tmp_{self._task_id()}")
+    self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
+                                              max_to_keep=cfg.keep_checkpoints)
+    self._metric_names = ["loss", "acc1", "acc5", "hardest_negative", "removed_same_class",
+                          "finite", "finite_loss", "momentum"]
+    if moco_config.head.mochi.enabled:
+      self._metric_names.append("synthetic_logit")
+    self._loop_fn = None
+    self.preemption = _Preemption()
+
+  def _task_id(self) -> int:
+    resolver = getattr(self.strategy, "cluster_resolver", None)
+    return int(getattr(resolver, "task_id", 0) or 0)
+
+  # ---- restore
+  def restore(self) -> int:
+    path = ckpt_lib.restore_with_fallback(self.checkpoint, self.config.model_dir)
+    step = int(self.step.numpy())
+    if path:
+      logging.info("Resumed from %s at step %d.", path, step)
+      if self.config.verbose:
+        print(f"Resumed from {path} (step {step}/{self.total_steps}).", flush=True)
+    return step
+
+  # ---- input
+  def _dataset(self, start_step: int):
+    cfg = self.config
+
+    def input_fn(ctx):
+      ds = data_lib.pretrain_dataset(
+          self.train_source, global_batch_size=cfg.batch_size, image_size=cfg.image_size,
+          seed=cfg.seed, recipe=cfg.augmentation, input_context=ctx, start_step=start_step,
+          deterministic=cfg.deterministic)
+      if cfg.labeled_fraction < 1.0:
+        # Semi-supervised runs: a fixed, seeded subset keeps its labels (host side, not on TPU).
+        ds = ds.map(lambda b: dict(b, label=mask_labels(b["label"], b["id"],
+                                                        cfg.labeled_fraction, cfg.seed)))
+      return ds
+
+    return self.strategy.distribute_datasets_from_function(input_fn)
+
+  # ---- the compiled loop
+  def _replica_step(self, batch):
+    return self.moco.train_step(batch, self.optimizer, self.step,
+                                skip_nonfinite=self.config.nonfinite == "skip")
+
+  def _make_loop(self):
+    names = self._metric_names
+    strategy = self.strategy
+
+    @tf.function
+    def loop(iterator, num_steps):
+      sums = {k: tf.constant(0.0) for k in names}
+      first_bad = tf.constant(-1, tf.int64)
+      bad_loss = tf.constant(False)
+      for _ in tf.range(num_steps):
+        batch = next(iterator)
+        per_replica = strategy.run(self._replica_step, args=(batch,))
+        metrics = {k: strategy.reduce("SUM", per_replica[k], axis=None) for k in names}
+        finite = metrics["finite"] > 0.999
+        if self.config.nonfinite == "skip":
+          self.skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        is_first = tf.logical_and(first_bad < 0, tf.logical_not(finite))
+        bad_loss = tf.where(is_first, metrics["finite_loss"] < 0.999, bad_loss)
+        first_bad = tf.where(is_first, self.step, first_bad)
+        self.step.assign_add(1)
+        sums = {k: sums[k] + tf.where(tf.math.is_finite(metrics[k]), metrics[k], 0.0)
+                for k in names}
+      means = {k: v / tf.cast(num_steps, tf.float32) for k, v in sums.items()}
+      means["first_nonfinite_step"] = first_bad
+      means["nonfinite_loss"] = bad_loss
+      return means
+
+    return loop
+
+  # ---- evaluation
+  def knn_eval(self) -> dict[str, float] | None:
+    """Weighted kNN top-1/top-5 on the held-out split with the query backbone's pooled features."""
+    cfg = self.config
+    try:
+      test_source = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, seed=cfg.seed)
+    except data_lib.DataError as e:
+      logging.warning("kNN monitor skipped: %s", e)
+      return None
+    if not (self.train_source.has_labels and test_source.has_labels):
+      return None
+    backbone = self.moco.query_encoder.backbone
+
+    @tf.function
+    def features(images):
+      return backbone(images, training=False)["pooled"]
+
+    bs = max(64, cfg.batch_size)
+    train_ds = data_lib.eval_dataset(self.train_source, batch_size=bs, image_size=cfg.image_size)
+    test_ds = data_lib.eval_dataset(test_source, batch_size=bs, image_size=cfg.image_size)
+    bank, bank_labels = knn_lib.extract_features(features, train_ds)
+    queries, labels = knn_lib.extract_features(features, test_ds)
+    num_classes = self.train_source.num_classes or int(bank_labels.max()) + 1
+    return knn_lib.knn_accuracy(bank, bank_labels, queries, labels, num_classes,
+                                k=cfg.knn_k, t=cfg.knn_t)
+
+  # ---- the run
+  def _install_signal_handlers(self):
+    def handler(signum, _frame):
+      self.preemption.requested = True
+      self.preemption.signal_name = signal.Signals(signum).name
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        previous[sig] = signal.signal(sig, handler)
+      except ValueError:  # not in the main thread
+        pass
+    return previous
+
+  def run(self) -> dict:
+    cfg = self.config
+    start_step = self.restore()
+    if self.chief:
+      ckpt_lib.write_json_atomic(os.path.join(cfg.model_dir, ckpt_lib.CONFIG_FILE),
+                                 dataclasses.asdict(cfg))
+    writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train")) \
+        if self.chief else tf.summary.create_noop_writer()
+    random_init_path = os.path.join(cfg.model_dir, "knn_random_init.json")
+    knn_random = None
+    wants_knn = cfg.knn_eval and self.train_source.has_labels
+    if wants_knn and start_step == 0:
+      knn_random = self.knn_eval()
+      if knn_random is not None and self.chief:
+        ckpt_lib.write_json_atomic(random_init_path, knn_random)
+        if cfg.verbose:
+          print(f"kNN top-1 at random init: {knn_random['top1']:.2f}%", flush=True)
+    elif tf.io.gfile.exists(random_init_path):
+      knn_random = ckpt_lib.read_json(random_init_path)
+
+    previous_handlers = self._install_signal_handlers()
+    loop = self._make_loop()
+    iterator = iter(self._dataset(start_step))
+    progress = _Progress(self.total_steps, start_step, cfg.verbose and self.chief)
+    step = start_step
+    last = {}
+    knn_result = None
+    t_start = time.time()
+    images_seen = 0
+    train_seconds = 0.0
+    try:
+      while step < self.total_steps and not self.preemption.requested:
+        boundaries = [self.total_steps, (step // self.checkpoint_every + 1) * self.checkpoint_every,
+                      step + cfg.steps_per_loop]
+        if self.knn_every:
+          boundaries.append((step // self.knn_every + 1) * self.knn_every)
+        n = min(boundaries) - step
+        t0 = time.time()
+        out = loop(iterator, tf.constant(n, tf.int32))
+        out = {k: v.numpy() for k, v in out.items()}
+        dt = time.time() - t0
+        step += n
+        train_seconds += dt
+        images_seen += n * cfg.batch_size
+        bad = int(out.pop("first_nonfinite_step"))
+        what = "loss" if out.pop("nonfinite_loss") else "gradient"
+        if bad >= 0 and cfg.nonfinite == "stop":
+          kept = ckpt_lib.list_checkpoints(cfg.model_dir)
+          raise TrainingError(
+              f"The {what} became non-finite (NaN or inf) at step {bad}. Training stopped; the "
+              f"last good checkpoint is kept ({kept[0] if kept else 'none was written yet'}). "
+              "Lower --learning_rate, raise --temperature, check the input data, or pass "
+              "--nonfinite=skip to skip such steps.")
+        lr = float(self.lr_schedule(step - 1))
+        ips = n * cfg.batch_size / max(dt, 1e-9)
+        last = dict(out, lr=lr, images_per_sec=ips)
+        with writer.as_default(step=step):
+          for k, v in last.items():
+            tf.summary.scalar(k if k not in ("acc1", "acc5") else f"proxy_{k}", v)
+          if cfg.nonfinite == "skip":
+            tf.summary.scalar("skipped_steps", int(self.skipped.numpy()))
+        progress.update(step, {"loss": out["loss"], "acc1": 100 * out["acc1"], "lr": lr,
+                               "img/s": ips})
+        if step % self.checkpoint_every == 0 or step >= self.total_steps \
+            or self.preemption.requested:
+          self.manager.save(checkpoint_number=step)
+        if self.knn_every and (step % self.knn_every == 0) and step < self.total_steps:
+          knn_result = self.knn_eval()
+          if knn_result is not None:
+            with writer.as_default(step=step):
+              tf.summary.scalar("knn_top1", knn_result["top1"])
+              tf.summary.scalar("knn_top5", knn_result["top5"])
+            progress.newline()
+            if cfg.verbose and self.chief:
+              print(f"kNN top-1 {knn_result['top1']:.2f}% top-5 {knn_result['top5']:.2f}% at "
+                    f"step {step}", flush=True)
+    finally:
+      for sig, h in previous_handlers.items():
+        signal.signal(sig, h)
+      writer.flush()
+
+    if self.preemption.requested and step < self.total_steps:
+      if self.manager.latest_checkpoint is None or ckpt_lib.checkpoint_step(
+          self.manager.latest_checkpoint) != step:
+        self.manager.save(checkpoint_number=step)
+      msg = (f"Received {self.preemption.signal_name}: checkpointed at step {step} and stopped. "
+             "Run the same command to resume.")
+      logging.warning(msg)
+      if cfg.verbose:
+        print(msg, flush=True)
+      return {"preempted": True, "global_step": step}
+
+    # ---- end of training: final kNN, export, summary
+    if self.manager.latest_checkpoint is None or ckpt_lib.checkpoint_step(
+        self.manager.latest_checkpoint) != step:
+      self.manager.save(checkpoint_number=step)
+    knn_result = self.knn_eval() if wants_knn else knn_result
+    export_path = None
+    if cfg.export_format != "none" and self.chief:
+      export_path = self._export()
+    summary = {
+        "global_step": step,
+        "final_loss": float(last.get("loss", float("nan"))),
+        "final_proxy_acc1": float(100 * last.get("acc1", float("nan"))),
+        "images_per_sec": float(images_seen / train_seconds) if train_seconds else None,
+        "wall_seconds": float(time.time() - t_start),
+        "knn_top1": knn_result["top1"] if knn_result else None,
+        "knn_top5": knn_result["top5"] if knn_result else None,
+        "knn_top1_random_init": knn_random["top1"] if knn_random else None,
+        "skipped_steps": int(self.skipped.numpy()),
+        "export": export_path,
+        "dataset": cfg.dataset,
+        "arch": cfg.arch,
+        "replicas": self.num_replicas,
+    }
+    if self.chief:
+      ckpt_lib.write_json_atomic(os.path.join(cfg.model_dir, "summary.json"), summary)
+      with writer.as_default(step=step):
+        if knn_result:
+          tf.summary.scalar("knn_top1", knn_result["top1"])
+      writer.flush()
+    if cfg.verbose and self.chief:
+      if knn_result:
+        base = f" (random init: {knn_random['top1']:.2f}%)" if knn_random else ""
+        print(f"Final kNN top-1 on the held-out split: {knn_result['top1']:.2f}%{base}",
+              flush=True)
+      print(f"Summary: {os.path.join(cfg.model_dir, 'summary.json')}", flush=True)
+    return summary
+
+  def _export(self) -> str | None:
+    try:
+      from tfmochi import export as export_lib
+    except ImportError:
+      logging.warning("tfmochi.export is not available; skipping the export.")
+      return None
+    out = os.path.join(self.config.model_dir, "export", self.config.export_format)
+    export_lib.export_backbone(self.moco.query_encoder.backbone, out,
+                               fmt=self.config.export_format, image_size=self.config.image_size,
+                               overwrite=True, arch=self.config.arch,
+                               small_stem=self.config.small_stem)
+    if self.config.verbose:
+      print(f"Exported the backbone ({self.config.export_format}) to {out}", flush=True)
+    return out
+
+
+def train(config: config_lib.TrainConfig) -> dict:
+  """Runs a pretraining job to its end (or to a preemption) and returns its summary."""
+  return Trainer(config).run()
