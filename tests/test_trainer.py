@@ -129,3 +129,49 @@ class TrainerTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class MultiWorkerTest(tf.test.TestCase):
+  """MultiWorkerMirroredStrategy with 2 worker processes on localhost (TF_CONFIG)."""
+
+  def test_two_workers_finish_with_identical_weights_and_queue(self):
+    import socket
+    import subprocess
+    import sys
+
+    ports = []
+    for _ in range(2):
+      with socket.socket() as s:
+        s.bind(("localhost", 0))
+        ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    model_dir = self.create_tempdir().full_path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, "-m", "tfmochi.train", "--strategy=multi_worker",
+            f"--model_dir={model_dir}", "--dataset=quickstart", "--image_size=16",
+            "--batch_size=16", "--queue_size=64", "--bn_mode=shuffle", "--embedding_dim=16",
+            "--train_steps=4", "--steps_per_loop=2", "--checkpoint_every_steps=2",
+            "--export_format=none", "--noknn_eval", "--noverbose"]
+    procs = []
+    for index in range(2):
+      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+          {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+      procs.append(subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True))
+    try:
+      outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+    for p, (_, err) in zip(procs, outs):
+      self.assertEqual(p.returncode, 0, err[-3000:])
+    chief = checkpoints.list_checkpoints(model_dir)[0]
+    other = tf.train.latest_checkpoint(os.path.join(model_dir, "worker_tmp_1"))
+    self.assertEqual(checkpoints.checkpoint_step(chief), 4)
+    names = [n for n, _ in tf.train.list_variables(chief)
+             if "query_encoder" in n or "key_encoder" in n or "queue" in n]
+    self.assertGreater(len(names), 50)
+    for name in names:
+      self.assertAllEqual(tf.train.load_variable(chief, name), tf.train.load_variable(other, name),
+                          msg=name)
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "summary.json")))

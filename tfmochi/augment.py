@@ -386,9 +386,26 @@ def moco_v1_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
   return x
 
 
+def small_image_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
+  """MoCo v2 for small images (the MoCo CIFAR demo, SimCLR's CIFAR recipe): no Gaussian blur.
+
+  A blur of σ up to 2 px destroys a 16–32 px image, so the small-image recipes drop it; the rest is
+  MoCo v2. Returns float32 [S, S, 3], normalised.
+  """
+  s_crop, s_jitter, s_gray, s_flip = _split(seed, 4)
+  x = random_resized_crop(image, size, s_crop, scale=(0.2, 1.0))
+  x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
+  x = random_grayscale(x, 0.2, s_gray)
+  x = random_flip(x, s_flip)
+  x = normalize(x)
+  x.set_shape([size, size, 3])
+  return x
+
+
 AUGMENTATIONS: dict[str, Callable[[tf.Tensor, int, SeedLike], tf.Tensor]] = {
     "mocov2": moco_v2_view,
     "mocov1": moco_v1_view,
+    "small": small_image_view,
 }
 
 

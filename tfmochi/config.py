@@ -26,7 +26,7 @@ from tfmochi import queue as queue_lib
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "bfloat16", "float16")
-AUGMENTATIONS = ("mocov2", "mocov1")
+AUGMENTATIONS = ("mocov2", "mocov1", "small")
 EXPORT_FORMATS = ("saved_model", "hub", "keras", "detectron2", "torchvision", "none")
 
 
@@ -212,7 +212,8 @@ _HELP = {
                  "A run restarted with the same --model_dir resumes.",
     "image_size": "Training crop size in pixels (224 for ImageNet).",
     "batch_size": "Global batch size over all replicas.",
-    "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter) or mocov1.",
+    "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter), mocov1, or small (MoCo v2 "
+                    "without blur, for images of 16-64 px as in the MoCo CIFAR demo).",
     "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout).",
     "small_stem": "CIFAR-style stem (3x3 conv, no max-pool) for small images.",
     "embedding_dim": "D, the projection (and queue) dimension.",

@@ -62,7 +62,22 @@ def all_gather(x: tf.Tensor, axis: int = 0) -> tf.Tensor:
   ctx = tf.distribute.get_replica_context()
   if ctx is None or ctx.num_replicas_in_sync == 1:
     return x
-  return ctx.all_gather(x, axis=axis)
+  return ctx.all_gather(_placed(x), axis=axis)
+
+
+def _placed(x: tf.Tensor) -> tf.Tensor:
+  """`x` with an explicit device when this worker has a single one.
+
+  MultiWorkerMirroredStrategy's gather validates that the tensor names a device ("destinations
+  can not be empty"), and ops built in a tf.function on a one-device worker carry none.
+  """
+  if getattr(x, "device", "x"):
+    return x
+  devices = tf.distribute.get_strategy().extended.worker_devices
+  if len(devices) != 1:
+    return x
+  with tf.device(devices[0]):
+    return tf.identity(x)
 
 
 def make_strategy(name: str = "default", *, tpu: str | None = None,

@@ -103,9 +103,11 @@ class NegativeQueue(tf.Module):
     all_ids = distribute.all_gather(tf.cast(ids, tf.int64))
     all_labels = distribute.all_gather(tf.cast(labels, tf.int64))
     n = tf.shape(all_keys, out_type=tf.int64)[0]
-    tf.debugging.assert_equal(
-        tf.math.floormod(tf.constant(self.size, tf.int64), n), tf.constant(0, tf.int64),
-        message="queue_size (K) must be a multiple of the global batch size")
+    static_n = all_keys.shape[0]
+    if static_n is not None and self.size % static_n:
+      # (A runtime assert here would keep grappler from optimising the training while-loop.)
+      raise ValueError(f"queue_size (K) = {self.size} must be a multiple of the global batch "
+                       f"size {static_n}.")
     ptr = tf.identity(self.ptr)
     # Full-tensor assigns (not scatter ops on the variable): valid for NONE-aggregated variables on
     # every strategy, TPU included.
