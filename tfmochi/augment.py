@@ -361,10 +361,11 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 # recipes
 
 
-def moco_v2_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
+def moco_v2_view(image: tf.Tensor, size: int, seed: SeedLike,
+                 crop_scale: tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
   """One MoCo v2 (`--aug-plus`) view. Returns float32 [S, S, 3], normalised."""
   s_crop, s_jitter, s_gray, s_blur, s_flip = _split(seed, 5)
-  x = random_resized_crop(image, size, s_crop, scale=(0.2, 1.0))
+  x = random_resized_crop(image, size, s_crop, scale=crop_scale)
   x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
   x = random_grayscale(x, 0.2, s_gray)
   x = random_blur(x, 0.5, s_blur)
@@ -374,10 +375,11 @@ def moco_v2_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
   return x
 
 
-def moco_v1_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
+def moco_v1_view(image: tf.Tensor, size: int, seed: SeedLike,
+                 crop_scale: tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
   """One MoCo v1 (InstDisc-style) view. Returns float32 [S, S, 3], normalised."""
   s_crop, s_gray, s_jitter, s_flip = _split(seed, 4)
-  x = random_resized_crop(image, size, s_crop, scale=(0.2, 1.0))
+  x = random_resized_crop(image, size, s_crop, scale=crop_scale)
   x = random_grayscale(x, 0.2, s_gray)
   x = color_jitter(x, 0.4, 0.4, 0.4, 0.4, s_jitter)
   x = random_flip(x, s_flip)
@@ -386,14 +388,15 @@ def moco_v1_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
   return x
 
 
-def small_image_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
+def small_image_view(image: tf.Tensor, size: int, seed: SeedLike,
+                     crop_scale: tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
   """MoCo v2 for small images (the MoCo CIFAR demo, SimCLR's CIFAR recipe): no Gaussian blur.
 
   A blur of σ up to 2 px destroys a 16–32 px image, so the small-image recipes drop it; the rest is
   MoCo v2. Returns float32 [S, S, 3], normalised.
   """
   s_crop, s_jitter, s_gray, s_flip = _split(seed, 4)
-  x = random_resized_crop(image, size, s_crop, scale=(0.2, 1.0))
+  x = random_resized_crop(image, size, s_crop, scale=crop_scale)
   x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
   x = random_grayscale(x, 0.2, s_gray)
   x = random_flip(x, s_flip)
@@ -409,8 +412,8 @@ AUGMENTATIONS: dict[str, Callable[[tf.Tensor, int, SeedLike], tf.Tensor]] = {
 }
 
 
-def two_views(image: tf.Tensor, size: int, seed: SeedLike,
-              recipe: str = "mocov2") -> tuple[tf.Tensor, tf.Tensor]:
+def two_views(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2",
+              crop_scale: tuple[float, float] = (0.2, 1.0)) -> tuple[tf.Tensor, tf.Tensor]:
   """MoCo's TwoCropsTransform: two independent draws of the same recipe.
 
   Args:
@@ -418,6 +421,7 @@ def two_views(image: tf.Tensor, size: int, seed: SeedLike,
     size: output side S.
     seed: [2] int seed; the views use two different sub-seeds of it.
     recipe: a key of AUGMENTATIONS.
+    crop_scale: the random resized crop's area range (MoCo: (0.2, 1)).
 
   Returns:
     (view_q, view_k), each float32 [S, S, 3].
@@ -428,7 +432,7 @@ def two_views(image: tf.Tensor, size: int, seed: SeedLike,
     raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
                      f"{sorted(AUGMENTATIONS)}.") from None
   s_q, s_k = _split(seed, 2)
-  return view(image, size, s_q), view(image, size, s_k)
+  return view(image, size, s_q, crop_scale), view(image, size, s_k, crop_scale)
 
 
 def linear_train_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:

@@ -44,6 +44,7 @@ class TrainConfig:
   image_size: int = 32
   batch_size: int = 64
   augmentation: str = "mocov2"
+  crop_min_scale: float = 0.2
   # model
   arch: str = "resnet18"
   small_stem: bool = True
@@ -149,6 +150,8 @@ class TrainConfig:
     choice("export_format", self.export_format, EXPORT_FORMATS)
     need(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, "
          "TensorBoard logs and the exported backbone.")
+    need(0.0 < self.crop_min_scale <= 1.0,
+         f"--crop_min_scale must be in (0, 1], got {self.crop_min_scale}.")
     need(self.image_size >= 8, f"--image_size must be >= 8 pixels, got {self.image_size}.")
     need(self.batch_size >= 1, f"--batch_size (global) must be >= 1, got {self.batch_size}.")
     need(self.embedding_dim >= 1, f"--embedding_dim must be >= 1, got {self.embedding_dim}.")
@@ -214,6 +217,7 @@ _HELP = {
     "batch_size": "Global batch size over all replicas.",
     "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter), mocov1, or small (MoCo v2 "
                     "without blur, for images of 16-64 px as in the MoCo CIFAR demo).",
+    "crop_min_scale": "Smallest area fraction of the random resized crop (MoCo: 0.2).",
     "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout).",
     "small_stem": "CIFAR-style stem (3x3 conv, no max-pool) for small images.",
     "embedding_dim": "D, the projection (and queue) dimension.",

@@ -252,7 +252,8 @@ class Trainer:
     def input_fn(ctx):
       ds = data_lib.pretrain_dataset(
           self.train_source, global_batch_size=cfg.batch_size, image_size=cfg.image_size,
-          seed=cfg.seed, recipe=cfg.augmentation, input_context=ctx, start_step=start_step,
+          seed=cfg.seed, recipe=cfg.augmentation, crop_scale=(cfg.crop_min_scale, 1.0),
+          input_context=ctx, start_step=start_step,
           deterministic=cfg.deterministic)
       if cfg.labeled_fraction < 1.0:
         # Semi-supervised runs: a fixed, seeded subset keeps its labels (host side, not on TPU).
