@@ -175,3 +175,99 @@ class MultiWorkerTest(tf.test.TestCase):
       self.assertAllEqual(tf.train.load_variable(chief, name), tf.train.load_variable(other, name),
                           msg=name)
     self.assertTrue(os.path.exists(os.path.join(model_dir, "summary.json")))
+
+
+def _cli(model_dir, *extra):
+  import sys
+  return [sys.executable, "-m", "tfmochi.train", f"--model_dir={model_dir}",
+          "--dataset=quickstart", "--image_size=16", "--batch_size=16", "--queue_size=64",
+          "--bn_splits=2", "--embedding_dim=16", "--steps_per_loop=1",
+          "--export_format=none", "--noknn_eval", "--mochi_num_hard=8", "--mochi_num_mix=4",
+          "--mochi_num_query_mix=2", *extra]
+
+
+def _losses(model_dir):
+  """{step: loss} from metrics.jsonl (the last record of a step wins, as after a resume)."""
+  out = {}
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      out[record["step"]] = record["loss"]
+  return out
+
+
+class ReliabilityTest(tf.test.TestCase):
+  """What survives what: SIGKILL, SIGTERM, a corrupt newest checkpoint."""
+
+  def _wait_for(self, model_dir, step, proc, timeout=240):
+    import time
+    deadline = time.time() + timeout
+    while not any(checkpoints.checkpoint_step(p) >= step
+                  for p in checkpoints.list_checkpoints(model_dir)):
+      self.assertIsNone(proc.poll(), proc.stderr.read() if proc.stderr else "")
+      self.assertLess(time.time(), deadline, f"no ckpt-{step} after {timeout}s")
+      time.sleep(0.2)
+
+  def test_sigkill_and_restart_repeats_the_uninterrupted_run(self):
+    import signal
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    args = ["--deterministic", "--train_steps=200", "--checkpoint_every_steps=2"]
+    straight = self.create_tempdir().full_path
+    killed = self.create_tempdir().full_path
+    run = lambda d: subprocess.Popen(_cli(d, *args), cwd=root, env=env, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = run(straight)
+    victim = run(killed)
+    try:
+      self._wait_for(killed, 4, victim)
+      victim.send_signal(signal.SIGKILL)
+      victim.wait(timeout=60)
+      self.assertEqual(victim.returncode, -signal.SIGKILL)  # killed mid-run, not finished
+      self.assertLess(checkpoints.checkpoint_step(checkpoints.list_checkpoints(killed)[0]), 200)
+      resumed = run(killed)
+      self.assertEqual(resumed.wait(timeout=300), 0, resumed.stderr.read()[-3000:])
+      self.assertEqual(first.wait(timeout=300), 0, first.stderr.read()[-3000:])
+    finally:
+      for p in (first, victim):
+        p.kill()
+    a, b = _losses(straight), _losses(killed)
+    self.assertEqual(sorted(a), list(range(1, 201)))
+    self.assertEqual(sorted(b), list(range(1, 201)))
+    for step in range(1, 201):
+      self.assertEqual(a[step], b[step], f"step {step}: {a[step]} vs {b[step]}")
+
+  def test_sigterm_checkpoints_and_exits_cleanly(self):
+    import signal
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model_dir = self.create_tempdir().full_path
+    proc = subprocess.Popen(_cli(model_dir, "--train_steps=1000", "--checkpoint_every_steps=2"),
+                            cwd=root, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+      self._wait_for(model_dir, 2, proc)
+      proc.send_signal(signal.SIGTERM)
+      out, err = proc.communicate(timeout=120)
+    finally:
+      proc.kill()
+    self.assertEqual(proc.returncode, 0, err[-3000:])
+    self.assertIn("Received SIGTERM: checkpointed at step", out)
+    newest = checkpoints.list_checkpoints(model_dir)[0]
+    last_logged = max(_losses(model_dir))
+    self.assertEqual(checkpoints.checkpoint_step(newest), last_logged)
+    self.assertLess(last_logged, 1000)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "summary.json")))
+
+  def test_unreadable_newest_checkpoint_falls_back_to_the_previous(self):
+    model_dir = self.create_tempdir().full_path
+    trainer.train(tiny(model_dir, train_steps=6))
+    data_file = [f for f in os.listdir(os.path.join(model_dir, "checkpoints"))
+                 if f.startswith("ckpt-6.data")][0]
+    with open(os.path.join(model_dir, "checkpoints", data_file), "r+b") as f:
+      f.truncate(100)  # a half-written file
+    t = trainer.Trainer(tiny(model_dir, train_steps=6))
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertEqual(t.restore(), 3)
+    self.assertTrue(any("ckpt-6" in line for line in logs.output))

@@ -41,9 +41,9 @@ class TrainConfig:
   dataset: str = "quickstart"
   data_dir: str | None = None
   model_dir: str = "runs/quickstart"
-  image_size: int = 32
+  image_size: int = 16
   batch_size: int = 64
-  augmentation: str = "mocov2"
+  augmentation: str = "small"
   crop_min_scale: float = 0.2
   # model
   arch: str = "resnet18"
@@ -51,9 +51,9 @@ class TrainConfig:
   embedding_dim: int = 128
   mlp_head: bool = True
   bn_mode: str = "split"
-  bn_splits: int = 8
+  bn_splits: int = 2
   # MoCo
-  queue_size: int = 4096
+  queue_size: int = 256
   moco_momentum: float = 0.99
   momentum_schedule: str = "constant"
   temperature: float = 0.2
@@ -67,15 +67,15 @@ class TrainConfig:
   label_mode: str = "none"
   labeled_fraction: float = 1.0
   # MoCHi
-  mochi_num_hard: int = 0
-  mochi_num_mix: int = 0
-  mochi_num_query_mix: int = 0
+  mochi_num_hard: int = 64
+  mochi_num_mix: int = 64
+  mochi_num_query_mix: int = 32
   mochi_beta_max: float = 0.5
-  mochi_warmup_epochs: float = 0.0
+  mochi_warmup_epochs: float = 2.0
   # optimisation
-  epochs: float = 20.0
+  epochs: float = 15.0
   train_steps: int | None = None
-  learning_rate: float = 0.06
+  learning_rate: float = 0.3
   weight_decay: float = 5e-4
   lr_warmup_epochs: float = 0.0
   cosine_per_epoch: bool = False

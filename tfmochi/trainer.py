@@ -400,6 +400,8 @@ class Trainer:
             tf.summary.scalar("skipped_steps", int(self.skipped.numpy()))
         progress.update(step, {"loss": out["loss"], "acc1": 100 * out["acc1"], "lr": lr,
                                "img/s": ips})
+        if self.chief:
+          self._log_metrics(dict(step=step, **{k: float(v) for k, v in last.items()}))
         if step % self.checkpoint_every == 0 or step >= self.total_steps \
             or self.preemption.requested:
           self.manager.save(checkpoint_number=step)
@@ -465,6 +467,18 @@ class Trainer:
               flush=True)
       print(f"Summary: {os.path.join(cfg.model_dir, 'summary.json')}", flush=True)
     return summary
+
+  def _log_metrics(self, record: dict) -> None:
+    """Appends one JSON line per loop to <model_dir>/metrics.jsonl (what TensorBoard shows, in a
+    form scripts and tests can read; a resumed run appends to it)."""
+    import json
+
+    path = os.path.join(self.config.model_dir, "metrics.jsonl")
+    try:
+      with tf.io.gfile.GFile(path, "a") as f:  # object stores (gs://) cannot append: skipped
+        f.write(json.dumps(record) + "\n")
+    except (tf.errors.OpError, OSError) as e:
+      logging.log_first_n(logging.WARNING, "metrics.jsonl not written: %s", 1, e)
 
   def _export(self) -> str | None:
     try:
