@@ -699,6 +699,7 @@ def _epoch_stream(source: DataSource, num_shards: int, index: int, per_epoch: in
       picked = tf.gather(perm, positions)
       return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(picked), epoch), picked))
 
+    @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
     def fetch(epoch, i):
       return epoch, {"raw": tf.gather(raw_t, i), "label": tf.gather(labels_t, i),
                      "id": tf.gather(ids_t, i)}
@@ -709,6 +710,7 @@ def _epoch_stream(source: DataSource, num_shards: int, index: int, per_epoch: in
   base = source.raw(num_shards, index)
   buffer = shuffle_buffer or 10_000
 
+  @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
   def epoch_examples(epoch):
     shuffle_seed = tf.random.stateless_uniform([], _fold(key, epoch), minval=None, maxval=None,
                                                dtype=tf.int64)
@@ -775,6 +777,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
                      start_epoch=start_epoch, first_skip=steps_in * replicas_per_pipeline * batch,
                      key=shuffle_key, shuffle_buffer=shuffle_buffer)
 
+  @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
   def make_views(epoch, ex):
     example = source.decode(ex)
     view1, view2 = augment.two_views(example["image"], image_size,
@@ -820,6 +823,7 @@ def eval_dataset(source: DataSource, *, batch_size: int, image_size: int,
     ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=False)
   key = tf.constant([seed, 1], tf.int64)
 
+  @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
   def transform(ex):
     example = source.decode(ex)
     if train_augment:

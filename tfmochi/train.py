@@ -25,6 +25,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags start with --).")
+  logging.set_verbosity(logging.WARNING)  # progress goes to stdout; keep INFO chatter out
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.get_logger().setLevel("ERROR")
   # Imported here so that --help is instant.
   from tfmochi import checkpoints
   from tfmochi import data
