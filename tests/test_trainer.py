@@ -168,8 +168,11 @@ class MultiWorkerTest(tf.test.TestCase):
     chief = checkpoints.list_checkpoints(model_dir)[0]
     other = tf.train.latest_checkpoint(os.path.join(model_dir, "worker_tmp_1"))
     self.assertEqual(checkpoints.checkpoint_step(chief), 4)
+    # Weights and queue must agree; BN moving statistics are per replica under shuffle BN (each
+    # worker normalises its own slice), so they are not compared.
     names = [n for n, _ in tf.train.list_variables(chief)
-             if "query_encoder" in n or "key_encoder" in n or "queue" in n]
+             if ("query_encoder" in n or "key_encoder" in n or "queue" in n)
+             and "moving_" not in n]
     self.assertGreater(len(names), 50)
     for name in names:
       self.assertAllEqual(tf.train.load_variable(chief, name), tf.train.load_variable(other, name),
@@ -204,7 +207,7 @@ class ReliabilityTest(tf.test.TestCase):
     deadline = time.time() + timeout
     while not any(checkpoints.checkpoint_step(p) >= step
                   for p in checkpoints.list_checkpoints(model_dir)):
-      self.assertIsNone(proc.poll(), proc.stderr.read() if proc.stderr else "")
+      self.assertIsNone(proc.poll(), "the run ended before the checkpoint")
       self.assertLess(time.time(), deadline, f"no ckpt-{step} after {timeout}s")
       time.sleep(0.2)
 
@@ -213,7 +216,7 @@ class ReliabilityTest(tf.test.TestCase):
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    args = ["--deterministic", "--train_steps=200", "--checkpoint_every_steps=2"]
+    args = ["--deterministic", "--train_steps=100", "--checkpoint_every_steps=2"]
     straight = self.create_tempdir().full_path
     killed = self.create_tempdir().full_path
     run = lambda d: subprocess.Popen(_cli(d, *args), cwd=root, env=env, text=True,
@@ -225,7 +228,7 @@ class ReliabilityTest(tf.test.TestCase):
       victim.send_signal(signal.SIGKILL)
       victim.wait(timeout=60)
       self.assertEqual(victim.returncode, -signal.SIGKILL)  # killed mid-run, not finished
-      self.assertLess(checkpoints.checkpoint_step(checkpoints.list_checkpoints(killed)[0]), 200)
+      self.assertLess(checkpoints.checkpoint_step(checkpoints.list_checkpoints(killed)[0]), 100)
       resumed = run(killed)
       self.assertEqual(resumed.wait(timeout=300), 0, resumed.stderr.read()[-3000:])
       self.assertEqual(first.wait(timeout=300), 0, first.stderr.read()[-3000:])
@@ -233,9 +236,9 @@ class ReliabilityTest(tf.test.TestCase):
       for p in (first, victim):
         p.kill()
     a, b = _losses(straight), _losses(killed)
-    self.assertEqual(sorted(a), list(range(1, 201)))
-    self.assertEqual(sorted(b), list(range(1, 201)))
-    for step in range(1, 201):
+    self.assertEqual(sorted(a), list(range(1, 101)))
+    self.assertEqual(sorted(b), list(range(1, 101)))
+    for step in range(1, 101):
       self.assertEqual(a[step], b[step], f"step {step}: {a[step]} vs {b[step]}")
 
   def test_sigterm_checkpoints_and_exits_cleanly(self):
@@ -243,15 +246,19 @@ class ReliabilityTest(tf.test.TestCase):
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_dir = self.create_tempdir().full_path
-    proc = subprocess.Popen(_cli(model_dir, "--train_steps=1000", "--checkpoint_every_steps=2"),
-                            cwd=root, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-      self._wait_for(model_dir, 2, proc)
-      proc.send_signal(signal.SIGTERM)
-      out, err = proc.communicate(timeout=120)
-    finally:
-      proc.kill()
+    # Files, not pipes: an unread pipe would fill up with progress lines and block the child.
+    out_path, err_path = os.path.join(model_dir, "out.txt"), os.path.join(model_dir, "err.txt")
+    with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
+      proc = subprocess.Popen(_cli(model_dir, "--train_steps=1000", "--checkpoint_every_steps=2"),
+                              cwd=root, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                              text=True, stdout=out_f, stderr=err_f)
+      try:
+        self._wait_for(model_dir, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+      finally:
+        proc.kill()
+    out, err = open(out_path).read(), open(err_path).read()
     self.assertEqual(proc.returncode, 0, err[-3000:])
     self.assertIn("Received SIGTERM: checkpointed at step", out)
     newest = checkpoints.list_checkpoints(model_dir)[0]

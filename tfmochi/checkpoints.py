@@ -111,7 +111,8 @@ def restore_with_fallback(checkpoint: tf.train.Checkpoint, model_dir: str,
         logging.warning("Restored the older checkpoint %s because newer ones could not be read: "
                         "%s", path, "; ".join(errors))
       return path
-    except (tf.errors.OpError, ValueError, AssertionError) as e:
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError, EOFError) as e:
+      # A truncated file can surface as IndexError ("Read less bytes than requested").
       reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
       errors.append(f"{os.path.basename(path)}: {reason}")
       logging.warning("Cannot read checkpoint %s: %s", path, reason)

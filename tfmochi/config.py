@@ -166,6 +166,7 @@ class TrainConfig:
     need(self.lr_warmup_epochs >= 0, "--lr_warmup_epochs must be >= 0.")
     need(self.mochi_warmup_epochs >= 0,
          f"--mochi_warmup_epochs must be >= 0, got {self.mochi_warmup_epochs}.")
+    need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}.")
     need(self.steps_per_loop >= 1, f"--steps_per_loop must be >= 1, got {self.steps_per_loop}.")
     need(self.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1.")
     need(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,

@@ -83,7 +83,8 @@ def _check_model_dir(config: config_lib.TrainConfig) -> None:
   """The model_dir must be writable, and a resumed run must have the same model."""
   try:
     tf.io.gfile.makedirs(config.model_dir)
-    probe = os.path.join(config.model_dir, ".write_test")
+    # Unique per process: the workers of a multi-worker run probe the same directory at once.
+    probe = os.path.join(config.model_dir, f".write_test_{os.getpid()}_{time.time_ns()}")
     with tf.io.gfile.GFile(probe, "w") as f:
       f.write("ok")
     tf.io.gfile.remove(probe)
@@ -154,7 +155,9 @@ class Trainer:
     # ---- set up
     if cfg.deterministic:
       tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(cfg.seed)
+    # Weight init seed. Offset from the run seed: a global TF seed of 0 makes tf.data's shuffle
+    # compare a tensor op-seed to 0 inside a graph (OperatorNotAllowedInGraphError).
+    keras.utils.set_random_seed(cfg.seed + 1)
     _set_precision(cfg.mixed_precision)
     # ---- data first: a missing data set must fail in seconds, before any device set-up
     self.train_source = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir,

@@ -1,0 +1,720 @@
+"""Evaluates a run's backbone: weighted kNN and MoCo's linear probe, once or as a side-car.
+
+`python -m tfmochi.evaluate --model_dir=RUN --mode=knn|linear [--sidecar]` restores the query
+encoder of a training run (config.json + checkpoints/) and writes
+
+  <model_dir>/eval_<mode>.json   top1, top5 (in %), checkpoint_step, the settings, and a
+                                 `history` of every checkpoint evaluated so far (atomic write)
+  <model_dir>/eval/              TensorBoard scalars knn_top1/knn_top5 or linear_top1/linear_top5
+                                 (+ linear_best_top1) at the checkpoint's step
+
+Both evaluations use the backbone's pooled features (the projection head is discarded, as in
+MoCo) with the network in inference mode:
+
+* kNN (ALGORITHMS.md §1.5): the MoCo CIFAR demo's monitor. L2-normalised features, the train
+  split is the memory bank, the held-out split the queries; each query is voted for by its k
+  nearest neighbours weighted by exp(cos / t), k = 200, t = 0.1.
+* linear (ALGORITHMS.md §1.6, facebookresearch/moco main_lincls.py): a linear classifier on the
+  frozen pooled features, fc ~ N(0, 0.01²), bias 0; SGD (PyTorch semantics) lr 30, momentum 0.9,
+  weight decay 0, batch 256, 100 epochs, lr x0.1 at 60% and 80% of the epochs (epochs 60 and 80);
+  training views RandomResizedCrop(0.08-1) + flip, validation Resize + CenterCrop, both scaled to
+  the run's image size. The backbone runs in inference mode (BN statistics frozen), and
+  afterwards its weights must be bit-identical to before (MoCo's `sanity_check`): otherwise
+  `BackboneChangedError`. The protocol runs the backbone on fresh crops every epoch;
+  `cache_features=True` (`--linear_cache_features`) instead extracts centre-view features once and
+  trains on those (much faster, no augmentation; not the paper protocol). The quickstart data set
+  defaults to 30 epochs (milestones 18, 24) so that it finishes in minutes on a CPU.
+
+Side-car mode follows `<model_dir>/checkpoints` with `tf.train.checkpoints_iterator`, evaluates
+each new checkpoint as training writes it, and stops once the run's summary.json exists and the
+newest checkpoint has been evaluated, or after `--sidecar_timeout` seconds.
+
+Errors (no run, no checkpoint, a data set without labels, bad flags) end the command line with one
+message and exit status 2. The library functions (`knn_eval`, `linear_probe`,
+`evaluate_checkpoint`, `run_sidecar`) take explicit arguments and never read flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import logging  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfmochi import checkpoints as ckpt_lib  # noqa: E402
+from tfmochi import data as data_lib  # noqa: E402
+from tfmochi import knn as knn_lib  # noqa: E402
+
+MODES = ("knn", "linear")
+SUMMARY_FILE = "summary.json"
+EVAL_SUBDIR = "eval"
+# MoCo main_lincls.py defaults.
+LINEAR_EPOCHS = 100
+LINEAR_LR = 30.0
+LINEAR_MOMENTUM = 0.9
+LINEAR_BATCH_SIZE = 256
+LINEAR_MILESTONES = (0.6, 0.8)  # epochs 60 and 80 of 100
+LINEAR_INIT_STD = 0.01
+# Small offline data sets where 100 epochs of augmented backbone passes take too long on a CPU.
+_SMALL_DATASET_EPOCHS = {"quickstart": 30}
+
+Progress = Callable[[str], None]
+
+
+class EvalError(ValueError):
+  """An evaluation cannot run as asked (bad setting, data set without labels). Clear message."""
+
+
+class BackboneChangedError(AssertionError):
+  """The frozen backbone's weights changed during the linear probe (MoCo's sanity check)."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def backbone_of(model):
+  """The backbone of an `models.Encoder`, or `model` itself when it is already a backbone."""
+  return getattr(model, "backbone", model)
+
+
+def pooled_feature_fn(model) -> Callable[[tf.Tensor], tf.Tensor]:
+  """A tf.function: images [b, H, W, 3] -> pooled backbone features [b, F] float32 (inference).
+
+  One trace serves every batch size and image size (the signature leaves them open), so the last,
+  smaller batch of an epoch does not retrace.
+  """
+  backbone = backbone_of(model)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+  def features(images):
+    return tf.cast(backbone(images, training=False)["pooled"], tf.float32)
+
+  return features
+
+
+def require_labels(source: data_lib.DataSource, what: str) -> None:
+  """Raises EvalError unless `source` is labelled (kNN and linear evaluation need labels)."""
+  if not source.has_labels:
+    raise EvalError(f"{what} needs labels, but {source.name}/{source.split} has none (every label "
+                    "is -1). Evaluate on a labelled data set (--dataset=... --data_dir=...).")
+
+
+def _num_classes(*sources: data_lib.DataSource) -> int | None:
+  for source in sources:
+    if source.num_classes:
+      return int(source.num_classes)
+  return None
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, float]:
+  """Top-k accuracy in % of class scores [N, C] against int labels [N] (k clipped to C)."""
+  scores = np.asarray(scores)
+  order = np.argsort(-scores, axis=1, kind="stable")
+  hits = order == np.asarray(labels)[:, None]
+  return {k: float(100.0 * hits[:, :min(k, scores.shape[1])].any(1).mean()) for k in ks}
+
+
+def _say(progress: Progress | None, message: str) -> None:
+  if progress is not None:
+    progress(message)
+  else:
+    logging.info("%s", message)
+
+
+# -------------------------------------------------------------------------------------------------
+# kNN
+
+
+def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.DataSource, *,
+             image_size: int, k: int = 200, t: float = 0.1, batch_size: int = 256) -> dict:
+  """Weighted kNN accuracy of a backbone's L2-normalised pooled features (MoCo's monitor).
+
+  Args:
+    model: a `models.Encoder` (its `.backbone` is used) or a backbone whose outputs have
+      "pooled" [b, F].
+    train_source: the memory bank (labelled).
+    test_source: the queries (labelled).
+    image_size: centre-view side S (the run's training image size).
+    k: neighbours.
+    t: temperature of the exp(cos / t) vote weights.
+    batch_size: images per forward pass.
+
+  Returns:
+    {"top1", "top5" (in %), "k", "t", "num_train", "num_test", "num_classes", "seconds"}.
+
+  Raises:
+    EvalError: a split has no labels, or k/t are out of range.
+  """
+  if k < 1 or t <= 0:
+    raise EvalError(f"kNN needs k >= 1 and t > 0, got k={k}, t={t}.")
+  require_labels(train_source, "kNN evaluation")
+  require_labels(test_source, "kNN evaluation")
+  start = time.time()
+  features = pooled_feature_fn(model)
+  bank, bank_labels = knn_lib.extract_features(
+      features, data_lib.eval_dataset(train_source, batch_size=batch_size, image_size=image_size))
+  queries, labels = knn_lib.extract_features(
+      features, data_lib.eval_dataset(test_source, batch_size=batch_size, image_size=image_size))
+  num_classes = _num_classes(train_source, test_source) or int(
+      max(bank_labels.max(), labels.max())) + 1
+  result = knn_lib.knn_accuracy(bank, bank_labels, queries, labels, num_classes, k=k, t=t)
+  return {**result, "k": int(k), "t": float(t), "num_train": int(len(bank)),
+          "num_test": int(len(queries)), "num_classes": num_classes,
+          "seconds": float(time.time() - start)}
+
+
+# -------------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def snapshot_weights(model) -> dict[str, np.ndarray]:
+  """Copies of every variable of `model` (trainable or not, incl. BN moving statistics)."""
+  return {v.path: np.array(v.numpy(), copy=True) for v in model.weights}
+
+
+def sanity_check(model, snapshot: dict[str, np.ndarray]) -> None:
+  """MoCo lincls' sanity_check: every weight of `model` is bit-identical to `snapshot`.
+
+  Raises:
+    BackboneChangedError: naming the variables that changed (or appeared / disappeared).
+  """
+  current = {v.path: v.numpy() for v in model.weights}
+  changed = sorted(name for name in current.keys() & snapshot.keys()
+                   if current[name].dtype != snapshot[name].dtype
+                   or current[name].shape != snapshot[name].shape
+                   or current[name].tobytes() != snapshot[name].tobytes())
+  changed += sorted(current.keys() ^ snapshot.keys())
+  if changed:
+    listed = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    raise BackboneChangedError(
+        f"The frozen backbone changed during the linear probe ({len(changed)} of "
+        f"{len(snapshot)} variables: {listed}). The linear protocol must run the backbone in "
+        "inference mode (BN statistics frozen) and train only the linear classifier.")
+
+
+def linear_milestones(epochs: int) -> tuple[int, ...]:
+  """Epochs at which the lr drops x0.1: 60% and 80% of `epochs` (60, 80 for 100 epochs)."""
+  return tuple(int(round(f * epochs)) for f in LINEAR_MILESTONES)
+
+
+def linear_lr(epoch: int, epochs: int, lr: float) -> float:
+  """MoCo lincls' step schedule: lr x 0.1 for each milestone <= epoch (0-based epochs)."""
+  return lr * 0.1 ** sum(epoch >= m for m in linear_milestones(epochs))
+
+
+def default_linear_epochs(dataset: str) -> int:
+  """MoCo's 100 epochs, except for the small offline data sets (30 for quickstart)."""
+  return _SMALL_DATASET_EPOCHS.get(dataset, LINEAR_EPOCHS)
+
+
+class _LinearClassifier(tf.Module):
+  """fc: features [b, F] -> logits [b, C], with PyTorch-style SGD momentum buffers."""
+
+  def __init__(self, feature_dim: int, num_classes: int, seed: int):
+    super().__init__(name="linear_classifier")
+    # MoCo lincls: fc.weight.data.normal_(mean=0.0, std=0.01); fc.bias.data.zero_().
+    init = tf.random.stateless_normal([feature_dim, num_classes], [seed, 0x11], stddev=1.0)
+    self.kernel = tf.Variable(LINEAR_INIT_STD * init, name="kernel")
+    self.bias = tf.Variable(tf.zeros([num_classes]), name="bias")
+    self.kernel_buf = tf.Variable(tf.zeros_like(self.kernel), name="kernel_momentum")
+    self.bias_buf = tf.Variable(tf.zeros_like(self.bias), name="bias_momentum")
+
+  def __call__(self, features):
+    return tf.matmul(features, self.kernel) + self.bias
+
+  def sgd_step(self, features, labels, lr, momentum: float, weight_decay: float):
+    """One torch.optim.SGD step on the mean cross-entropy; returns (loss, correct count)."""
+    with tf.GradientTape() as tape:
+      logits = self(features)
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    grads = tape.gradient(loss, [self.kernel, self.bias])
+    for var, buf, grad in ((self.kernel, self.kernel_buf, grads[0]),
+                           (self.bias, self.bias_buf, grads[1])):
+      if weight_decay:
+        grad = grad + weight_decay * var  # PyTorch's coupled L2
+      # PyTorch: buf = m * buf + g; p -= lr * buf (Keras' SGD folds lr into the velocity,
+      # which differs from this when the lr steps down at a milestone).
+      buf.assign(momentum * buf + grad)
+      var.assign_sub(lr * buf)
+    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int64),
+                                             labels), tf.int32))
+    return loss, correct
+
+
+def _extract(features_fn, dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Raw (not normalised) features [N, F] and labels [N] of a dataset of batches."""
+  feats, labels = [], []
+  for batch in dataset:
+    feats.append(features_fn(batch["image"]).numpy())
+    labels.append(batch["label"].numpy())
+  if not feats:
+    raise EvalError("The linear probe got an empty data set.")
+  return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
+
+
+def linear_probe(model, train_source: data_lib.DataSource, test_source: data_lib.DataSource, *,
+                 image_size: int, epochs: int = LINEAR_EPOCHS, lr: float = LINEAR_LR,
+                 batch_size: int = LINEAR_BATCH_SIZE, momentum: float = LINEAR_MOMENTUM,
+                 weight_decay: float = 0.0, cache_features: bool = False, seed: int = 0,
+                 progress: Progress | None = None) -> dict:
+  """MoCo's linear classification protocol on a frozen backbone's pooled features.
+
+  Args:
+    model: a `models.Encoder` (its `.backbone` is used) or a backbone with a "pooled" output.
+    train_source: labelled training split.
+    test_source: labelled validation split.
+    image_size: view side S.
+    epochs: E; the lr drops x0.1 at round(0.6 E) and round(0.8 E).
+    lr: initial learning rate (30 in MoCo).
+    batch_size: training batch.
+    momentum: SGD momentum (PyTorch semantics).
+    weight_decay: coupled L2 (0 in MoCo).
+    cache_features: extract centre-view training features once and train on them (fast; no
+      augmentation) instead of running the backbone on fresh crops every epoch (the protocol).
+    seed: classifier init, shuffling and crops.
+    progress: called with one line per epoch (default: absl logging).
+
+  Returns:
+    {"top1", "top5" (final epoch, %), "best_top1" (best epoch, as MoCo reports), "train_top1",
+    "train_loss" (last epoch), "epochs", "lr", "milestones", "batch_size", "momentum",
+    "weight_decay", "cache_features", "feature_dim", "num_classes", "num_train", "num_test",
+    "seconds", "backbone_unchanged": True}.
+
+  Raises:
+    EvalError: bad settings or unlabelled data.
+    BackboneChangedError: the backbone's weights changed (they must not).
+  """
+  if epochs < 1 or lr <= 0 or batch_size < 1 or not 0 <= momentum < 1 or weight_decay < 0:
+    raise EvalError(f"linear probe needs epochs >= 1, lr > 0, batch_size >= 1, momentum in "
+                    f"[0, 1), weight_decay >= 0; got epochs={epochs}, lr={lr}, "
+                    f"batch_size={batch_size}, momentum={momentum}, weight_decay={weight_decay}.")
+  require_labels(train_source, "The linear probe")
+  require_labels(test_source, "The linear probe")
+  start = time.time()
+  backbone = backbone_of(model)
+  before = snapshot_weights(backbone)
+  features_fn = pooled_feature_fn(backbone)
+
+  # The backbone is frozen, so the validation (centre-view) features never change: extract once.
+  val_x, val_y = _extract(features_fn, data_lib.eval_dataset(
+      test_source, batch_size=batch_size, image_size=image_size))
+  num_classes = _num_classes(train_source, test_source) or int(val_y.max()) + 1
+  classifier = _LinearClassifier(val_x.shape[1], num_classes, seed)
+  label_spec = tf.TensorSpec([None], tf.int64)
+  lr_spec = tf.TensorSpec([], tf.float32)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, val_x.shape[1]], tf.float32), label_spec,
+                                lr_spec])
+  def step_on_features(feats, labels, step_lr):
+    return classifier.sgd_step(feats, labels, step_lr, momentum, weight_decay)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32), label_spec,
+                                lr_spec])
+  def step_on_images(images, labels, step_lr):
+    # Inference mode: BN uses (and keeps) its moving statistics; no gradient reaches the backbone.
+    feats = tf.stop_gradient(tf.cast(backbone(images, training=False)["pooled"], tf.float32))
+    return classifier.sgd_step(feats, labels, step_lr, momentum, weight_decay)
+
+  if cache_features:
+    train_x, train_y = _extract(features_fn, data_lib.eval_dataset(
+        train_source, batch_size=batch_size, image_size=image_size))
+  rng = np.random.default_rng(seed)
+  best_top1, loss_sum, correct, seen = -1.0, 0.0, 0, 0
+  for epoch in range(epochs):
+    epoch_start = time.time()
+    step_lr = tf.constant(linear_lr(epoch, epochs, lr), tf.float32)
+    loss_sum, correct, seen = 0.0, 0, 0
+    if cache_features:
+      order = rng.permutation(len(train_y))
+      batches = ((train_x[order[i:i + batch_size]], train_y[order[i:i + batch_size]])
+                 for i in range(0, len(order), batch_size))
+      step = step_on_features
+    else:
+      # Fresh crops and order every epoch: the draws depend on (seed, epoch, image id).
+      dataset = data_lib.eval_dataset(train_source, batch_size=batch_size, image_size=image_size,
+                                      train_augment=True, shuffle=True,
+                                      seed=seed * 100_003 + epoch)
+      batches = ((b["image"], b["label"]) for b in dataset)
+      step = step_on_images
+    for x, y in batches:
+      loss, hits = step(x, y, step_lr)
+      n = int(np.shape(y)[0])
+      loss_sum += float(loss) * n
+      correct += int(hits)
+      seen += n
+    val_top1 = topk_accuracy(classifier(val_x).numpy(), val_y, ks=(1,))[1]
+    best_top1 = max(best_top1, val_top1)
+    _say(progress, f"linear epoch {epoch + 1}/{epochs}: lr {float(step_lr):g} loss "
+                   f"{loss_sum / max(seen, 1):.4f} train top-1 "
+                   f"{100.0 * correct / max(seen, 1):.2f}% val top-1 {val_top1:.2f}% "
+                   f"({time.time() - epoch_start:.1f} s)")
+
+  sanity_check(backbone, before)
+  val = topk_accuracy(classifier(val_x).numpy(), val_y)
+  return {"top1": val[1], "top5": val[5], "best_top1": float(best_top1),
+          "train_top1": float(100.0 * correct / max(seen, 1)),
+          "train_loss": float(loss_sum / max(seen, 1)), "epochs": int(epochs), "lr": float(lr),
+          "milestones": list(linear_milestones(epochs)), "batch_size": int(batch_size),
+          "momentum": float(momentum), "weight_decay": float(weight_decay),
+          "cache_features": bool(cache_features), "feature_dim": int(val_x.shape[1]),
+          "num_classes": int(num_classes), "num_train": int(train_source.num_examples),
+          "num_test": int(len(val_y)), "seconds": float(time.time() - start),
+          "backbone_unchanged": True}
+
+
+# -------------------------------------------------------------------------------------------------
+# One checkpoint of a run
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """What `evaluate_checkpoint` does. None means "the run's value" (from its config.json).
+
+  Attributes:
+    mode: "knn" or "linear".
+    knn_k, knn_t: kNN neighbours and temperature (None: the run's --knn_k / --knn_t).
+    linear_epochs: None: 100 (30 for quickstart).
+    linear_lr, batch_size, linear_cache_features: see `linear_probe`.
+    dataset, data_dir: evaluate on another data set / location than the run's.
+    seed: None: the run's seed (it also fixes the quickstart held-out split).
+  """
+  mode: str = "knn"
+  knn_k: int | None = None
+  knn_t: float | None = None
+  linear_epochs: int | None = None
+  linear_lr: float = LINEAR_LR
+  batch_size: int = LINEAR_BATCH_SIZE
+  linear_cache_features: bool = False
+  dataset: str | None = None
+  data_dir: str | None = None
+  seed: int | None = None
+
+  def validate(self) -> "EvalSettings":
+    """Raises EvalError naming the bad value; returns self."""
+    problems = []
+    if self.mode not in MODES:
+      problems.append(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+    if self.knn_k is not None and self.knn_k < 1:
+      problems.append(f"--knn_k must be >= 1; got {self.knn_k}")
+    if self.knn_t is not None and not self.knn_t > 0:
+      problems.append(f"--knn_t must be > 0; got {self.knn_t}")
+    if self.linear_epochs is not None and self.linear_epochs < 1:
+      problems.append(f"--linear_epochs must be >= 1; got {self.linear_epochs}")
+    if not self.linear_lr > 0:
+      problems.append(f"--linear_lr must be > 0; got {self.linear_lr}")
+    if self.batch_size < 1:
+      problems.append(f"--batch_size must be >= 1; got {self.batch_size}")
+    if problems:
+      raise EvalError("; ".join(problems) + ".")
+    return self
+
+
+def eval_json_path(model_dir: str, mode: str) -> str:
+  return os.path.join(model_dir, f"eval_{mode}.json")
+
+
+def load_sources(config, settings: EvalSettings) -> tuple[data_lib.DataSource,
+                                                          data_lib.DataSource]:
+  """The (train, held-out) splits to evaluate on: the run's data set unless overridden."""
+  dataset = settings.dataset or config.dataset
+  data_dir = settings.data_dir if settings.data_dir is not None else config.data_dir
+  seed = config.seed if settings.seed is None else settings.seed
+  train = data_lib.load(dataset, "train", data_dir=data_dir, seed=seed)
+  test = data_lib.load(dataset, "test", data_dir=data_dir, seed=seed)
+  what = "kNN evaluation" if settings.mode == "knn" else "The linear probe"
+  require_labels(train, what)
+  require_labels(test, what)
+  return train, test
+
+
+def write_eval_scalars(model_dir: str, step: int, scalars: dict[str, float]) -> None:
+  """TensorBoard scalars under <model_dir>/eval at `step`."""
+  writer = tf.summary.create_file_writer(os.path.join(model_dir, EVAL_SUBDIR))
+  with writer.as_default():
+    for name, value in scalars.items():
+      tf.summary.scalar(name, value, step=step)
+  writer.flush()
+  writer.close()
+
+
+def _write_result(model_dir: str, mode: str, result: dict) -> None:
+  """eval_<mode>.json = this result + the history of every checkpoint evaluated (atomic)."""
+  path = eval_json_path(model_dir, mode)
+  history = []
+  if tf.io.gfile.exists(path):
+    try:
+      history = list(ckpt_lib.read_json(path).get("history", []))
+    except (ValueError, tf.errors.OpError, AttributeError):
+      history = []  # a foreign or damaged file: start a new history rather than fail
+  entry = {key: result[key] for key in ("checkpoint_step", "checkpoint", "top1", "top5")}
+  history = [h for h in history if h.get("checkpoint_step") != result["checkpoint_step"]]
+  history = sorted(history + [entry], key=lambda h: h.get("checkpoint_step", -1))
+  ckpt_lib.write_json_atomic(path, {**result, "history": history})
+
+
+def restore_checkpoint(model_dir: str, checkpoint_path: str | None):
+  """(encoder, config, step, path) of `checkpoint_path`, or of the newest readable checkpoint."""
+  if checkpoint_path is not None:
+    encoder, config, step = ckpt_lib.restore_encoder(model_dir, checkpoint_path)
+    return encoder, config, step, checkpoint_path
+  paths = ckpt_lib.list_checkpoints(model_dir)
+  if not paths:
+    encoder, config, step = ckpt_lib.restore_encoder(model_dir)  # raises its clear message
+    return encoder, config, step, None
+  errors = []
+  for path in paths:
+    try:
+      encoder, config, step = ckpt_lib.restore_encoder(model_dir, path)
+    except ckpt_lib.CheckpointError as e:
+      errors.append(str(e))
+      continue
+    if errors:
+      logging.warning("Evaluating the older checkpoint %s: %s", path, "; ".join(errors))
+    return encoder, config, step, path
+  raise ckpt_lib.CheckpointError("; ".join(errors))
+
+
+def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
+                        checkpoint_path: str | None = None,
+                        sources: tuple[data_lib.DataSource, data_lib.DataSource] | None = None,
+                        progress: Progress | None = None, write: bool = True) -> dict:
+  """Evaluates one checkpoint of a run and records the result.
+
+  Args:
+    model_dir: the training run (config.json, checkpoints/).
+    settings: what to run (validated here).
+    checkpoint_path: a checkpoint prefix (default: the newest readable one).
+    sources: (train, test) data to use instead of loading the run's data set.
+    progress: called with progress lines (default: absl logging).
+    write: write eval_<mode>.json and the TensorBoard scalars.
+
+  Returns:
+    The result dict: top1, top5 (%), checkpoint_step, checkpoint, mode, dataset, image_size,
+    arch and the mode's settings (see `knn_eval` / `linear_probe`).
+
+  Raises:
+    checkpoints.CheckpointError: no run, no checkpoint, or an unreadable one.
+    EvalError: bad settings or unlabelled data.
+    data.DataError: the data set cannot be loaded.
+    BackboneChangedError: the linear probe changed the backbone.
+  """
+  settings.validate()
+  encoder, config, step, path = restore_checkpoint(model_dir, checkpoint_path)
+  train, test = sources if sources is not None else load_sources(config, settings)
+  if sources is not None:
+    require_labels(train, f"{settings.mode} evaluation")
+    require_labels(test, f"{settings.mode} evaluation")
+  seed = config.seed if settings.seed is None else settings.seed
+  if settings.mode == "knn":
+    result = knn_eval(encoder, train, test, image_size=config.image_size,
+                      k=settings.knn_k or config.knn_k,
+                      t=settings.knn_t if settings.knn_t is not None else config.knn_t,
+                      batch_size=settings.batch_size)
+  else:
+    epochs = settings.linear_epochs or default_linear_epochs(settings.dataset or config.dataset)
+    _say(progress, f"Linear probe of step {step}: {epochs} epochs, lr {settings.linear_lr:g}, "
+                   f"batch {settings.batch_size}, "
+                   + ("cached centre-view features" if settings.linear_cache_features
+                      else "random-resized-crop + flip views (backbone run every epoch)"))
+    result = linear_probe(encoder, train, test, image_size=config.image_size, epochs=epochs,
+                          lr=settings.linear_lr, batch_size=settings.batch_size,
+                          cache_features=settings.linear_cache_features, seed=seed,
+                          progress=progress)
+  result = {**result, "mode": settings.mode, "checkpoint_step": int(step), "checkpoint": path,
+            "model_dir": model_dir, "dataset": train.name, "train_split": train.split,
+            "test_split": test.split, "image_size": int(config.image_size), "arch": config.arch,
+            "feature": "pooled", "seed": int(seed)}
+  if write:
+    _write_result(model_dir, settings.mode, result)
+    scalars = {f"{settings.mode}_top1": result["top1"], f"{settings.mode}_top5": result["top5"]}
+    if settings.mode == "linear":
+      scalars["linear_best_top1"] = result["best_top1"]
+    write_eval_scalars(model_dir, step, scalars)
+  return result
+
+
+# -------------------------------------------------------------------------------------------------
+# Side-car
+
+
+def training_finished(model_dir: str, last_path: str | None) -> bool:
+  """True when the run's summary.json exists and its newest checkpoint has been evaluated.
+
+  A summary.json left by an earlier run that has since been resumed does not count: the resumed
+  run's checkpoints are past that summary's global_step.
+  """
+  summary_path = os.path.join(model_dir, SUMMARY_FILE)
+  if not tf.io.gfile.exists(summary_path):
+    return False
+  latest = tf.train.latest_checkpoint(ckpt_lib.checkpoint_dir(model_dir))
+  if latest is None:
+    return True  # a finished run without any checkpoint: nothing will come
+  if latest != last_path:
+    return False
+  try:
+    final_step = ckpt_lib.read_json(summary_path).get("global_step")
+  except (ValueError, tf.errors.OpError, AttributeError):
+    final_step = None
+  return not (isinstance(final_step, int) and ckpt_lib.checkpoint_step(latest) > final_step)
+
+
+def run_sidecar(model_dir: str, settings: EvalSettings, *, timeout: float = 3600.0,
+                poll_interval: float = 10.0,
+                sources: tuple[data_lib.DataSource, data_lib.DataSource] | None = None,
+                progress: Progress | None = None) -> list[dict]:
+  """Evaluates every new checkpoint of a (running) training job until it ends.
+
+  Args:
+    model_dir: the run; it need not have a checkpoint (or exist) yet.
+    settings: what to run.
+    timeout: give up after this many seconds in total.
+    poll_interval: how often to check for the end of training while no checkpoint is new
+      (at least every 2 s).
+    sources: (train, test) instead of the run's data set (loaded once, at the first checkpoint).
+    progress: progress lines.
+
+  Returns:
+    The results, one per evaluated checkpoint (each also written as `evaluate_checkpoint` does).
+  """
+  settings.validate()
+  if timeout <= 0 or poll_interval <= 0:
+    raise EvalError(f"--sidecar_timeout must be > 0 (got {timeout}) and the poll interval > 0.")
+  deadline = time.time() + timeout
+  state = {"path": None}  # the newest checkpoint handled (evaluated or skipped)
+  results = []
+
+  def stop() -> bool:
+    return time.time() >= deadline or training_finished(model_dir, state["path"])
+
+  # checkpoints_iterator polls every second and gives up a wait once less than a second is
+  # left, so a wait shorter than 2 s would return at once and spin; hence the floor.
+  iterator = tf.train.checkpoints_iterator(ckpt_lib.checkpoint_dir(model_dir),
+                                           timeout=max(2.0, min(poll_interval, timeout)),
+                                           timeout_fn=stop)
+  for path in iterator:
+    _say(progress, f"side-car: evaluating {path}")
+    try:
+      if sources is None:
+        config = ckpt_lib.load_run_config(model_dir)
+        sources = load_sources(config, settings)
+      result = evaluate_checkpoint(model_dir, settings, checkpoint_path=path, sources=sources,
+                                   progress=progress)
+    except ckpt_lib.CheckpointError as e:
+      # Typically the trainer deleted it (max_to_keep) before we got to it: go on.
+      logging.warning("side-car: skipping %s: %s", path, e)
+      state["path"] = path
+      continue
+    results.append(result)
+    state["path"] = path
+    _say(progress, f"side-car: step {result['checkpoint_step']}: {settings.mode} top-1 "
+                   f"{result['top1']:.2f}% top-5 {result['top5']:.2f}%")
+    if time.time() >= deadline:
+      break
+  return results
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string("model_dir", None, "The training run (holds config.json, checkpoints/).")
+  flags.DEFINE_string("mode", "knn", f"One of {', '.join(MODES)}.")
+  flags.DEFINE_string("checkpoint", None, "A checkpoint prefix (default: the newest readable).")
+  flags.DEFINE_integer("knn_k", None, "kNN neighbours (default: the run's --knn_k, 200).")
+  flags.DEFINE_float("knn_t", None, "kNN temperature (default: the run's --knn_t, 0.1).")
+  flags.DEFINE_integer("linear_epochs", None,
+                       f"Linear probe epochs (default {LINEAR_EPOCHS}; 30 for quickstart). The "
+                       "lr drops x0.1 at 60% and 80% of them.")
+  flags.DEFINE_float("linear_lr", LINEAR_LR, "Linear probe learning rate (SGD, momentum 0.9).")
+  flags.DEFINE_integer("batch_size", LINEAR_BATCH_SIZE, "Batch size (both modes).")
+  flags.DEFINE_bool("linear_cache_features", False,
+                    "Extract centre-view features once and train the linear classifier on them "
+                    "(fast, no augmentation) instead of fresh crops every epoch (the protocol).")
+  flags.DEFINE_string("dataset", None, "Evaluate on this data set (default: the run's).")
+  flags.DEFINE_string("data_dir", None, "Data directory (default: the run's).")
+  flags.DEFINE_integer("seed", None, "Seed (default: the run's; fixes the quickstart split).")
+  flags.DEFINE_bool("sidecar", False, "Follow the run: evaluate each new checkpoint until "
+                    "summary.json appears (or --sidecar_timeout).")
+  flags.DEFINE_float("sidecar_timeout", 3600.0, "Side-car: give up after this many seconds.")
+  flags.DEFINE_float("sidecar_poll_secs", 10.0, "Side-car: how often to look for the end of "
+                     "training while no new checkpoint appears.")
+
+
+def _error(message: str) -> int:
+  logging.flush()
+  print(f"tfmochi.evaluate: error: {message}", file=sys.stderr, flush=True)
+  return 2
+
+
+def main(argv) -> int:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flag_values = flags.FLAGS
+  if len(argv) > 1:
+    return _error(f"unexpected arguments {' '.join(argv[1:])} (flags start with --).")
+  if not flag_values.model_dir:
+    return _error("--model_dir is required (the training run to evaluate).")
+  logging.set_verbosity(logging.WARNING)  # progress goes to stdout; keep INFO chatter out
+  tf.get_logger().setLevel("ERROR")  # e.g. checkpoints_iterator logs every wait at INFO
+  settings = EvalSettings(
+      mode=flag_values.mode, knn_k=flag_values.knn_k, knn_t=flag_values.knn_t,
+      linear_epochs=flag_values.linear_epochs, linear_lr=flag_values.linear_lr,
+      batch_size=flag_values.batch_size, linear_cache_features=flag_values.linear_cache_features,
+      dataset=flag_values.dataset, data_dir=flag_values.data_dir, seed=flag_values.seed)
+  model_dir = flag_values.model_dir
+  try:
+    settings.validate()
+    if flag_values.sidecar:
+      if flag_values.checkpoint:
+        raise EvalError("--checkpoint and --sidecar are exclusive (the side-car follows every "
+                        "new checkpoint).")
+      results = run_sidecar(model_dir, settings, timeout=flag_values.sidecar_timeout,
+                            poll_interval=flag_values.sidecar_poll_secs, progress=print)
+      if not results:
+        return _error(f"no checkpoint could be evaluated in {ckpt_lib.checkpoint_dir(model_dir)}"
+                      f" within --sidecar_timeout={flag_values.sidecar_timeout:g} s.")
+      result = results[-1]
+    else:
+      result = evaluate_checkpoint(model_dir, settings, checkpoint_path=flag_values.checkpoint,
+                                   progress=print)
+  except (EvalError, ckpt_lib.CheckpointError, data_lib.DataError, BackboneChangedError) as e:
+    return _error(str(e))
+  name = "kNN" if settings.mode == "knn" else "Linear"
+  print(f"{name} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% on "
+        f"{result['dataset']}/{result['test_split']} (step {result['checkpoint_step']}, "
+        f"{result['seconds']:.1f} s) -> {eval_json_path(model_dir, settings.mode)}", flush=True)
+  return 0
+
+
+def _parse_flags(argv):
+  """absl flag parsing whose errors (e.g. --knn_k=abc) also exit with status 2, no traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"tfmochi.evaluate: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run():
+  """Entry point of `python -m tfmochi.evaluate`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()
