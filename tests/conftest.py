@@ -1,7 +1,7 @@
 """Test-session set-up shared by every test module.
 
 The CPU is split into two logical devices before TensorFlow initialises its runtime, so that
-multi-replica tests can run `tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])` in the same
+multi-replica tests can run `distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])` in the same
 process as single-device tests (which keep using "/cpu:0"). This must happen before any op runs,
 hence a conftest (imported by pytest before the test modules).
 """

@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfmochi import data
+from tfmochi import distribute
 
 SIZE = 16
 
@@ -393,7 +394,7 @@ class PretrainPipelineTest(tf.test.TestCase):
     self.assertLen(ids[0] | ids[1], 8)
 
   def test_mirrored_strategy(self):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     source = _tiny_source(10)
     kwargs = dict(global_batch_size=4, image_size=8, seed=0)
     dist = strategy.distribute_datasets_from_function(

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from tfmochi import checkpoints as ckpt_lib
 from tfmochi import config as config_lib
+from tfmochi import distribute
 from tfmochi import export
 from tfmochi import models
 
@@ -597,7 +598,7 @@ class AtomicityTest(tf.test.TestCase):
 
   def test_trainer_backbone_mirrored_sync_bn_mixed_precision(self):
     # What the trainer hands over: built in a 2-replica scope, synchronized BN, bfloat16 policy.
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
       with strategy.scope():

@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from tfmochi import distribute
 from tfmochi import mixing
 
 
@@ -160,7 +161,7 @@ class SynthesizeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(np.any(~ok1))
 
   def test_works_inside_mirrored_strategy(self):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     q, queue, l_neg = _problem(b=4)
 
     @tf.function

@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from tfmochi import distribute
 from tfmochi import head as head_lib
 from tfmochi import mixing
 from tfmochi import moco as moco_lib
@@ -75,7 +76,7 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
   def test_two_replicas_equal_one_replica(self):
     batches = _batches(4)
     one, losses1 = _run(tf.distribute.get_strategy(), batches, _config())
-    two, losses2 = _run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), batches, _config())
+    two, losses2 = _run(distribute.mirrored_strategy(["/cpu:0", "/cpu:1"]), batches, _config())
     self.assertAllClose(losses1, losses2, atol=1e-5)
     # Replica copies are identical...
     for var in (two.queue.keys, two.queue.ptr, two.queue.ids, *two.key_encoder.weights):

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from tfmochi import distribute
 from tfmochi import models
 
 _EXPECTED_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032}
@@ -310,7 +311,7 @@ class SplitBatchNormTest(tf.test.TestCase):
 class SyncBatchNormTest(tf.test.TestCase):
 
   def test_moving_stats_identical_across_replicas(self):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
       backbone = models.build_backbone("resnet18", small_stem=True, bn_mode="sync")
     self.assertTrue(backbone.get_layer("layer4.1.bn2").synchronized)

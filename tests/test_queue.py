@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from tfmochi import distribute
 from tfmochi import queue as queue_lib
 
 
@@ -55,7 +56,7 @@ class QueueTest(tf.test.TestCase):
     queue_lib.check_queue_size(96, 48)
 
   def test_mirrored_replicas_write_the_global_batch(self):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
       q = queue_lib.NegativeQueue(8, 2)
     keys = strategy.experimental_distribute_values_from_function(

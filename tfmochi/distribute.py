@@ -80,6 +80,29 @@ def _placed(x: tf.Tensor) -> tf.Tensor:
     return tf.identity(x)
 
 
+# Every MirroredStrategy numbers its collective ops from the same key (group 1, instance 100), so
+# a second strategy in one process reuses the keys of the first one's all-gathers and all-reduces,
+# and the runtime aborts with "Collective instance 100 expected type 2 and data_type 3 but got type
+# 0 ..." (a notebook that trains then evaluates, or a test suite). TensorFlow's own test
+# combinations move each new strategy to a fresh key range; so does `mirrored_strategy`.
+_COLLECTIVE_KEY_STRIDE = 100_000
+
+
+def mirrored_strategy(devices: list[str] | None = None) -> tf.distribute.MirroredStrategy:
+  """A `tf.distribute.MirroredStrategy` over `devices` (None: every local GPU, else the CPU)
+  whose collective keys do not collide with those of strategies built earlier in the process.
+
+  Args:
+    devices: device names such as ["/cpu:0", "/cpu:1"] (see `configure_cpu_replicas`).
+
+  Returns:
+    The strategy.
+  """
+  cls = tf.distribute.MirroredStrategy
+  cls._collective_key_base += _COLLECTIVE_KEY_STRIDE  # pylint: disable=protected-access
+  return cls(devices)
+
+
 def make_strategy(name: str = "default", *, tpu: str | None = None,
                   cpu_replicas: int = 1) -> tf.distribute.Strategy:
   """Builds the tf.distribute strategy a run asks for.
@@ -105,9 +128,8 @@ def make_strategy(name: str = "default", *, tpu: str | None = None,
   if name == "mirrored":
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
-      return tf.distribute.MirroredStrategy()
-    devices = configure_cpu_replicas(cpu_replicas)
-    return tf.distribute.MirroredStrategy(devices)
+      return mirrored_strategy()
+    return mirrored_strategy(configure_cpu_replicas(cpu_replicas))
   if name == "multi_worker":
     tf_config = os.environ.get("TF_CONFIG")
     if not tf_config:

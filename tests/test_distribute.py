@@ -1,0 +1,65 @@
+"""Tests of tfmochi.distribute: strategy construction and cross-replica gathers on 2 logical CPUs."""
+
+import numpy as np
+import tensorflow as tf
+
+from tfmochi import distribute
+
+
+def _gather_ids(strategy, dtype):
+  """Every replica all-gathers its replica id (as `dtype`); returns the per-replica results."""
+
+  @tf.function
+  def step():
+    def fn():
+      ctx = tf.distribute.get_replica_context()
+      return distribute.all_gather(tf.cast(ctx.replica_id_in_sync_group, dtype)[None], axis=0)
+    return strategy.run(fn)
+
+  return [t.numpy() for t in strategy.experimental_local_results(step())]
+
+
+class MirroredStrategyTest(tf.test.TestCase):
+
+  def test_strategies_in_one_process_do_not_share_collective_keys(self):
+    # Plain MirroredStrategy objects all start at collective instance 100: the second one's
+    # float gather would hit the first one's int gather ("expected type 2 and data_type 3").
+    first = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    for got in _gather_ids(first, tf.int64):
+      self.assertAllEqual(got, [0, 1])
+    second = distribute.make_strategy("mirrored", cpu_replicas=2)
+    self.assertEqual(second.num_replicas_in_sync, 2)
+    for got in _gather_ids(second, tf.float32):
+      self.assertAllEqual(got, [0.0, 1.0])
+    # The first strategy keeps working after the second one ran.
+    for got in _gather_ids(first, tf.int32):
+      self.assertAllEqual(got, [0, 1])
+
+  def test_all_gather_is_identity_outside_replicas(self):
+    x = tf.constant(np.arange(6).reshape(3, 2))
+    self.assertIs(distribute.all_gather(x), x)
+    self.assertEqual(distribute.replica_context_info()[0], 1)
+
+
+class MakeStrategyTest(tf.test.TestCase):
+
+  def test_default_is_the_default_strategy(self):
+    self.assertIs(distribute.make_strategy("default"), tf.distribute.get_strategy())
+
+  def test_bad_names_and_missing_tf_config(self):
+    with self.assertRaisesRegex(ValueError, "one of default, mirrored, multi_worker, tpu"):
+      distribute.make_strategy("gpu")
+    with self.assertRaisesRegex(ValueError, "TF_CONFIG"):
+      distribute.make_strategy("multi_worker")
+    with self.assertRaisesRegex(ValueError, "cpu_replicas must be >= 1"):
+      distribute.configure_cpu_replicas(0)
+
+  def test_more_cpu_replicas_than_configured_is_refused(self):
+    # conftest split the CPU into 2 before the runtime started; 3 cannot be had any more.
+    self.assertEqual(distribute.configure_cpu_replicas(2), ["/cpu:0", "/cpu:1"])
+    with self.assertRaisesRegex(RuntimeError, "already initialised"):
+      distribute.configure_cpu_replicas(3)
+
+
+if __name__ == "__main__":
+  tf.test.main()
