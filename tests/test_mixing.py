@@ -1,5 +1,6 @@
 """Tests of tfmochi.mixing (MoCHi): per-query top-N, logit space == feature space, gradients,
-XLA agreement, seeding, warm-up, bad input."""
+XLA agreement, seeding, warm-up, bad input, and the exact chunked top-N that `hardest_indices`
+uses on CPUs."""
 
 import numpy as np
 import tensorflow as tf
@@ -203,6 +204,90 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
     self.assertFalse(cfg.enabled)
     self.assertEqual(cfg.num_synthetic, 0)
     self.assertEqual(mixing.MochiConfig(8, 4, 2).num_synthetic, 6)
+
+def _reference_top_n(x, n):
+  """Each row's n largest (ties: lower index first), as sorted index lists (NumPy)."""
+  order = np.lexsort((np.broadcast_to(np.arange(x.shape[1]), x.shape), -x), axis=1)
+  return np.sort(order[:, :n], axis=1)
+
+
+class ChunkedTopNTest(tf.test.TestCase, parameterized.TestCase):
+  """`hardest_indices(method="chunked")` returns exactly `top_k`'s set, on every input."""
+
+  def _cases(self, b, k, n):
+    rng = np.random.default_rng(k + n)
+    x = rng.normal(size=(b, k)).astype(np.float32)
+    few_finite = x.copy()
+    few_finite[:, n // 2:] = -np.inf  # fewer than n finite logits: -inf entries must fill in
+    masked = x.copy()
+    masked[:, ::3] = -np.inf  # masked duplicates / class oracle
+    return {
+        "normal": x,
+        "sorted": np.sort(x, axis=1),  # the top-n all in the last chunks
+        "ties": np.round(x * 4) / 4,  # many exact ties, also at the n-th value
+        "constant": np.zeros_like(x),
+        "masked": masked,
+        "few_finite": few_finite,
+        "repeated_chunks": np.repeat(x[:, :k // 8], 8, axis=1),
+        "tiny_values": x * np.float32(1e-30),
+    }
+
+  @parameterized.parameters((3, 40, 5), (2, 16384, 1024))
+  def test_equals_top_k_on_every_kind_of_row(self, b, k, n):
+    fn = tf.function(lambda x: mixing.hardest_indices(x, n, method="chunked"))
+    for name, x in self._cases(b, k, n).items():
+      got = fn(tf.constant(x)).numpy()
+      self.assertEqual(got.dtype, np.int32)
+      self.assertAllEqual(got, _reference_top_n(x, n), msg=name)
+      self.assertAllEqual(got, mixing.hardest_indices(x, n, method="top_k"), msg=name)
+
+  def test_typical_logits_take_the_fast_path(self):
+    """On query·queue logits every check passes, so the top_k fallback is not what runs."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 16)).astype(np.float32)
+    queue = rng.normal(size=(16384, 16)).astype(np.float32)
+    x = tf.constant(q @ queue.T)
+    n, k = 1024, 16384
+    c = mixing._topn_chunk_size(k, n)
+    slack, cap = 64, n + n // 2 + 64  # as _chunked_top_n chooses them
+    select_chunks, candidates, exact, _ = mixing._chunked_stages(k, n, c, slack, cap)
+    chunk_mask, t1, count1, ok1 = select_chunks(x)
+    cand, mask, count, _, ok3 = candidates(x, mixing._compact_true(chunk_mask, count1, n + slack),
+                                           t1)
+    _, _, ok4 = exact(cand, mixing._compact_true(mask, count, cap), t1, count)
+    self.assertTrue(ok1 and ok3 and ok4)
+    self.assertAllEqual(mixing.hardest_indices(x, n, method="chunked"), _reference_top_n(x, n))
+
+  def test_dynamic_batch(self):
+    x = np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32)
+    fn = tf.function(lambda x: mixing.hardest_indices(x, 5, method="chunked"),
+                     input_signature=[tf.TensorSpec([None, 40], tf.float32)])
+    self.assertAllEqual(fn(x), _reference_top_n(x, 5))
+
+  def test_synthesize_draws_the_same_with_and_without_xla(self):
+    rng = np.random.default_rng(2)
+    q = tf.math.l2_normalize(rng.normal(size=(3, 8)).astype(np.float32), axis=1)
+    queue = tf.math.l2_normalize(rng.normal(size=(40, 8)).astype(np.float32), axis=1)
+    l_neg = tf.matmul(q, queue, transpose_b=True)
+    cfg = mixing.MochiConfig(5, 16, 8)  # K = 8·N: the chunked top-N runs outside XLA
+    runs = [mixing.synthesize(q, queue, l_neg, tf.constant([3, 4]), cfg, jit_compile=j)
+            for j in (None, False, True)]
+    for run in runs:
+      self.assertAllEqual(run.hard_indices, _reference_top_n(l_neg.numpy(), 5))
+      self.assertAllEqual(run.mix_indices, runs[0].mix_indices)
+      self.assertAllClose(run.logits, runs[0].logits, atol=1e-6)
+
+  def test_method_checks(self):
+    x = tf.zeros([2, 16])
+    with self.assertRaisesRegex(ValueError, "method must be"):
+      mixing.hardest_indices(x, 4, method="fast")
+    with self.assertRaisesRegex(ValueError, r"K >= 8·N"):
+      mixing.hardest_indices(x, 4, method="chunked")  # K = 16 < 8·4
+    self.assertAllEqual(mixing.hardest_indices(x, 4), [[0, 1, 2, 3]] * 2)  # auto -> top_k
+    # Inside an XLA-compiled function "auto" keeps to top_k (tf.where has no static shape there).
+    y = np.random.default_rng(3).normal(size=(2, 40)).astype(np.float32)
+    in_xla = tf.function(lambda y: mixing.hardest_indices(y, 5), jit_compile=True)
+    self.assertAllEqual(in_xla(y), _reference_top_n(y, 5))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,28 @@ class QueueTest(tf.test.TestCase):
     self.assertAllEqual(snap, before)
     self.assertNotAllClose(q.keys, before)
 
+  def test_disabled_enqueue_writes_nothing(self):
+    """A skipped step (enabled=False) leaves keys, ids, labels and pointer as they were, on the
+    in-place path of plain variables, eagerly and in a tf.function."""
+    q = queue_lib.NegativeQueue(4, 2, seed=1)
+    q.enqueue(np.eye(2, dtype=np.float32), ids=[5, 6], labels=[7, 8])
+    before = [v.numpy() for v in (q.keys, q.ids, q.labels, q.ptr)]
+    new_keys = tf.constant(-np.eye(2, dtype=np.float32))
+
+    @tf.function
+    def step(on):
+      q.enqueue(new_keys, ids=[1, 2], labels=[3, 4], enabled=on)
+
+    q.enqueue(new_keys, ids=[1, 2], labels=[3, 4], enabled=tf.constant(False))  # eager
+    step(tf.constant(False))
+    for got, want in zip((q.keys, q.ids, q.labels, q.ptr), before):
+      self.assertAllEqual(got, want)
+    step(tf.constant(True))
+    self.assertAllEqual(q.keys[2:], -np.eye(2))
+    self.assertAllEqual(q.ids, [5, 6, 1, 2])
+    self.assertAllEqual(q.labels, [7, 8, 3, 4])
+    self.assertEqual(int(q.ptr), 0)
+
   def test_size_checks(self):
     with self.assertRaisesRegex(ValueError, r"multiple of the global batch size 48.*got 100"):
       queue_lib.check_queue_size(100, 48)

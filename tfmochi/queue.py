@@ -109,9 +109,11 @@ class NegativeQueue(tf.Module):
       raise ValueError(f"queue_size (K) = {self.size} must be a multiple of the global batch "
                        f"size {static_n}.")
     ptr = tf.identity(self.ptr)
-    # Full-tensor assigns (not scatter ops on the variable): valid for NONE-aggregated variables on
-    # every strategy, TPU included.
     rows = (ptr + tf.range(n, dtype=tf.int64))[:, None]  # [R·b, 1], never wraps (K % R·b == 0)
+    if not isinstance(self.keys, tf.distribute.DistributedValues):
+      return self._write_in_place(rows, n, ptr, all_keys, all_ids, all_labels, enabled)
+    # Distributed variables: full-tensor assigns (not scatter ops on the variable), valid for
+    # NONE-aggregated variables on every strategy, TPU included.
     new_keys = tf.tensor_scatter_nd_update(tf.identity(self.keys), rows, all_keys)
     new_ids = tf.tensor_scatter_nd_update(tf.identity(self.ids), rows, all_ids)
     new_labels = tf.tensor_scatter_nd_update(tf.identity(self.labels), rows, all_labels)
@@ -123,4 +125,24 @@ class NegativeQueue(tf.Module):
       n = tf.where(enabled, n, tf.zeros_like(n))
     return tf.group(
         self.keys.assign(new_keys), self.ids.assign(new_ids), self.labels.assign(new_labels),
+        self.ptr.assign(tf.math.floormod(ptr + n, self.size)))
+
+  def _write_in_place(self, rows: tf.Tensor, n: tf.Tensor, ptr: tf.Tensor, keys: tf.Tensor,
+                      ids: tf.Tensor, labels: tf.Tensor, enabled: bool | tf.Tensor) -> tf.Operation:
+    """`enqueue` for plain (single-device) variables: scatters the R·b new rows in place.
+
+    The full-buffer assign of the distributed path copies the whole [K, D] buffer one to two times
+    per step (32 MB for K = 65536, D = 128: 2-3% of a ResNet-50 step on a CPU); this writes R·b rows.
+    A `snapshot()` taken earlier keeps its values: TensorFlow copies a variable's buffer before an
+    in-place update while a tensor read from it is still alive.
+    """
+    if enabled is not True:  # a skipped step writes the rows' current values back
+      keep = tf.convert_to_tensor(enabled, tf.bool)
+      keys = tf.where(keep, keys, tf.gather_nd(self.keys, rows))
+      ids = tf.where(keep, ids, tf.gather_nd(self.ids, rows))
+      labels = tf.where(keep, labels, tf.gather_nd(self.labels, rows))
+      n = tf.where(keep, n, tf.zeros_like(n))
+    return tf.group(
+        self.keys.scatter_nd_update(rows, keys), self.ids.scatter_nd_update(rows, ids),
+        self.labels.scatter_nd_update(rows, labels),
         self.ptr.assign(tf.math.floormod(ptr + n, self.size)))
