@@ -210,6 +210,65 @@ class BackboneTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllClose(got[level], want[level], atol=1e-4 * scale, rtol=1e-4, msg=level)
 
 
+class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
+  """models.Conv2D: keras Conv2D's outputs, with the input gradient computed as a convolution."""
+
+  def _pair(self, kernel, stride, channels=(6, 5)):
+    x = keras.Input((None, None, channels[0]))
+    layers = [cls(channels[1], kernel, strides=stride, padding="same" if stride == 1 else "valid",
+                  use_bias=False) for cls in (models.Conv2D, keras.layers.Conv2D)]
+    for layer in layers:
+      layer(x)
+    layers[0].set_weights(layers[1].get_weights())
+    return layers
+
+  @parameterized.parameters((1, 1), (3, 1), (7, 1), (3, 2))
+  def test_values_and_gradients_equal_keras_conv(self, kernel, stride):
+    fast, plain = self._pair(kernel, stride)
+    self.assertEqual(fast._fast_grad_applies(), stride == 1)
+    x = tf.constant(np.random.default_rng(kernel).normal(size=(3, 9, 7, 6)), tf.float32)
+
+    def loss_and_grads(layer, x):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * tf.sin(y))  # a non-trivial output gradient
+      return (y,) + tuple(tape.gradient(loss, [x, layer.kernel]))
+
+    want = loss_and_grads(plain, x)
+    runs = {"eager": lambda x: loss_and_grads(fast, x),
+            "tf.function": tf.function(lambda x: loss_and_grads(fast, x)),
+            "xla": tf.function(lambda x: loss_and_grads(fast, x), jit_compile=True)}
+    for name, fn in runs.items():
+      for got, ref in zip(fn(x), want):
+        self.assertAllClose(got, ref, atol=1e-4, rtol=1e-4, msg=name)
+
+  def test_bfloat16_policy(self):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+      fast, plain = self._pair(3, 1)
+    finally:
+      keras.config.set_dtype_policy("float32")
+    x = tf.cast(tf.random.stateless_normal([2, 4, 4, 6], [1, 2]), tf.bfloat16)
+    results = []
+    for layer in (fast, plain):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
+      results.append((y,) + tuple(tape.gradient(loss, [x, layer.kernel])))
+    for got, want in zip(*results):
+      self.assertEqual(got.dtype, want.dtype)
+      self.assertAllClose(tf.cast(got, tf.float32), tf.cast(want, tf.float32), atol=0.1, rtol=0.05)
+
+  def test_backbone_uses_it_unless_asked_not_to(self):
+    fast = models.build_backbone("resnet18", small_stem=True)
+    plain = models.build_backbone("resnet18", small_stem=True, fast_grad=False)
+    self.assertIsInstance(fast.get_layer("layer4.1.conv2"), models.Conv2D)
+    self.assertIs(type(plain.get_layer("layer4.1.conv2")), keras.layers.Conv2D)
+    self.assertEqual([w.shape for w in fast.weights], [w.shape for w in plain.weights])
+
+
 class SplitBatchNormTest(tf.test.TestCase):
 
   def tearDown(self):

@@ -156,7 +156,7 @@ def standard_backbone(backbone: keras.Model, *, arch: str | None = None,
   state = models.torchvision_state_dict(backbone)
   with _float32_policy():
     clean = models.build_backbone(found_arch, small_stem=found_small, bn_mode="standard",
-                                  name="backbone")
+                                  name="backbone", fast_grad=False)
   models.load_torchvision_state_dict(clean, state)
   return clean
 
