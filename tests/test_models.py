@@ -213,20 +213,25 @@ class BackboneTest(tf.test.TestCase, parameterized.TestCase):
 class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
   """models.Conv2D: keras Conv2D's outputs, with the input gradient computed as a convolution."""
 
-  def _pair(self, kernel, stride, channels=(6, 5)):
+  def _pair(self, kernel, stride, channels=(6, 5), padding=None):
     x = keras.Input((None, None, channels[0]))
-    layers = [cls(channels[1], kernel, strides=stride, padding="same" if stride == 1 else "valid",
-                  use_bias=False) for cls in (models.Conv2D, keras.layers.Conv2D)]
+    padding = padding or ("same" if stride == 1 else "valid")
+    layers = [cls(channels[1], kernel, strides=stride, padding=padding, use_bias=False)
+              for cls in (models.Conv2D, keras.layers.Conv2D)]
     for layer in layers:
       layer(x)
     layers[0].set_weights(layers[1].get_weights())
     return layers
 
-  @parameterized.parameters((1, 1), (3, 1), (7, 1), (3, 2))
-  def test_values_and_gradients_equal_keras_conv(self, kernel, stride):
-    fast, plain = self._pair(kernel, stride)
-    self.assertEqual(fast._fast_grad_applies(), stride == 1)
-    x = tf.constant(np.random.default_rng(kernel).normal(size=(3, 9, 7, 6)), tf.float32)
+  @parameterized.parameters((1, 1, "same", "same"), (3, 1, "same", "same"),
+                            (7, 1, "same", "same"), (1, 2, "valid", "strided_1x1"),
+                            (1, 3, "valid", "strided_1x1"), (3, 2, "valid", None),
+                            (1, 2, "same", None))
+  def test_values_and_gradients_equal_keras_conv(self, kernel, stride, padding, path):
+    fast, plain = self._pair(kernel, stride, padding=padding)
+    self.assertEqual(fast._fast_grad_path(), path)
+    # Odd and even sizes: a strided conv's last rows/columns may be read or skipped.
+    x = tf.constant(np.random.default_rng(kernel).normal(size=(3, 9, 8, 6)), tf.float32)
 
     def loss_and_grads(layer, x):
       with tf.GradientTape() as tape:

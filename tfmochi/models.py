@@ -229,27 +229,79 @@ def _conv_input_grad_as_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
   return conv(x, kernel)
 
 
-@keras.saving.register_keras_serializable(package="tfmochi")
-class Conv2D(keras.layers.Conv2D):
-  """`keras.layers.Conv2D` whose stride-1 "same" convolutions use `_conv_input_grad_as_conv`.
+def _strided_1x1_input_grad_as_matmul(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
+  """`conv2d(x, kernel, stride, "VALID")` for a 1x1 kernel, with a faster exact input gradient.
 
-  Forward outputs, weights and the kernel gradient are those of `keras.layers.Conv2D`; only the
-  way the input gradient is computed differs (exactly the same values, up to float rounding).
-  Exports rebuild the backbone with plain `keras.layers.Conv2D` (`fast_grad=False`), so exported
-  models need no tfmochi import.
+  ResNet's projection shortcuts (`downsample.0`) are 1x1 stride-2 convolutions; TensorFlow's CPU
+  input gradient for them takes 5-12x the forward on small maps (157 ms vs 13 ms at
+  [32, 6, 6, 1024] -> 2048). A 1x1 stride-s convolution reads only the pixels (s·i, s·j), so its
+  input gradient is dy·Wᵀ at those pixels and zero elsewhere: one matmul and a zero interleave.
+
+  Args:
+    x: [B, H, W, Cin].
+    kernel: [1, 1, Cin, Cout].
+    stride: s >= 2 (both spatial axes).
+
+  Returns:
+    [B, ceil(H/s), ceil(W/s), Cout].
   """
 
-  def _fast_grad_applies(self) -> bool:
-    return (self.rank == 2 and self.padding == "same" and tuple(self.strides) == (1, 1)
-            and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
-            and self.data_format == "channels_last"
-            and all(k % 2 == 1 for k in self.kernel_size))
+  @tf.custom_gradient
+  def conv(x, kernel):
+    y = tf.nn.conv2d(x, kernel, strides=stride, padding="VALID")
+
+    def grad(dy):
+      dsub = tf.nn.conv2d(dy, tf.transpose(kernel, [0, 1, 3, 2]), strides=1, padding="VALID")
+      b, h, w, c = tf.unstack(tf.shape(dsub))
+      dense = tf.pad(tf.reshape(dsub, [b, h, 1, w, 1, c]),
+                     [[0, 0], [0, 0], [0, stride - 1], [0, 0], [0, stride - 1], [0, 0]])
+      shape = tf.shape(x)
+      dx = tf.reshape(dense, [b, h * stride, w * stride, c])[:, :shape[1], :shape[2], :]
+      dkernel = tf.raw_ops.Conv2DBackpropFilter(
+          input=x, filter_sizes=tf.shape(kernel), out_backprop=dy,
+          strides=[1, stride, stride, 1], padding="VALID")
+      return dx, dkernel
+
+    return y, grad
+
+  return conv(x, kernel)
+
+
+@keras.saving.register_keras_serializable(package="tfmochi")
+class Conv2D(keras.layers.Conv2D):
+  """`keras.layers.Conv2D` with faster exact input gradients on CPUs.
+
+  Stride-1 "same" convolutions use `_conv_input_grad_as_conv`, 1x1 strided "valid" ones
+  `_strided_1x1_input_grad_as_matmul`; anything else is `keras.layers.Conv2D` unchanged. Forward
+  outputs, weights and the kernel gradient are those of `keras.layers.Conv2D`; only the way the
+  input gradient is computed differs (the same values up to float rounding). Exports rebuild the
+  backbone with plain `keras.layers.Conv2D` (`fast_grad=False`), so exported models need no
+  tfmochi import.
+  """
+
+  def _fast_grad_path(self) -> str | None:
+    """"same" (stride 1, odd kernel), "strided_1x1", or None (keras' own convolution)."""
+    plain = (self.rank == 2 and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
+             and self.data_format == "channels_last")
+    if not plain:
+      return None
+    if (self.padding == "same" and tuple(self.strides) == (1, 1)
+        and all(k % 2 == 1 for k in self.kernel_size)):
+      return "same"
+    if (self.padding == "valid" and tuple(self.kernel_size) == (1, 1)
+        and self.strides[0] == self.strides[1] > 1):
+      return "strided_1x1"
+    return None
 
   def convolution_op(self, inputs, kernel):
-    if not self._fast_grad_applies():
+    path = self._fast_grad_path()
+    if path is None:
       return super().convolution_op(inputs, kernel)
     x = tf.convert_to_tensor(inputs)
-    return _conv_input_grad_as_conv(x, tf.cast(tf.convert_to_tensor(kernel), x.dtype))
+    kernel = tf.cast(tf.convert_to_tensor(kernel), x.dtype)
+    if path == "same":
+      return _conv_input_grad_as_conv(x, kernel)
+    return _strided_1x1_input_grad_as_matmul(x, kernel, int(self.strides[0]))
 
 
 def _conv(x, filters: int, kernel: int, stride: int, name: str, fast_grad: bool = True):
