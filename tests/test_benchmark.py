@@ -27,7 +27,7 @@ def _check_result(test, result, what, variants):
     for key in ("median_seconds_per_step", "images_per_sec", "peak_rss_mb"):
       test.assertGreater(v[key], 0, f"{name}.{key}")
     test.assertGreaterEqual(v["rss_increase_mb"], 0)
-  if len(variants) == 2:
+  if "moco" in variants and "mochi" in variants:
     test.assertGreater(result["ratio_mochi_over_moco"], 0)
     test.assertIn("rss_increase_mochi_minus_moco_mb", result)
   test.assertEqual(result["machine"]["cpus"], os.cpu_count())
@@ -49,10 +49,12 @@ class BenchmarkTest(tf.test.TestCase):
     # comparison is checked by the head test, MoCHi steps by tests/test_moco.py).
     config = config_lib.TrainConfig(**dict(_TINY, mochi_num_hard=0, mochi_num_mix=0,
                                             mochi_num_query_mix=0))
-    result = benchmark.run("step", config, warmup=1, timed=5, steps_per_call=2)
-    _check_result(self, result, "step", ["moco"])
+    result = benchmark.run("step", config, warmup=1, timed=5, steps_per_call=2,
+                           compare_keras_conv=True)
+    _check_result(self, result, "step", ["moco", "moco_keras_conv"])
     self.assertEqual(result["config"]["steps_per_call"], 2)
-    self.assertEqual(result["tracing_count"], {"moco": 1})
+    self.assertEqual(result["tracing_count"], {"moco": 1, "moco_keras_conv": 1})
+    self.assertGreater(result["ratio_keras_conv_over_fast"], 0)
 
   def test_input_pipeline(self):
     config = config_lib.TrainConfig(**dict(_TINY, image_size=8))

@@ -261,6 +261,10 @@ def _compare(results: dict, images_per_step: int) -> dict:
                                     / moco["median_seconds_per_step"])
     out["rss_increase_mochi_minus_moco_mb"] = mochi["rss_increase_mb"] - moco["rss_increase_mb"]
     out["tf_increase_mochi_minus_moco_mb"] = mochi["tf_increase_mb"] - moco["tf_increase_mb"]
+  for name in results:
+    if name.endswith("_keras_conv") and name[:-len("_keras_conv")] in results:
+      fast = out["variants"][name[:-len("_keras_conv")]]["median_seconds_per_step"]
+      out["ratio_keras_conv_over_fast"] = out["variants"][name]["median_seconds_per_step"] / fast
   return out
 
 
@@ -362,12 +366,13 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
 
 
 def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
-                       steps_per_call: int = 1) -> Callable[[], object]:
+                       steps_per_call: int = 1, fast_grad: bool = True) -> Callable[[], object]:
   """Builds a MoCo model, its optimizer and a compiled loop of `steps_per_call` training steps.
 
   As the trainer: the model and an SGD optimizer (momentum 0.9, built on the query encoder's
   variables) are created in the strategy's scope before tracing, and a `tf.function` runs
-  `moco.train_step` through `strategy.run` inside a `tf.range` loop.
+  `moco.train_step` through `strategy.run` inside a `tf.range` loop. `fast_grad=False` builds the
+  encoders with plain `keras.layers.Conv2D` (see `models.Conv2D`).
 
   Returns:
     A zero-argument callable running `steps_per_call` steps and returning the last loss.
@@ -382,7 +387,7 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
     return models.build_encoder(
         config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
         small_stem=config.small_stem, bn_mode=checkpoints.encoder_bn_mode(config.bn_mode),
-        bn_splits=config.bn_splits, name=name)
+        bn_splits=config.bn_splits, name=name, fast_grad=fast_grad)
 
   # MoCHi synthesises from the first step (its warm-up would only mask the same computation).
   moco_config = config.moco_config(steps_per_epoch=1000, total_steps=1_000_000)
@@ -420,7 +425,8 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
 
 
 def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
-               steps_per_call: int = 1, compare_moco: bool = True) -> dict:
+               steps_per_call: int = 1, compare_moco: bool = True,
+               compare_keras_conv: bool = False) -> dict:
   """Times full training steps: the flags' configuration, and plain MoCo next to a MoCHi one.
 
   Args:
@@ -429,6 +435,8 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
     timed: timed calls per variant (each `steps_per_call` steps).
     steps_per_call: training steps per `tf.function` call.
     compare_moco: with MoCHi on, also time the same step without MoCHi ("moco").
+    compare_keras_conv: also time the first variant with plain `keras.layers.Conv2D` convolutions
+      ("<name>_keras_conv"), i.e. without tfmochi's fast input gradients.
 
   Returns:
     The JSON-able result.
@@ -441,12 +449,17 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   batch = synthetic_batch(config.batch_size, config.image_size, config.seed)
   mochi_on = config.head_config().mochi.enabled
   variants = {}
+  moco_config = dataclasses.replace(config, mochi_num_hard=0, mochi_num_mix=0,
+                                    mochi_num_query_mix=0)
   if not mochi_on or compare_moco:
-    moco_config = dataclasses.replace(config, mochi_num_hard=0, mochi_num_mix=0,
-                                      mochi_num_query_mix=0)
     variants["moco"] = make_train_step_fn(moco_config, strategy, batch, steps_per_call)
   if mochi_on:
     variants["mochi"] = make_train_step_fn(config, strategy, batch, steps_per_call)
+  if compare_keras_conv:
+    first = next(iter(variants))
+    variants[f"{first}_keras_conv"] = make_train_step_fn(
+        moco_config if first == "moco" else config, strategy, batch, steps_per_call,
+        fast_grad=False)
   results = run_interleaved(variants, warmup=warmup, timed=timed, steps_per_call=steps_per_call)
   out = {"what": "step", **_compare(results, config.batch_size)}
   # A step function traced more than once would be re-traced (slowly) during training too.
@@ -528,6 +541,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        lower_bound=5, flag_values=flag_values)
   flags.DEFINE_bool("compare_moco", True, "--what=step with MoCHi on: also time the same step "
                     "without MoCHi, interleaved, and report the ratio.", flag_values=flag_values)
+  flags.DEFINE_bool("compare_keras_conv", False, "--what=step: also time the first variant with "
+                    "plain keras Conv2D layers (without tfmochi's fast input gradients).",
+                    flag_values=flag_values)
   flags.DEFINE_integer("steps_per_call", 1, "Steps (or input batches) per timed call.",
                        lower_bound=1, flag_values=flag_values)
   flags.DEFINE_enum("input_source", "synthetic", ("synthetic", "dataset"),
@@ -546,7 +562,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
-        steps_per_call: int = 1, compare_moco: bool = True, source=None) -> dict:
+        steps_per_call: int = 1, compare_moco: bool = True, compare_keras_conv: bool = False,
+        source=None) -> dict:
   """Runs one benchmark and returns its JSON-able result (with the machine description)."""
   if timed < 5:
     raise ValueError(f"timed must be >= 5 (a median of fewer steps is noise), got {timed}.")
@@ -554,7 +571,7 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
     out = bench_head(config, warmup=warmup, timed=timed)
   elif what == "step":
     out = bench_step(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call,
-                     compare_moco=compare_moco)
+                     compare_moco=compare_moco, compare_keras_conv=compare_keras_conv)
   elif what == "input":
     out = bench_input(config, warmup=warmup, timed=timed, source=source,
                       steps_per_call=steps_per_call)
@@ -590,7 +607,8 @@ def main(argv):
       source = synthetic_source(flag_values.source_images, flag_values.source_size, config.seed)
   result = run(flag_values.what, config, warmup=flag_values.warmup_steps,
                timed=flag_values.timed_steps, steps_per_call=flag_values.steps_per_call,
-               compare_moco=flag_values.compare_moco, source=source)
+               compare_moco=flag_values.compare_moco,
+               compare_keras_conv=flag_values.compare_keras_conv, source=source)
   line = json.dumps(result, sort_keys=True)
   print(line, flush=True)
   if flag_values.output:

@@ -473,10 +473,10 @@ class Encoder(keras.Model):
 
 def build_encoder(arch: str, *, embedding_dim: int = 128, mlp: bool = True,
                   small_stem: bool = False, bn_mode: str = "standard", bn_splits: int = 8,
-                  name: str = "encoder") -> Encoder:
+                  name: str = "encoder", fast_grad: bool = True) -> Encoder:
   """Builds an `Encoder` (see `build_backbone`, `build_head`) with all variables created."""
   backbone = build_backbone(arch, small_stem=small_stem, bn_mode=bn_mode, bn_splits=bn_splits,
-                            name=f"{name}_backbone")
+                            name=f"{name}_backbone", fast_grad=fast_grad)
   head = build_head(feature_dim(arch), embedding_dim, mlp, name=f"{name}_head")
   encoder = Encoder(backbone, head, name=name)
   # One cheap inference call so that the model is built and `weights` is complete right away
