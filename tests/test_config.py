@@ -25,6 +25,8 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
     cfg = config_lib.TrainConfig().validate()
     self.assertEqual(cfg.dataset, "quickstart")
     self.assertEqual(_parse([]), cfg)
+    # configs/quickstart.flags says its values are the defaults: keep the two identical.
+    self.assertEqual(_parse([f"--flagfile={ROOT}/configs/quickstart.flags"]), cfg)
 
   def test_every_issue_flag_exists_with_help(self):
     fv = flags.FlagValues()

@@ -73,7 +73,7 @@ class TrainConfig:
   mochi_beta_max: float = 0.5
   mochi_warmup_epochs: float = 2.0
   # optimisation
-  epochs: float = 15.0
+  epochs: float = 9.0
   train_steps: int | None = None
   learning_rate: float = 0.3
   weight_decay: float = 5e-4
