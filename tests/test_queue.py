@@ -85,19 +85,24 @@ class QueueTest(tf.test.TestCase):
         lambda ctx: tf.constant([[1.0, 0], [0, 1]]) * (ctx.replica_id_in_sync_group + 1.0))
     ids = strategy.experimental_distribute_values_from_function(
         lambda ctx: tf.constant([0, 1], tf.int64) + 2 * ctx.replica_id_in_sync_group)
+    # Labels as the label modes see them: replica 1's second image is unlabelled (-1).
+    labels = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant([[7, 8], [9, -1]], tf.int64)[ctx.replica_id_in_sync_group])
 
     @tf.function
-    def step(k, i):
-      strategy.run(q.enqueue, args=(k, i))
+    def step(k, i, lab):
+      strategy.run(q.enqueue, args=(k, i, lab))
 
-    step(keys, ids)
-    step(keys, ids)
+    step(keys, ids, labels)
+    step(keys, ids, labels)
     copies = [v.numpy() for v in q.keys.values]
     self.assertLen(copies, 2)
     self.assertAllEqual(copies[0], copies[1])
     expected = np.array([[1, 0], [0, 1], [2, 0], [0, 2]], np.float32)
     self.assertAllEqual(copies[0], np.concatenate([expected, expected]))
-    self.assertAllEqual(q.ids.values[1], [0, 1, 2, 3, 0, 1, 2, 3])
+    for replica in range(2):  # id and label buffers are identical on both replicas
+      self.assertAllEqual(q.ids.values[replica], [0, 1, 2, 3, 0, 1, 2, 3])
+      self.assertAllEqual(q.labels.values[replica], [7, 8, 9, -1, 7, 8, 9, -1])
     self.assertEqual([int(v) for v in q.ptr.values], [0, 0])
 
 
