@@ -628,6 +628,14 @@ class AtomicityTest(tf.test.TestCase):
     with self.assertRaisesRegex(ckpt_lib.CheckpointError, "does not exist"):
       export.export_run(os.path.join(self.get_temp_dir(), "missing"))
 
+  def test_smoke_arch_run_is_refused_before_any_restore(self):
+    model_dir = self.create_tempdir().full_path
+    ckpt_lib.write_json_atomic(
+        os.path.join(model_dir, ckpt_lib.CONFIG_FILE),
+        dataclasses.asdict(config_lib.TrainConfig(arch="resnet10_tiny", model_dir=model_dir)))
+    with self.assertRaisesRegex(export.ExportError, "resnet10_tiny.*cannot be exported"):
+      export.export_run(model_dir)
+
   def test_backbone_of_another_architecture(self):
     with self.assertRaisesRegex(ValueError, "not the resnet34"):
       export.standard_backbone(_backbone(), arch="resnet34")

@@ -159,6 +159,20 @@ class BackboneTest(tf.test.TestCase, parameterized.TestCase):
   def test_param_count_matches_torchvision(self, arch):
     self.assertEqual(_num_params(_cached_backbone(arch)), _EXPECTED_PARAMS[arch])
 
+  def test_smoke_arch_is_a_narrow_resnet10_with_the_same_layout(self):
+    # resnet10_tiny (tests and smoke runs): one basic block per stage, widths 16-128, the same
+    # layer names as resnet18, so every trainer / evaluation code path runs on it.
+    backbone = models.build_backbone("resnet10_tiny", small_stem=True)
+    out = backbone(np.zeros((2, 8, 8, 3), np.float32))
+    self.assertEqual({k: tuple(v.shape) for k, v in out.items()},
+                     {"C2": (2, 8, 8, 16), "C3": (2, 4, 4, 32), "C4": (2, 2, 2, 64),
+                      "C5": (2, 1, 1, 128), "pooled": (2, 128)})
+    self.assertEqual(models.feature_dim("resnet10_tiny"), 128)
+    self.assertNotIn("resnet10_tiny", models.ARCHS)  # not a torchvision arch: not exportable
+    names = {layer.name for layer in backbone.layers}
+    self.assertLessEqual(names, {layer.name for layer in _cached_backbone("resnet18", True).layers})
+    self.assertLess(_num_params(backbone), _EXPECTED_PARAMS["resnet18"] // 30)
+
   def test_feature_dim_and_unknown_arch(self):
     self.assertEqual([models.feature_dim(a) for a in models.ARCHS], [512, 512, 2048])
     with self.assertRaisesRegex(ValueError, "resnet18.*resnet34.*resnet50"):

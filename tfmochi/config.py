@@ -23,7 +23,8 @@ from tfmochi import moco as moco_lib
 from tfmochi import momentum as momentum_lib
 from tfmochi import queue as queue_lib
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+# resnet10_tiny: tests and smoke runs only (models.SMOKE_ARCHS; cannot be exported).
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet10_tiny")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "bfloat16", "float16")
 AUGMENTATIONS = ("mocov2", "mocov1", "small")
@@ -219,7 +220,8 @@ _HELP = {
     "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter), mocov1, or small (MoCo v2 "
                     "without blur, for images of 16-64 px as in the MoCo CIFAR demo).",
     "crop_min_scale": "Smallest area fraction of the random resized crop (MoCo: 0.2).",
-    "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout).",
+    "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout), or resnet10_tiny "
+            "(tests and smoke runs; --export_format=none).",
     "small_stem": "CIFAR-style stem (3x3 conv, no max-pool) for small images.",
     "embedding_dim": "D, the projection (and queue) dimension.",
     "mlp_head": "MoCo v2 MLP projection head (else MoCo v1's linear head).",

@@ -621,12 +621,18 @@ def export_run(model_dir: str, export_dir: str | None = None, fmt: str = "saved_
     (export_dir, export info).
 
   Raises:
-    ExportError: unknown format, or export_dir exists and overwrite is False.
+    ExportError: unknown format, export_dir exists and overwrite is False, or the run used a
+      test-only architecture (models.SMOKE_ARCHS).
     checkpoints.CheckpointError: no run, no checkpoint, or one of another architecture.
   """
   _check_format(fmt)
   export_dir = export_dir or default_export_dir(model_dir, fmt)
   _refuse_existing(export_dir, overwrite)  # before the (slow) restore
+  arch = ckpt_lib.load_run_config(model_dir).arch
+  if arch in models.SMOKE_ARCHS:
+    raise ExportError(f"{model_dir} was trained with --arch={arch}, an architecture for tests and "
+                      "smoke runs with no torchvision counterpart: it cannot be exported "
+                      "(tfmochi.evaluate and tfmochi.analyze work on it).")
   encoder, config, step = ckpt_lib.restore_encoder(model_dir, checkpoint_path)
   info = export_backbone(encoder.backbone, export_dir, fmt, image_size=config.image_size,
                          overwrite=overwrite, arch=config.arch, small_stem=config.small_stem,

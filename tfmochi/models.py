@@ -39,17 +39,25 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# The torchvision-layout ResNets: every weight maps to torchvision, detectron2 and keras-hub, and
+# tfmochi.export accepts them.
 ARCHS = ("resnet18", "resnet34", "resnet50")
+# For tests and smoke runs only (soak tests, multi-process fault tests on a 2-core CI machine):
+# the same layer names and code paths at 1/36 of ResNet-18's parameters (one basic block per
+# stage, widths 16-128). No pretrained or torchvision counterpart exists, so tfmochi.export
+# rejects it (and the trainer refuses --export_format other than none with it).
+SMOKE_ARCHS = ("resnet10_tiny",)
 BN_MODES = ("standard", "sync", "split")
 
-# (block type, blocks per stage). Stage widths are 64, 128, 256, 512 for all three archs;
-# bottleneck blocks expand the width by 4 at their output.
-_SPECS = {
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
-}
 _WIDTHS = (64, 128, 256, 512)
+# (block type, blocks per stage, stage widths); bottleneck blocks expand the width by 4 at their
+# output.
+_SPECS = {
+    "resnet18": ("basic", (2, 2, 2, 2), _WIDTHS),
+    "resnet34": ("basic", (3, 4, 6, 3), _WIDTHS),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), _WIDTHS),
+    "resnet10_tiny": ("basic", (1, 1, 1, 1), (16, 32, 64, 128)),
+}
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
 BN_EPSILON = 1e-5
@@ -59,14 +67,16 @@ BN_MOMENTUM = 0.9
 
 def _check_arch(arch: str) -> str:
   if arch not in _SPECS:
-    raise ValueError(f"Unknown arch {arch!r}; choose one of {list(ARCHS)}.")
+    raise ValueError(f"Unknown arch {arch!r}; choose one of {list(ARCHS)} (or "
+                     f"{list(SMOKE_ARCHS)} for tests).")
   return arch
 
 
 def feature_dim(arch: str) -> int:
-  """Width F of the pooled backbone features: 512 (resnet18/34) or 2048 (resnet50)."""
-  block, _ = _SPECS[_check_arch(arch)]
-  return _WIDTHS[-1] * _EXPANSION[block]
+  """Width F of the pooled backbone features: 512 (resnet18/34), 2048 (resnet50), 128
+  (resnet10_tiny)."""
+  block, _, widths = _SPECS[_check_arch(arch)]
+  return widths[-1] * _EXPANSION[block]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,7 +367,7 @@ def build_backbone(arch: str, *, small_stem: bool = False, bn_mode: str = "stand
   """Builds a ResNet backbone (no fc) in the torchvision layout.
 
   Args:
-    arch: one of ARCHS.
+    arch: one of ARCHS (or SMOKE_ARCHS, for tests).
     small_stem: CIFAR-style stem as in the MoCo CIFAR demo: `conv1` is 3x3 stride 1 and there
       is no max-pool, so C2..C5 have strides 1, 2, 4, 8 instead of 4, 8, 16, 32.
     bn_mode: one of BN_MODES (see `make_batch_norm`).
@@ -370,11 +380,12 @@ def build_backbone(arch: str, *, small_stem: bool = False, bn_mode: str = "stand
     A functional model mapping normalised images `[B, H, W, 3]` (float, H and W may differ
     between calls) to a dict with `C2` `[B, H/4, W/4, c2]`, `C3` `[B, H/8, W/8, c3]`,
     `C4` `[B, H/16, W/16, c4]`, `C5` `[B, H/32, W/32, c5]` (sizes rounded up; c = 64, 128,
-    256, 512 for resnet18/34 and 256, 512, 1024, 2048 for resnet50) and `pooled` `[B, F]`,
+    256, 512 for resnet18/34, 256, 512, 1024, 2048 for resnet50 and 16, 32, 64, 128 for
+    resnet10_tiny) and `pooled` `[B, F]`,
     the global average of C5 (F = `feature_dim(arch)`). Outputs are in the compute dtype of
     the global dtype policy.
   """
-  block, depths = _SPECS[_check_arch(arch)]
+  block, depths, widths = _SPECS[_check_arch(arch)]
   if bn_mode not in BN_MODES:
     raise ValueError(f"Unknown bn_mode {bn_mode!r}; choose one of {list(BN_MODES)}.")
 
@@ -386,16 +397,16 @@ def build_backbone(arch: str, *, small_stem: bool = False, bn_mode: str = "stand
 
   images = keras.Input(shape=(None, None, 3), name="images")
   if small_stem:
-    x = conv(images, 64, 3, 1, "conv1")
+    x = conv(images, widths[0], 3, 1, "conv1")
   else:
-    x = conv(images, 64, 7, 2, "conv1")
+    x = conv(images, widths[0], 7, 2, "conv1")
   x = bn("bn1")(x)
   x = keras.layers.ReLU(name="relu")(x)
   if not small_stem:
     x = keras.layers.ZeroPadding2D(1, name="maxpool_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name="maxpool")(x)
   outputs = {}
-  for stage, (width, depth) in enumerate(zip(_WIDTHS, depths)):
+  for stage, (width, depth) in enumerate(zip(widths, depths)):
     for b in range(depth):
       stride = 2 if (stage > 0 and b == 0) else 1
       x = _block(x, block, width, stride, f"layer{stage + 1}.{b}", bn, conv)
