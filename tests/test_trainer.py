@@ -1,5 +1,7 @@
 """End-to-end tests of tfmochi.trainer: tiny runs on one device, 2 mirrored replicas, resume,
-the imagenet2012 path under tfds mock data, label modes, non-finite handling."""
+the imagenet2012 path under tfds mock data, label modes, non-finite handling; 2-worker
+MultiWorkerMirroredStrategy runs (preemption, a killed worker); reliability (SIGKILL, SIGTERM,
+corrupt checkpoint, a 2,000-step memory soak)."""
 
 import json
 import os
@@ -12,9 +14,12 @@ from tfmochi import checkpoints
 from tfmochi import config as config_lib
 from tfmochi import trainer
 
-TINY = dict(dataset="quickstart", image_size=16, batch_size=16, queue_size=64, bn_splits=2,
-            embedding_dim=16, train_steps=6, steps_per_loop=3, checkpoint_every_steps=3,
-            export_format="none", verbose=False, learning_rate=0.03, knn_eval=False)
+# resnet10_tiny: the trainer's logic does not depend on the backbone, and the narrow ResNet keeps
+# these runs (and the suite) short; test_tiny_run_writes_everything keeps the default resnet18.
+TINY = dict(dataset="quickstart", arch="resnet10_tiny", image_size=16, batch_size=16,
+            queue_size=64, bn_splits=2, embedding_dim=16, train_steps=6, steps_per_loop=3,
+            checkpoint_every_steps=3, export_format="none", verbose=False, learning_rate=0.03,
+            knn_eval=False)
 
 
 def tiny(model_dir, **kw):
@@ -27,7 +32,7 @@ class TrainerTest(tf.test.TestCase):
 
   def test_tiny_run_writes_everything(self):
     model_dir = self.create_tempdir().full_path
-    summary = trainer.train(tiny(model_dir, mochi_num_hard=8, mochi_num_mix=4,
+    summary = trainer.train(tiny(model_dir, arch="resnet18", mochi_num_hard=8, mochi_num_mix=4,
                                  mochi_num_query_mix=2, mochi_warmup_epochs=0.05, knn_eval=True))
     for key in ("global_step", "final_loss", "knn_top1", "images_per_sec", "wall_seconds",
                 "knn_top1_random_init"):
@@ -114,6 +119,33 @@ class TrainerTest(tf.test.TestCase):
     self.assertTrue(np.all(np.isfinite(t.moco.queue.keys.numpy())))
     self.assertEqual(int(t.moco.queue.ptr.numpy()), 2 * 16)  # 3 steps, one skipped
 
+  def test_cluster_error_reason_drops_the_python_stack(self):
+    heartbeat = ("Graph execution error:\n\nDetected at node while/CollectiveReduceV2 defined at "
+                 "(most recent call last):\n  File \"<frozen runpy>\", line 198, in _run\n\n"
+                 "Collective ops is aborted by: Error reported from /job:worker/task:1: The "
+                 "following tasks are unhealthy (stopped sending heartbeats):\n"
+                 "/job:worker/replica:0/task:1\nThe tasks have crashed.\n"
+                 "\t [[{{node while/CollectiveReduceV2}}]] [Op:__inference_loop_1]")
+    self.assertEqual(
+        trainer._cluster_error_reason(tf.errors.UnavailableError(None, None, heartbeat)),
+        "Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped "
+        "sending heartbeats): /job:worker/replica:0/task:1")
+    reset = "Graph execution error:\n\nrecvmsg:Connection reset by peer\n\t [[{{node x}}]]"
+    self.assertEqual(trainer._cluster_error_reason(tf.errors.UnavailableError(None, None, reset)),
+                     "recvmsg:Connection reset by peer")
+
+  def test_memory_is_logged_and_smoke_arch_needs_no_export(self):
+    self.assertGreater(trainer.resident_memory_mb(), 10.0)  # Linux: VmRSS of this process
+    with self.assertRaisesRegex(config_lib.ConfigError, "resnet10_tiny.*--export_format=none"):
+      trainer.Trainer(tiny(self.create_tempdir().full_path, arch="resnet10_tiny",
+                           export_format="saved_model"))
+    model_dir = self.create_tempdir().full_path
+    t = trainer.Trainer(tiny(model_dir, train_steps=3))
+    self.assertIsNone(t._make_preemption_handler())  # one device: the SIGTERM flag alone
+    self.assertEqual(t.run()["global_step"], 3)
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+      self.assertGreater(json.loads(f.readline())["rss_mb"], 10.0)
+
   def test_mask_labels_is_a_fixed_seeded_subset(self):
     ids = tf.range(2000, dtype=tf.int64)
     labels = ids % 10
@@ -127,60 +159,175 @@ class TrainerTest(tf.test.TestCase):
     self.assertAllEqual(a[kept], labels.numpy()[kept])
 
 
-class MultiWorkerTest(tf.test.TestCase):
-  """MultiWorkerMirroredStrategy with 2 worker processes on localhost (TF_CONFIG)."""
+def _free_ports(n):
+  import socket
+  ports = []
+  for _ in range(n):
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      ports.append(s.getsockname()[1])
+  return ports
 
-  def test_two_workers_finish_with_identical_weights_and_queue(self):
-    import socket
+
+# A 2-worker run small enough to start, train and restart three times within the suite's time
+# budget. MoCHi is off: its XLA compilation adds ~20 s to each worker's start on this 2-core
+# machine, and it has no multi-worker code of its own (each replica mixes its own queries; the
+# all-gathers it relies on are shuffle BN's and the queue's, exercised here).
+_MW_TINY = ["--arch=resnet10_tiny", "--image_size=8", "--batch_size=16", "--queue_size=64",
+            "--bn_mode=shuffle", "--embedding_dim=16", "--mochi_num_hard=0", "--mochi_num_mix=0",
+            "--mochi_num_query_mix=0", "--steps_per_loop=5", "--export_format=none",
+            "--noknn_eval"]
+
+
+def _same_variables(test, chief, other):
+  """Weights and queue of two checkpoints agree; BN moving statistics are per replica under
+  shuffle BN (each worker normalises its own slice), so they are not compared."""
+  names = [n for n, _ in tf.train.list_variables(chief)
+           if ("query_encoder" in n or "key_encoder" in n or "queue" in n)
+           and "moving_" not in n]
+  test.assertGreater(len(names), 20)
+  for name in names:
+    test.assertAllEqual(tf.train.load_variable(chief, name), tf.train.load_variable(other, name),
+                        msg=name)
+
+
+class MultiWorkerTest(tf.test.TestCase):
+  """MultiWorkerMirroredStrategy with 2 worker processes on localhost (TF_CONFIG): a full run,
+  a preemption notice (SIGTERM) to one worker, and a worker killed without notice (SIGKILL)."""
+
+  def _start(self, model_dir, args, ports, tag):
+    """Starts worker 0 and 1 of `python -m tfmochi.train --strategy=multi_worker ...`.
+
+    Output goes to files (an unread pipe would fill up and block a worker). Returns
+    [(process, stdout path, stderr path)] by worker index.
+    """
     import subprocess
     import sys
-
-    ports = []
-    for _ in range(2):
-      with socket.socket() as s:
-        s.bind(("localhost", 0))
-        ports.append(s.getsockname()[1])
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    model_dir = self.create_tempdir().full_path
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [sys.executable, "-m", "tfmochi.train", "--strategy=multi_worker",
-            f"--model_dir={model_dir}", "--dataset=quickstart", "--image_size=16",
-            "--batch_size=16", "--queue_size=64", "--bn_mode=shuffle", "--embedding_dim=16",
-            "--train_steps=4", "--steps_per_loop=2", "--checkpoint_every_steps=2",
-            "--export_format=none", "--noknn_eval", "--noverbose"]
-    procs = []
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    logs = self.create_tempdir().full_path
+    workers = []
     for index in range(2):
-      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-          {"cluster": cluster, "task": {"type": "worker", "index": index}}))
-      procs.append(subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True))
-    try:
-      outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-      for p in procs:
-        p.kill()
-    for p, (_, err) in zip(procs, outs):
-      self.assertEqual(p.returncode, 0, err[-3000:])
+      # GCE_METADATA_IP: the preemption handler asks the Google Cloud metadata server whether it
+      # runs on GCP; point it at a closed local port so that no request leaves the machine.
+      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", GCE_METADATA_IP="127.0.0.1:9",
+                 TF_CONFIG=json.dumps({"cluster": cluster,
+                                       "task": {"type": "worker", "index": index}}))
+      out_path = os.path.join(logs, f"{tag}_{index}.out")
+      err_path = os.path.join(logs, f"{tag}_{index}.err")
+      with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tfmochi.train", "--strategy=multi_worker",
+             f"--model_dir={model_dir}", "--dataset=quickstart", *args],
+            cwd=root, env=env, stdout=out, stderr=err, text=True)
+      self.addCleanup(proc.kill)
+      workers.append((proc, out_path, err_path))
+    return workers
+
+  def _finish(self, workers, timeout=300):
+    """Waits for the workers; returns [(returncode, stdout, stderr)]. A hang fails the test."""
+    import subprocess
+    results = []
+    for proc, out_path, err_path in workers:
+      try:
+        proc.wait(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        self.fail(f"a worker hung for {timeout}s: {open(err_path).read()[-2000:]}")
+      results.append((proc.returncode, open(out_path).read(), open(err_path).read()))
+    return results
+
+  def _wait_until(self, condition, workers, timeout=240):
+    import time
+    deadline = time.time() + timeout
+    while not condition():
+      for proc, _, err_path in workers:
+        self.assertIsNone(proc.poll(), f"a worker ended early: {open(err_path).read()[-2000:]}")
+      self.assertLess(time.time(), deadline, f"not reached in {timeout}s")
+      time.sleep(0.2)
+
+  def test_preemption_a_killed_worker_and_resumes(self):
+    """One job, three generations of the same 2-worker command (the order a real job sees):
+
+    1. SIGTERM to worker 1 mid-run: both workers checkpoint at the same step N, exit 0.
+    2. The same command resumes at N; worker 0 (the chief, which also hosts the coordination
+       service) is then killed without notice: worker 1 stops within seconds with one message
+       and exit status 2, no hang, no traceback.
+    3. The same command resumes at N again and finishes with identical weights on both workers.
+    """
+    import re
+    import signal
+    model_dir = self.create_tempdir().full_path
+    steps = 100
+    # No periodic checkpoint before the end: the only one on disk is the preemption's.
+    args = [*_MW_TINY, f"--train_steps={steps}", "--checkpoint_every_steps=1000"]
+    ports = _free_ports(2)
+    metrics = os.path.join(model_dir, "metrics.jsonl")
+
+    def logged_steps():
+      if not os.path.exists(metrics):
+        return []
+      with open(metrics) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+    # 1. Preemption notice to one worker.
+    workers = self._start(model_dir, args, ports, "first")
+    self._wait_until(logged_steps, workers)
+    workers[1][0].send_signal(signal.SIGTERM)  # the non-chief: the chief must follow it
+    saved = []
+    for code, out, err in self._finish(workers):
+      self.assertEqual(code, 0, err[-3000:])
+      found = re.findall(r"checkpointed at step (\d+) and stopped\. Run the same command", out)
+      self.assertLen(found, 1, out[-2000:])
+      saved.append(int(found[0]))
+    self.assertIn("Received SIGTERM", open(workers[1][1]).read())
+    self.assertIn("Another worker of the cluster was preempted", open(workers[0][1]).read())
+    step = saved[0]
+    self.assertEqual(saved, [step, step])
+    self.assertLess(step, steps - 10)
+    chief = checkpoints.list_checkpoints(model_dir)
+    self.assertEqual([checkpoints.checkpoint_step(p) for p in chief], [step])
+    other = tf.train.latest_checkpoint(os.path.join(model_dir, "worker_tmp_1"))
+    self.assertEqual(checkpoints.checkpoint_step(other), step)
+    _same_variables(self, chief[0], other)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "summary.json")))
+    # Every 5-step block up to N was trained once: the chief logs each block.
+    self.assertEqual(logged_steps(), list(range(5, step + 1, 5)))
+
+    # 2. Resume, then kill the chief without notice.
+    workers = self._start(model_dir, args, ports, "second")
+    self._wait_until(lambda: len(logged_steps()) > step // 5, workers)
+    self.assertEqual(logged_steps()[step // 5], step + 5)  # resumed at N, not at 0
+    workers[0][0].send_signal(signal.SIGKILL)
+    code, _, err = self._finish(workers[1:], timeout=120)[0]
+    self.assertEqual(code, 2, err[-3000:])
+    self.assertIn("Worker 1 lost contact with the rest of the cluster", err)
+    self.assertIn("Restart every worker with the same command", err)
+    self.assertNotIn("Traceback", err)
+    self.assertEqual(checkpoints.checkpoint_step(checkpoints.list_checkpoints(model_dir)[0]),
+                     step)
+
+    # 3. Restart both: resume at N and finish.
+    before = len(logged_steps())
+    workers = self._start(model_dir, args, ports, "third")
+    for code, out, err in self._finish(workers):
+      self.assertEqual(code, 0, err[-3000:])
+      self.assertIn(f"(step {step}/{steps})", out)  # "Resumed from .../ckpt-N (step N/T)."
+    self.assertEqual(logged_steps()[before:], list(range(step + 5, steps + 1, 5)))
+    self.assertEqual(json.load(open(os.path.join(model_dir, "summary.json")))["global_step"],
+                     steps)
     chief = checkpoints.list_checkpoints(model_dir)[0]
     other = tf.train.latest_checkpoint(os.path.join(model_dir, "worker_tmp_1"))
-    self.assertEqual(checkpoints.checkpoint_step(chief), 4)
-    # Weights and queue must agree; BN moving statistics are per replica under shuffle BN (each
-    # worker normalises its own slice), so they are not compared.
-    names = [n for n, _ in tf.train.list_variables(chief)
-             if ("query_encoder" in n or "key_encoder" in n or "queue" in n)
-             and "moving_" not in n]
-    self.assertGreater(len(names), 50)
-    for name in names:
-      self.assertAllEqual(tf.train.load_variable(chief, name), tf.train.load_variable(other, name),
-                          msg=name)
-    self.assertTrue(os.path.exists(os.path.join(model_dir, "summary.json")))
+    self.assertEqual(checkpoints.checkpoint_step(chief), steps)
+    self.assertEqual(checkpoints.checkpoint_step(other), steps)
+    _same_variables(self, chief, other)
 
 
 def _cli(model_dir, *extra):
   import sys
   return [sys.executable, "-m", "tfmochi.train", f"--model_dir={model_dir}",
-          "--dataset=quickstart", "--image_size=16", "--batch_size=16", "--queue_size=64",
-          "--bn_splits=2", "--embedding_dim=16", "--steps_per_loop=1",
+          "--dataset=quickstart", "--arch=resnet10_tiny", "--image_size=16", "--batch_size=16",
+          "--queue_size=64", "--bn_splits=2", "--embedding_dim=16", "--steps_per_loop=1",
           "--export_format=none", "--noknn_eval", "--mochi_num_hard=8", "--mochi_num_mix=4",
           "--mochi_num_query_mix=2", *extra]
 
@@ -212,9 +359,9 @@ class ReliabilityTest(tf.test.TestCase):
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    # 24 steps keep the test near a minute (each checkpoint of the two ResNet-18s and the optimizer
-    # is ~130 MB); the kill lands at step >= 6, mid-run, and the resumed run replays the rest.
-    steps = 24
+    # The kill lands at step >= 6 (within 0.2 s of ckpt-6), mid-run: the 34 steps and 17
+    # checkpoints left take seconds even with resnet10_tiny; the resumed run replays the rest.
+    steps = 40
     args = ["--deterministic", f"--train_steps={steps}", "--checkpoint_every_steps=2"]
     straight = self.create_tempdir().full_path
     killed = self.create_tempdir().full_path
@@ -265,6 +412,31 @@ class ReliabilityTest(tf.test.TestCase):
     self.assertEqual(checkpoints.checkpoint_step(newest), last_logged)
     self.assertLess(last_logged, 1000)
     self.assertFalse(os.path.exists(os.path.join(model_dir, "summary.json")))
+
+  def test_soak_2000_steps_with_frequent_checkpoints_keeps_memory_flat(self):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model_dir = self.create_tempdir().full_path
+    # A fresh process, so that its resident memory is this run's alone; the smallest model
+    # (resnet10_tiny, 8 px, batch 8) keeps 2,000 steps and 20 checkpoints near a minute.
+    args = [sys.executable, "-m", "tfmochi.train", f"--model_dir={model_dir}",
+            "--dataset=quickstart", "--arch=resnet10_tiny", "--image_size=8", "--batch_size=8",
+            "--queue_size=32", "--bn_splits=2", "--embedding_dim=8", "--mochi_num_hard=8",
+            "--mochi_num_mix=4", "--mochi_num_query_mix=2", "--train_steps=2000",
+            "--steps_per_loop=100", "--checkpoint_every_steps=100", "--keep_checkpoints=2",
+            "--export_format=none", "--noknn_eval", "--noverbose"]
+    proc = subprocess.run(args, cwd=root, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                          capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    records = [json.loads(line) for line in open(os.path.join(model_dir, "metrics.jsonl"))]
+    self.assertEqual([r["step"] for r in records], list(range(100, 2001, 100)))
+    self.assertEqual(len(os.listdir(os.path.join(model_dir, "checkpoints"))), 1 + 2 * 2)
+    first, end = records[0]["rss_mb"], records[-1]["rss_mb"]
+    peak = max(r["rss_mb"] for r in records)
+    print(f"\nsoak: resident memory {first:.1f} MB after 100 steps, {end:.1f} MB after 2000 "
+          f"(peak {peak:.1f} MB, {100 * (end - first) / first:+.1f}%)", flush=True)
+    self.assertLessEqual(end, 1.05 * first)
 
   def test_unreadable_newest_checkpoint_falls_back_to_the_previous(self):
     model_dir = self.create_tempdir().full_path

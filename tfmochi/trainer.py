@@ -4,6 +4,14 @@
 the summary it also writes to `<model_dir>/summary.json`. The sections below follow the order of
 a run: set up → data → model & optimizer → restore → loop (several steps per tf.function call,
 progress, TensorBoard, kNN monitor, checkpoints, SIGTERM) → export → summary.
+
+Interruptions (README "Reliability"): on one device or MirroredStrategy a SIGTERM/SIGINT sets a
+flag that the loop reads at its next boundary (checkpoint, exit 0). Under MultiWorkerMirrored and
+TPU strategies the same flag is handed to tf.distribute's `PreemptionCheckpointHandler`, which
+agrees one step with every worker, so that all of them checkpoint there and stop together. A
+worker that dies without notice makes the survivors' collectives fail (the coordination service
+stops receiving its heartbeats); they stop with one `TrainingError` message, and a restart of every
+worker resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -36,9 +44,84 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class _Preemption:
-  """Set by SIGTERM/SIGINT: checkpoint at the next loop boundary and leave cleanly."""
+  """Set by SIGTERM/SIGINT: checkpoint at the next loop boundary and leave cleanly.
+
+  Under MultiWorkerMirroredStrategy the flag is not acted on directly (a worker leaving alone would
+  leave its peers waiting in a collective): tf.distribute's PreemptionCheckpointHandler polls it and
+  chooses the step at which every worker checkpoints (`cluster_step`).
+  """
   requested: bool = False
   signal_name: str = ""
+  cluster_step: int | None = None  # set when the handler has saved the preemption checkpoint
+
+
+class _ClusterPreempted(Exception):
+  """Raised by the preemption handler's exit_fn once every worker has checkpointed."""
+
+
+# Collective failures that mean "a peer is gone" (killed, crashed, unreachable): the coordination
+# service reports missing heartbeats as UNAVAILABLE and aborts pending collectives; the others are
+# what an aborted or timed-out collective raises.
+_CLUSTER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+                   tf.errors.DeadlineExceededError)
+
+
+def _cluster_error_reason(error: tf.errors.OpError) -> str:
+  """The useful line(s) of a collective error, without the "Detected at node" Python stack.
+
+  E.g. "Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped sending
+  heartbeats): /job:worker/replica:0/task:1".
+  """
+  lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
+  for i, line in enumerate(lines):
+    if "aborted by:" in line:
+      reason = line.split("aborted by:", 1)[1].strip()
+      if i + 1 < len(lines) and lines[i + 1].startswith("/job:"):
+        reason += " " + lines[i + 1]
+      return reason
+  noise = ("File ", "Detected at node", "Graph execution error", "[[", "The error could be")
+  kept = [line for line in lines if not line.startswith(noise)]
+  return kept[0] if kept else type(error).__name__
+
+
+class _PreemptionHandler(tf.distribute.experimental.PreemptionCheckpointHandler):
+  """tf.distribute's handler, with quiet watcher threads when a peer dies.
+
+  The handler's two background threads wait on the coordination service. When a worker dies
+  without notice (or the chief, which hosts that service), their calls fail with UNAVAILABLE and
+  the thread dies with a Python traceback on stderr, next to the one clear message the main thread
+  gives for the same event. The overrides below log that failure at INFO instead. They wrap the
+  handler's thread targets (private names of TensorFlow 2.21); if a TensorFlow release renames
+  them, the overrides are simply not used and only the traceback comes back.
+  """
+
+  def _watch_step_to_save_key(self):
+    try:
+      super()._watch_step_to_save_key()
+    except tf.errors.OpError as e:
+      logging.info("Preemption watcher stopped: %s", str(e).splitlines()[0])
+
+  def _poll_termination_signal(self):
+    try:
+      super()._poll_termination_signal()
+    except tf.errors.OpError as e:
+      logging.info("Termination signal watcher stopped: %s", str(e).splitlines()[0])
+
+
+def resident_memory_mb() -> float | None:
+  """This process's resident set size (VmRSS of /proc/self/status) in MB; None off Linux.
+
+  Logged with every metrics.jsonl record so that a long run (or the soak test) shows whether host
+  memory grows.
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024.0
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
 
 
 def mask_labels(labels: tf.Tensor, ids: tf.Tensor, fraction: float, seed: int) -> tf.Tensor:
@@ -152,6 +235,10 @@ class Trainer:
   def __init__(self, config: config_lib.TrainConfig):
     self.config = config.validate()
     cfg = self.config
+    if cfg.arch in models.SMOKE_ARCHS and cfg.export_format != "none":
+      raise config_lib.ConfigError(
+          f"--arch={cfg.arch} is for tests and smoke runs and has no torchvision counterpart to "
+          f"export to; pass --export_format=none (got {cfg.export_format}).")
     # ---- set up
     if cfg.deterministic:
       tf.config.experimental.enable_op_determinism()
@@ -233,6 +320,7 @@ class Trainer:
       self._metric_names.append("synthetic_logit")
     self._loop_fn = None
     self.preemption = _Preemption()
+    self._last_saved_step = -1
 
   def _task_id(self) -> int:
     resolver = getattr(self.strategy, "cluster_resolver", None)
@@ -242,6 +330,8 @@ class Trainer:
   def restore(self) -> int:
     path = ckpt_lib.restore_with_fallback(self.checkpoint, self.config.model_dir)
     step = int(self.step.numpy())
+    # Read from the chief's directory by every worker, so every worker skips the same saves.
+    self._last_saved_step = step if path else -1
     if path:
       logging.info("Resumed from %s at step %d.", path, step)
       if self.config.verbose:
@@ -326,6 +416,78 @@ class Trainer:
     return knn_lib.knn_accuracy(bank, bank_labels, queries, labels, num_classes,
                                 k=cfg.knn_k, t=cfg.knn_t)
 
+  # ---- checkpoints and preemption
+  def _save(self, step: int) -> None:
+    """Checkpoints `step` unless it was the last one saved (every worker decides alike)."""
+    if step != self._last_saved_step:
+      self.manager.save(checkpoint_number=step)
+      self._last_saved_step = step
+
+  def _make_preemption_handler(self):
+    """tf.distribute's PreemptionCheckpointHandler for multi_worker and tpu runs, else None.
+
+    How it is wired, and why:
+    * `termination_watcher_fn` is this process's SIGTERM/SIGINT flag. The handler polls it once a
+      second; on the worker that got the signal it publishes "checkpoint after run call R+1" through
+      the coordination service, waits until every worker has acknowledged, and then every worker
+      checkpoints after the same number of `run` calls. Each call is one block of the loop below
+      (`steps_per_loop` steps, the same blocks on every worker), so all checkpoint the same step.
+      Without a watcher function the handler would install its own SIGTERM handler (main thread
+      only) and ignore SIGINT.
+    * `save_fn` saves with this trainer's CheckpointManager (chief: checkpoints/, other workers:
+      worker_tmp_<i>), so the preemption checkpoint is an ordinary one: same layout, same
+      `keep_checkpoints`, and the step it holds is also the data position of the resume.
+    * The manager handed to the constructor is a stand-in over an empty Checkpoint whose directory
+      never holds checkpoints. At construction the handler restores "the latest checkpoint" of that
+      manager and attaches a `checkpointed_runs` variable to its Checkpoint. Given ours it would
+      restore the newest checkpoint without our fallback to an older one when the newest is
+      unreadable, read worker_tmp_<i> instead of the chief's checkpoints on the other workers, and
+      add a variable that checkpoints of a run started on one device lack. Its run counter starts
+      at 0 in every process, which is all it needs: the workers of one job count the same calls.
+    * `grace_period=0`: checkpoint at the next loop boundary and stop, without training on through
+      a grace window.
+    * `exit_fn` raises `_ClusterPreempted` (instead of the default `sys.exit(42)`), so `run()`
+      returns as after a single-device SIGTERM and the command exits 0 with the resume message.
+
+    Platforms: on Linux hosts outside Google Cloud (and in tests) the handler works as above. On
+    Google Cloud CPU and TPU VMs TensorFlow turns the handler into a no-op (it logs "does not
+    support usage with TPU or CPU device on GCP"); there a TPU run still stops through the local
+    flag (one client process drives every TPU host), while a CPU multi-worker run relies on
+    periodic checkpoints. TPU runs call `save_checkpoint_if_preempted` at each loop boundary, which
+    on Borg-managed TPUs checkpoints on the platform's preemption notice.
+    """
+    cfg = self.config
+    if cfg.strategy not in ("multi_worker", "tpu"):
+      return None
+
+    def save_fn():
+      step = int(self.step.numpy())
+      self._save(step)
+      self.preemption.cluster_step = step
+
+    def exit_fn():
+      raise _ClusterPreempted()
+
+    termination = tf.distribute.experimental.TerminationConfig(
+        termination_watcher_fn=lambda: self.preemption.requested, exit_fn=exit_fn,
+        grace_period=0, save_fn=save_fn)
+    stand_in = tf.train.CheckpointManager(
+        tf.train.Checkpoint(), os.path.join(cfg.model_dir, "preemption_handler_unused"),
+        max_to_keep=1)
+    return _PreemptionHandler(self.strategy.cluster_resolver, stand_in,
+                              termination_config=termination)
+
+  @staticmethod
+  def _close_preemption_handler(handler) -> None:
+    """Stops the handler's watcher threads after a normal end of training.
+
+    They are daemon threads blocked on the coordination service; left alone they would wake up with
+    an error while the process exits. The handler's documented clean-up is its `__del__`, which
+    never runs while those threads still reference it.
+    """
+    if handler is not None:
+      handler.__del__()
+
   # ---- the run
   def _install_signal_handlers(self):
     def handler(signum, _frame):
@@ -361,6 +523,9 @@ class Trainer:
       knn_random = ckpt_lib.read_json(random_init_path)
 
     previous_handlers = self._install_signal_handlers()
+    preemption_handler = self._make_preemption_handler()
+    # Under MultiWorkerMirroredStrategy only the handler may stop the loop (all workers at once).
+    stop_locally = cfg.strategy != "multi_worker"
     loop = self._make_loop()
     iterator = iter(self._dataset(start_step))
     progress = _Progress(self.total_steps, start_step, cfg.verbose and self.chief)
@@ -370,15 +535,20 @@ class Trainer:
     t_start = time.time()
     images_seen = 0
     train_seconds = 0.0
+    cluster_failure = None
     try:
-      while step < self.total_steps and not self.preemption.requested:
+      while step < self.total_steps and not (stop_locally and self.preemption.requested):
         boundaries = [self.total_steps, (step // self.checkpoint_every + 1) * self.checkpoint_every,
                       step + cfg.steps_per_loop]
         if self.knn_every:
           boundaries.append((step // self.knn_every + 1) * self.knn_every)
         n = min(boundaries) - step
         t0 = time.time()
-        out = loop(iterator, tf.constant(n, tf.int32))
+        if preemption_handler is not None and cfg.strategy == "multi_worker":
+          # Checkpoints and raises _ClusterPreempted first if a worker has been preempted.
+          out = preemption_handler.run(loop, iterator, tf.constant(n, tf.int32))
+        else:
+          out = loop(iterator, tf.constant(n, tf.int32))
         out = {k: v.numpy() for k, v in out.items()}
         dt = time.time() - t0
         step += n
@@ -404,10 +574,13 @@ class Trainer:
         progress.update(step, {"loss": out["loss"], "acc1": 100 * out["acc1"], "lr": lr,
                                "img/s": ips})
         if self.chief:
-          self._log_metrics(dict(step=step, **{k: float(v) for k, v in last.items()}))
+          self._log_metrics(dict(step=step, **{k: float(v) for k, v in last.items()},
+                                 rss_mb=resident_memory_mb()))
         if step % self.checkpoint_every == 0 or step >= self.total_steps \
-            or self.preemption.requested:
-          self.manager.save(checkpoint_number=step)
+            or (stop_locally and self.preemption.requested):
+          self._save(step)
+        if preemption_handler is not None and cfg.strategy == "tpu":
+          preemption_handler.save_checkpoint_if_preempted()
         if self.knn_every and (step % self.knn_every == 0) and step < self.total_steps:
           knn_result = self.knn_eval()
           if knn_result is not None:
@@ -418,26 +591,41 @@ class Trainer:
             if cfg.verbose and self.chief:
               print(f"kNN top-1 {knn_result['top1']:.2f}% top-5 {knn_result['top5']:.2f}% at "
                     f"step {step}", flush=True)
+    except _ClusterPreempted:
+      pass  # every worker has checkpointed at the agreed step (preemption.cluster_step)
+    except _CLUSTER_ERRORS as e:
+      if cfg.strategy != "multi_worker":
+        raise
+      cluster_failure = e
     finally:
       for sig, h in previous_handlers.items():
         signal.signal(sig, h)
       writer.flush()
 
-    if self.preemption.requested and step < self.total_steps:
-      if self.manager.latest_checkpoint is None or ckpt_lib.checkpoint_step(
-          self.manager.latest_checkpoint) != step:
-        self.manager.save(checkpoint_number=step)
-      msg = (f"Received {self.preemption.signal_name}: checkpointed at step {step} and stopped. "
-             "Run the same command to resume.")
-      logging.warning(msg)
-      if cfg.verbose:
-        print(msg, flush=True)
-      return {"preempted": True, "global_step": step}
+    if cluster_failure is not None:
+      # A peer died without notice: no handler call can checkpoint any more (that needs every
+      # worker), and the handler's threads may be blocked on the lost peer, so they are left alone.
+      kept = ckpt_lib.list_checkpoints(cfg.model_dir)
+      raise TrainingError(
+          f"Worker {self._task_id()} lost contact with the rest of the cluster after step {step} "
+          f"({_cluster_error_reason(cluster_failure)}). A multi-worker job cannot go on with a "
+          "worker missing. Restart every worker with the same command: training resumes from the "
+          f"last checkpoint ({kept[0] if kept else 'none was written yet: it starts over'}).")
+
+    if self.preemption.cluster_step is not None:
+      step = self.preemption.cluster_step
+      who = (f"Received {self.preemption.signal_name}" if self.preemption.requested
+             else "Another worker of the cluster was preempted")
+      return self._stopped(f"{who}: every worker checkpointed at step {step} and stopped. "
+                           "Run the same command on every worker to resume.", step)
+    if stop_locally and self.preemption.requested and step < self.total_steps:
+      self._save(step)
+      return self._stopped(f"Received {self.preemption.signal_name}: checkpointed at step {step} "
+                           "and stopped. Run the same command to resume.", step)
 
     # ---- end of training: final kNN, export, summary
-    if self.manager.latest_checkpoint is None or ckpt_lib.checkpoint_step(
-        self.manager.latest_checkpoint) != step:
-      self.manager.save(checkpoint_number=step)
+    self._close_preemption_handler(preemption_handler)
+    self._save(step)
     knn_result = self.knn_eval() if wants_knn else knn_result
     export_path = None
     if cfg.export_format != "none" and self.chief:
@@ -470,6 +658,12 @@ class Trainer:
               flush=True)
       print(f"Summary: {os.path.join(cfg.model_dir, 'summary.json')}", flush=True)
     return summary
+
+  def _stopped(self, message: str, step: int) -> dict:
+    logging.warning(message)
+    if self.config.verbose:
+      print(message, flush=True)
+    return {"preempted": True, "global_step": step}
 
   def _log_metrics(self, record: dict) -> None:
     """Appends one JSON line per loop to <model_dir>/metrics.jsonl (what TensorBoard shows, in a
