@@ -108,6 +108,22 @@ class AugmentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(np.all(flipped ^ kept))
     self.assertBetween(flipped.mean(), 0.38, 0.62)
 
+  @parameterized.parameters("mocov2", "mocov1", "small")
+  def test_hflip_off_removes_exactly_the_flip(self, recipe):
+    # Every other draw uses its own sub-seed, so with hflip=False each view is the hflip=True
+    # view or its mirror image, and the mirror happens about half the time.
+    image = _image()
+    mirrored = []
+    for i in range(24):
+      seed = (i, 3)
+      with_flip = augment.two_views(image, 12, seed, recipe=recipe)[0].numpy()
+      without = augment.two_views(image, 12, seed, recipe=recipe, hflip=False)[0].numpy()
+      same = np.allclose(with_flip, without, atol=1e-6)
+      mirror = np.allclose(with_flip[:, ::-1], without, atol=1e-6)
+      self.assertTrue(same or mirror, f"seed {seed}")
+      mirrored.append(mirror and not same)
+    self.assertBetween(np.mean(mirrored), 0.2, 0.8)
+
   def test_grayscale(self):
     image = _image()
     out = augment.grayscale(image).numpy()

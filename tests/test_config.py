@@ -63,6 +63,10 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
                       in100.mochi_warmup_epochs), ("imagenet100", 128, 16384, 10))
     moco = _parse([f"--flagfile={ROOT}/configs/moco_v2.flags"])
     self.assertEqual(moco.mochi_num_hard, 0)
+    # The ImageNet recipes are MoCo v2's, not the quickstart defaults (crop 0.5, no flip, head BN).
+    for cfg in (mochi, in100, moco):
+      self.assertEqual((cfg.crop_min_scale, cfg.hflip, cfg.head_bn, cfg.learning_rate),
+                       (0.2, True, False, 0.03))
 
   @parameterized.parameters(
       (["--queue_size=100", "--batch_size=64"], r"--queue_size \(K\) must be a multiple"),

@@ -432,6 +432,30 @@ class HeadAndEncoderTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(tuple(head(np.ones((3, 32), np.float32)).shape), (3, 8))
     self.assertFalse(any(isinstance(l, keras.layers.BatchNormalization) for l in head.layers))
 
+  @parameterized.parameters(("standard", True), ("split", True), ("split", False))
+  def test_head_bn(self, bn_mode, mlp):
+    head = models.build_head(32, embedding_dim=8, mlp=mlp, bn=True, bn_mode=bn_mode,
+                             bn_splits=2)
+    # MoCo v3's layout: Linear(no bias)-BN-ReLU-Linear(no bias)-BN(no affine).
+    names = [l.name for l in head.layers[2:]]
+    self.assertEqual(names, ["fc.0", "fc.1", "fc.2", "fc.3", "fc.4"] if mlp else ["fc", "fc_bn"])
+    norms = [l for l in head.layers if isinstance(l, keras.layers.BatchNormalization)]
+    self.assertLen(norms, 2 if mlp else 1)
+    want = models.SplitBatchNorm if bn_mode == "split" else keras.layers.BatchNormalization
+    self.assertTrue(all(type(l) is want for l in norms))  # pylint: disable=unidiomatic-typecheck
+    self.assertFalse(norms[-1].center or norms[-1].scale)
+    self.assertTrue(all(w.dtype == "float32" for w in head.weights))
+    x = np.random.default_rng(3).normal(3.0, 2.0, size=(8, 32)).astype(np.float32)
+    z = head(x, training=True).numpy()
+    # The final BN removes the common component: per group of the batch (split) or overall,
+    # each dimension has mean 0 and variance 1 in training.
+    groups = z.reshape(2, 4, 8) if bn_mode == "split" else z[None]
+    self.assertAllClose(groups.mean(axis=1), np.zeros(groups[:, 0].shape), atol=1e-5)
+    self.assertAllClose(groups.var(axis=1), np.ones(groups[:, 0].shape), atol=1e-2)
+    encoder = models.build_encoder("resnet18", embedding_dim=8, small_stem=True, bn_mode=bn_mode,
+                                   bn_splits=2, head_bn=True, mlp=mlp)
+    self.assertLen(encoder.head.weights, len(head.weights))
+
   def test_float32_under_mixed_precision(self):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     head = models.build_head(16, embedding_dim=4)

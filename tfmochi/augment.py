@@ -362,34 +362,36 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 
 
 def moco_v2_view(image: tf.Tensor, size: int, seed: SeedLike,
-                 crop_scale: tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+                 crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> tf.Tensor:
   """One MoCo v2 (`--aug-plus`) view. Returns float32 [S, S, 3], normalised."""
   s_crop, s_jitter, s_gray, s_blur, s_flip = _split(seed, 5)
   x = random_resized_crop(image, size, s_crop, scale=crop_scale)
   x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
   x = random_grayscale(x, 0.2, s_gray)
   x = random_blur(x, 0.5, s_blur)
-  x = random_flip(x, s_flip)
+  if hflip:
+    x = random_flip(x, s_flip)
   x = normalize(x)
   x.set_shape([size, size, 3])
   return x
 
 
 def moco_v1_view(image: tf.Tensor, size: int, seed: SeedLike,
-                 crop_scale: tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+                 crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> tf.Tensor:
   """One MoCo v1 (InstDisc-style) view. Returns float32 [S, S, 3], normalised."""
   s_crop, s_gray, s_jitter, s_flip = _split(seed, 4)
   x = random_resized_crop(image, size, s_crop, scale=crop_scale)
   x = random_grayscale(x, 0.2, s_gray)
   x = color_jitter(x, 0.4, 0.4, 0.4, 0.4, s_jitter)
-  x = random_flip(x, s_flip)
+  if hflip:
+    x = random_flip(x, s_flip)
   x = normalize(x)
   x.set_shape([size, size, 3])
   return x
 
 
 def small_image_view(image: tf.Tensor, size: int, seed: SeedLike,
-                     crop_scale: tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+                     crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> tf.Tensor:
   """MoCo v2 for small images (the MoCo CIFAR demo, SimCLR's CIFAR recipe): no Gaussian blur.
 
   A blur of σ up to 2 px destroys a 16–32 px image, so the small-image recipes drop it; the rest is
@@ -399,7 +401,8 @@ def small_image_view(image: tf.Tensor, size: int, seed: SeedLike,
   x = random_resized_crop(image, size, s_crop, scale=crop_scale)
   x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
   x = random_grayscale(x, 0.2, s_gray)
-  x = random_flip(x, s_flip)
+  if hflip:
+    x = random_flip(x, s_flip)
   x = normalize(x)
   x.set_shape([size, size, 3])
   return x
@@ -413,7 +416,8 @@ AUGMENTATIONS: dict[str, Callable[[tf.Tensor, int, SeedLike], tf.Tensor]] = {
 
 
 def two_views(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2",
-              crop_scale: tuple[float, float] = (0.2, 1.0)) -> tuple[tf.Tensor, tf.Tensor]:
+              crop_scale: tuple[float, float] = (0.2, 1.0),
+              hflip: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
   """MoCo's TwoCropsTransform: two independent draws of the same recipe.
 
   Args:
@@ -422,6 +426,8 @@ def two_views(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2
     seed: [2] int seed; the views use two different sub-seeds of it.
     recipe: a key of AUGMENTATIONS.
     crop_scale: the random resized crop's area range (MoCo: (0.2, 1)).
+    hflip: random horizontal flips (p=0.5). Turn them off for data whose classes are not
+      mirror-symmetric, such as digits (a mirrored 2 looks like a 5, a 3 like an E).
 
   Returns:
     (view_q, view_k), each float32 [S, S, 3].
@@ -432,7 +438,8 @@ def two_views(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2
     raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
                      f"{sorted(AUGMENTATIONS)}.") from None
   s_q, s_k = _split(seed, 2)
-  return view(image, size, s_q, crop_scale), view(image, size, s_k, crop_scale)
+  return (view(image, size, s_q, crop_scale, hflip),
+          view(image, size, s_k, crop_scale, hflip))
 
 
 def linear_train_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:

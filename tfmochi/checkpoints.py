@@ -119,8 +119,8 @@ def restore_with_fallback(checkpoint: tf.train.Checkpoint, model_dir: str,
   if errors:
     raise CheckpointError(
         f"No checkpoint in {checkpoint_dir(model_dir)} could be read into this model ("
-        + "; ".join(errors) + "). If the run used another --arch, --embedding_dim, --mlp_head or "
-        "--small_stem, use the same values (config.json of the run has them), or a new "
+        + "; ".join(errors) + "). If the run used another --arch, --embedding_dim, --mlp_head, "
+        "--head_bn or --small_stem, use the same values (config.json of the run has them), or a new "
         "--model_dir.")
   return None
 
@@ -163,7 +163,7 @@ def restore_encoder(model_dir: str, checkpoint_path: str | None = None):
   encoder = models.build_encoder(
       config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
       small_stem=config.small_stem, bn_mode=encoder_bn_mode(config.bn_mode),
-      bn_splits=config.bn_splits, name="query_encoder")
+      bn_splits=config.bn_splits, head_bn=config.head_bn, name="query_encoder")
   step = tf.Variable(0, dtype=tf.int64)
   ckpt = tf.train.Checkpoint(step=step, query_encoder=encoder)
   if checkpoint_path is not None:

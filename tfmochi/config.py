@@ -45,12 +45,14 @@ class TrainConfig:
   image_size: int = 16
   batch_size: int = 64
   augmentation: str = "small"
-  crop_min_scale: float = 0.2
+  crop_min_scale: float = 0.5
+  hflip: bool = False
   # model
   arch: str = "resnet18"
   small_stem: bool = True
   embedding_dim: int = 128
   mlp_head: bool = True
+  head_bn: bool = True
   bn_mode: str = "split"
   bn_splits: int = 2
   # MoCo
@@ -76,7 +78,7 @@ class TrainConfig:
   # optimisation
   epochs: float = 9.0
   train_steps: int | None = None
-  learning_rate: float = 0.3
+  learning_rate: float = 0.06
   weight_decay: float = 5e-4
   lr_warmup_epochs: float = 0.0
   cosine_per_epoch: bool = False
@@ -220,11 +222,17 @@ _HELP = {
     "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter), mocov1, or small (MoCo v2 "
                     "without blur, for images of 16-64 px as in the MoCo CIFAR demo).",
     "crop_min_scale": "Smallest area fraction of the random resized crop (MoCo: 0.2).",
+    "hflip": "Random horizontal flips in the views (MoCo: on). Turn off for digits or text, whose "
+             "classes are not mirror-symmetric.",
     "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout), or resnet10_tiny "
             "(tests and smoke runs; --export_format=none).",
     "small_stem": "CIFAR-style stem (3x3 conv, no max-pool) for small images.",
     "embedding_dim": "D, the projection (and queue) dimension.",
     "mlp_head": "MoCo v2 MLP projection head (else MoCo v1's linear head).",
+    "head_bn": "BatchNorm in the projection head, the last one without affine (MoCo v3 / SimCLR "
+               "v2). Removes the embeddings' common component; needed on tiny data with short "
+               "schedules, where it otherwise drifts and lets the query tell fresh keys from "
+               "stale queue entries (collapse). MoCo v2: off.",
     "bn_mode": "shuffle (MoCo shuffle BN across replicas), split (single device, --bn_splits "
                "groups), sync (synchronized BN) or none.",
     "bn_splits": "Groups of split BN (the MoCo CIFAR demo uses 8).",

@@ -729,6 +729,7 @@ def _options(deterministic: bool) -> tf.data.Options:
 
 def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: int, seed: int,
                      recipe: str = "mocov2", crop_scale: tuple[float, float] = (0.2, 1.0),
+                     hflip: bool = True,
                      input_context: tf.distribute.InputContext | None = None,
                      start_step: int = 0, shuffle_buffer: int | None = None,
                      deterministic: bool = True,
@@ -746,6 +747,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
     seed: run seed (data order and augmentations).
     recipe: "mocov2", "mocov1" or "small" (augment.AUGMENTATIONS).
     crop_scale: area range of the random resized crop.
+    hflip: random horizontal flips in the views (off for digits and text).
     input_context: from distribute_datasets_from_function, or None for a single pipeline.
     start_step: first global step to produce (resume).
     shuffle_buffer: tfds sources only (in-memory sources use a full permutation): shuffle
@@ -782,7 +784,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
     example = source.decode(ex)
     view1, view2 = augment.two_views(example["image"], image_size,
                                      _fold(augment_key, epoch, example["id"]), recipe,
-                                     crop_scale)
+                                     crop_scale, hflip)
     return {"view1": view1, "view2": view2, "label": example["label"], "id": example["id"]}
 
   ds = ds.map(make_views, num_parallel_calls=num_parallel_calls, deterministic=deterministic)

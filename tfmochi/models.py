@@ -178,7 +178,7 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
     return {**super().get_config(), "num_splits": self.num_splits}
 
 
-def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8):
+def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, **options):
   """One BN layer (epsilon 1e-5, momentum 0.9) for `bn_mode` in BN_MODES.
 
   * "standard": `BatchNormalization`, per-replica batch statistics. Under a tf.distribute
@@ -189,7 +189,7 @@ def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8):
     global and identical on every replica. Outside a replica context it is standard BN.
   * "split": `SplitBatchNorm(num_splits=bn_splits)`, per-group statistics on one device.
   """
-  kwargs = dict(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+  kwargs = dict(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name, **options)
   if bn_mode == "standard":
     return keras.layers.BatchNormalization(**kwargs)
   if bn_mode == "sync":
@@ -419,32 +419,58 @@ def build_backbone(arch: str, *, small_stem: bool = False, bn_mode: str = "stand
 # Projection head and encoder.
 
 
-def _torch_linear(in_dim: int, units: int, name: str) -> keras.layers.Dense:
+def _torch_linear(in_dim: int, units: int, name: str,
+                  use_bias: bool = True) -> keras.layers.Dense:
   """Dense with PyTorch nn.Linear's default init: U(+-1/sqrt(in_dim)) for kernel and bias."""
   bound = 1.0 / float(np.sqrt(in_dim))
   return keras.layers.Dense(
-      units, dtype="float32", name=name,
+      units, dtype="float32", name=name, use_bias=use_bias,
       kernel_initializer=keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
       bias_initializer=keras.initializers.RandomUniform(-bound, bound))
 
 
 def build_head(in_dim: int, embedding_dim: int = 128, mlp: bool = True,
-               name: str = "head") -> keras.Model:
+               name: str = "head", bn: bool = False, bn_mode: str = "standard",
+               bn_splits: int = 8) -> keras.Model:
   """MoCo projection head, `[B, in_dim]` -> `[B, embedding_dim]` float32 (not normalised).
 
   mlp=True (MoCo v2): `fc.0` Dense(in_dim) -> `fc.1` ReLU -> `fc.2` Dense(embedding_dim)
   (PyTorch's `nn.Sequential` indices). mlp=False (MoCo v1): a single `fc` Dense. No BN.
+  bn=True (MoCo v3's layout): `fc.0` Dense(in_dim, no bias) -> `fc.1` BN -> `fc.2` ReLU ->
+  `fc.3` Dense(embedding_dim, no bias) -> `fc.4` BN without affine (or `fc` Dense -> `fc_bn`
+  BN for the linear head), with the backbone's BN kind (`bn_mode`, `bn_splits`).
+
+  Why the BN option: the final BN removes the component all embeddings share. Without it, a
+  short run on a tiny data set (the quickstart) collapses: all embeddings sit in a narrow cone
+  that moves as the weights change, so this step's keys are more similar to any query than the
+  older queue entries are; the query encoder learns that "freshness" instead of the image
+  (proxy accuracy 100%, positive and other-image logits equal to 4 decimals, loss rising to
+  ln(K + 1)). MoCo on ImageNet avoids it by moving slowly (m = 0.999, 800 epochs).
+
   All layers are float32 even under a mixed-precision policy, and the input is cast to
   float32, because the logits, the loss and the negatives queue must stay float32.
   """
   inputs = keras.Input(shape=(in_dim,), name=f"{name}_features", dtype="float32")
   x = keras.layers.Activation("linear", dtype="float32", name="cast")(inputs)
-  if mlp:
+
+  def norm(layer_name, affine=True):
+    return make_batch_norm(layer_name, bn_mode, bn_splits, dtype="float32", center=affine,
+                           scale=affine)
+
+  if mlp and bn:
+    x = _torch_linear(in_dim, in_dim, "fc.0", use_bias=False)(x)
+    x = norm("fc.1")(x)
+    x = keras.layers.ReLU(dtype="float32", name="fc.2")(x)
+    x = _torch_linear(in_dim, embedding_dim, "fc.3", use_bias=False)(x)
+    x = norm("fc.4", affine=False)(x)
+  elif mlp:
     x = _torch_linear(in_dim, in_dim, "fc.0")(x)
     x = keras.layers.ReLU(dtype="float32", name="fc.1")(x)
     x = _torch_linear(in_dim, embedding_dim, "fc.2")(x)
   else:
-    x = _torch_linear(in_dim, embedding_dim, "fc")(x)
+    x = _torch_linear(in_dim, embedding_dim, "fc", use_bias=not bn)(x)
+    if bn:
+      x = norm("fc_bn", affine=False)(x)
   return keras.Model(inputs, x, name=name)
 
 
@@ -484,11 +510,16 @@ class Encoder(keras.Model):
 
 def build_encoder(arch: str, *, embedding_dim: int = 128, mlp: bool = True,
                   small_stem: bool = False, bn_mode: str = "standard", bn_splits: int = 8,
-                  name: str = "encoder", fast_grad: bool = True) -> Encoder:
-  """Builds an `Encoder` (see `build_backbone`, `build_head`) with all variables created."""
+                  name: str = "encoder", fast_grad: bool = True,
+                  head_bn: bool = False) -> Encoder:
+  """Builds an `Encoder` (see `build_backbone`, `build_head`) with all variables created.
+
+  `head_bn` puts BatchNorm (of the same `bn_mode`) in the projection head (`build_head`).
+  """
   backbone = build_backbone(arch, small_stem=small_stem, bn_mode=bn_mode, bn_splits=bn_splits,
                             name=f"{name}_backbone", fast_grad=fast_grad)
-  head = build_head(feature_dim(arch), embedding_dim, mlp, name=f"{name}_head")
+  head = build_head(feature_dim(arch), embedding_dim, mlp, name=f"{name}_head", bn=head_bn,
+                    bn_mode=bn_mode, bn_splits=bn_splits)
   encoder = Encoder(backbone, head, name=name)
   # One cheap inference call so that the model is built and `weights` is complete right away
   # (e.g. before copy_weights or optimizer.build inside a strategy scope).

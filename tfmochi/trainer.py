@@ -159,7 +159,7 @@ def _build_encoder(config: config_lib.TrainConfig, name: str) -> models.Encoder:
   return models.build_encoder(
       config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
       small_stem=config.small_stem, bn_mode=ckpt_lib.encoder_bn_mode(config.bn_mode),
-      bn_splits=config.bn_splits, name=name)
+      bn_splits=config.bn_splits, head_bn=config.head_bn, name=name)
 
 
 def _check_model_dir(config: config_lib.TrainConfig) -> None:
@@ -178,7 +178,8 @@ def _check_model_dir(config: config_lib.TrainConfig) -> None:
   path = os.path.join(config.model_dir, ckpt_lib.CONFIG_FILE)
   if tf.io.gfile.exists(path):
     old = ckpt_lib.read_json(path)
-    fixed = ("arch", "small_stem", "embedding_dim", "mlp_head", "queue_size", "dataset")
+    fixed = ("arch", "small_stem", "embedding_dim", "mlp_head", "head_bn", "queue_size",
+             "dataset")
     diff = [f"--{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in fixed
             if k in old and old[k] != getattr(config, k)]
     if diff and ckpt_lib.list_checkpoints(config.model_dir):
@@ -346,6 +347,7 @@ class Trainer:
       ds = data_lib.pretrain_dataset(
           self.train_source, global_batch_size=cfg.batch_size, image_size=cfg.image_size,
           seed=cfg.seed, recipe=cfg.augmentation, crop_scale=(cfg.crop_min_scale, 1.0),
+          hflip=cfg.hflip,
           input_context=ctx, start_step=start_step,
           deterministic=cfg.deterministic)
       if cfg.labeled_fraction < 1.0:
