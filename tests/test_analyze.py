@@ -56,8 +56,10 @@ def _make_run(model_dir: str, checkpoint: bool = True) -> str:
     tf.train.CheckpointManager(ckpt, os.path.join(model_dir, "checkpoints"), max_to_keep=3).save(
         checkpoint_number=1)
   # MoCHi off (explicitly: the defaults turned it on), so the analysis uses its own defaults.
+  # head_bn=False: the checkpoint above holds build_encoder's default (MoCo v2) head.
   config = config_lib.TrainConfig(dataset="quickstart", arch="resnet18", small_stem=True,
-                                  image_size=16, model_dir=model_dir, bn_mode="none",
+                                  head_bn=False, image_size=16, model_dir=model_dir,
+                                  bn_mode="none",
                                   queue_size=256, batch_size=32, mochi_num_hard=0,
                                   mochi_num_mix=0, mochi_num_query_mix=0)
   with open(os.path.join(model_dir, "config.json"), "w") as f:

@@ -93,6 +93,16 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
     again = config_lib.TrainConfig.from_dict(__import__("json").loads(cfg.to_json()))
     self.assertEqual(cfg, again)
 
+  def test_config_json_of_older_runs_keeps_their_meaning(self):
+    # A run written before --head_bn/--hflip existed had a plain MLP head and flips: it must
+    # rebuild that model (its checkpoint has no head BN), not today's quickstart defaults.
+    values = __import__("json").loads(config_lib.TrainConfig().to_json())
+    del values["head_bn"], values["hflip"]
+    old = config_lib.TrainConfig.from_dict(values)
+    self.assertEqual((old.head_bn, old.hflip), (False, True))
+    self.assertEqual((config_lib.TrainConfig().head_bn, config_lib.TrainConfig().hflip),
+                     (True, False))
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -55,8 +55,10 @@ def _make_run(model_dir: str, checkpoint: bool = True) -> str:
   if checkpoint:
     _save_checkpoint(model_dir, models.build_encoder("resnet18", small_stem=True,
                                                      name="query_encoder"), 1)
+  # head_bn=False: the checkpoint above holds build_encoder's default (MoCo v2) head.
   config = config_lib.TrainConfig(dataset="quickstart", arch="resnet18", small_stem=True,
-                                  image_size=_SIZE, model_dir=model_dir, bn_mode="none",
+                                  head_bn=False, image_size=_SIZE, model_dir=model_dir,
+                                  bn_mode="none",
                                   queue_size=256, batch_size=32)
   with open(os.path.join(model_dir, "config.json"), "w") as f:
     f.write(json.dumps(dataclasses.asdict(config)))

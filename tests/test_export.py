@@ -259,7 +259,7 @@ def _make_run(model_dir: str, arch: str, config_arch: str | None = None,
     tf.train.CheckpointManager(ckpt, ckpt_lib.checkpoint_dir(model_dir), max_to_keep=3).save(
         checkpoint_number=5)
   config = config_lib.TrainConfig(arch=config_arch or arch, small_stem=True, image_size=32,
-                                  model_dir=model_dir, bn_mode="none")
+                                  model_dir=model_dir, bn_mode="none", head_bn=False)
   ckpt_lib.write_json_atomic(os.path.join(model_dir, ckpt_lib.CONFIG_FILE),
                              dataclasses.asdict(config))
   return model_dir

@@ -35,6 +35,10 @@ class ConfigError(ValueError):
   """A flag value or combination is invalid. The message names it and the allowed values."""
 
 
+# What a config.json written before a field existed meant (see TrainConfig.from_dict).
+_LEGACY_VALUES = {"head_bn": False, "hflip": True}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Every setting of a pretraining run (the flags, one to one)."""
@@ -128,7 +132,13 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, values: dict) -> "TrainConfig":
+    """A TrainConfig from a run's config.json; unknown keys are ignored.
+
+    Fields added after a run was written take the value that reproduces that run, not today's
+    default (runs written before `head_bn` existed have plain MoCo v2 heads).
+    """
     known = {f.name for f in dataclasses.fields(cls)}
+    values = {**_LEGACY_VALUES, **values}
     return cls(**{k: v for k, v in values.items() if k in known})
 
   # ---------------------------------------------------------------------------------------------
