@@ -69,7 +69,11 @@ def list_checkpoints(model_dir: str) -> list[str]:
   if state is None:
     return []
   paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
-  paths = [p if os.path.isabs(p) or "://" in p else os.path.join(directory, p) for p in paths]
+  # get_checkpoint_state already prefixes relative entries with `directory`; a relative
+  # model_dir (the quickstart's runs/quickstart) therefore yields relative paths that exist as
+  # they are and must not be joined a second time.
+  paths = [p if os.path.isabs(p) or "://" in p or tf.io.gfile.exists(p + ".index")
+           else os.path.join(directory, p) for p in paths]
   return [p for p in reversed(paths) if tf.io.gfile.exists(p + ".index")]
 
 
