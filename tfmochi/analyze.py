@@ -763,12 +763,7 @@ def check_output_dir(output_dir: str) -> None:
 
 def _restore_key_encoder(config, checkpoint_path: str):
   """The run's momentum encoder from a checkpoint, or None when it has none."""
-  from tfmochi import models  # pylint: disable=g-import-not-at-top
-
-  encoder = models.build_encoder(
-      config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
-      small_stem=config.small_stem, bn_mode=ckpt_lib.encoder_bn_mode(config.bn_mode),
-      bn_splits=config.bn_splits, head_bn=config.head_bn, name="key_encoder")
+  encoder = ckpt_lib.build_run_encoder(config, "key_encoder")
   try:
     tf.train.Checkpoint(key_encoder=encoder).read(checkpoint_path).expect_partial() \
         .assert_existing_objects_matched()

@@ -380,14 +380,10 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfmochi import checkpoints  # pylint: disable=g-import-not-at-top
-  from tfmochi import models  # pylint: disable=g-import-not-at-top
   from tfmochi import moco as moco_lib  # pylint: disable=g-import-not-at-top
 
   def encoder(name):
-    return models.build_encoder(
-        config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
-        small_stem=config.small_stem, bn_mode=checkpoints.encoder_bn_mode(config.bn_mode),
-        bn_splits=config.bn_splits, head_bn=config.head_bn, name=name, fast_grad=fast_grad)
+    return checkpoints.build_run_encoder(config, name, fast_grad=fast_grad)
 
   # MoCHi synthesises from the first step (its warm-up would only mask the same computation).
   moco_config = config.moco_config(steps_per_epoch=1000, total_steps=1_000_000)

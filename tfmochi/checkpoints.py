@@ -69,11 +69,8 @@ def list_checkpoints(model_dir: str) -> list[str]:
   if state is None:
     return []
   paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
-  # get_checkpoint_state already prefixes relative entries with `directory`; a relative
-  # model_dir (the quickstart's runs/quickstart) therefore yields relative paths that exist as
-  # they are and must not be joined a second time.
-  paths = [p if os.path.isabs(p) or "://" in p or tf.io.gfile.exists(p + ".index")
-           else os.path.join(directory, p) for p in paths]
+  # get_checkpoint_state has already prefixed relative entries with `directory`: joining them
+  # again broke relative model_dirs (the quickstart's runs/quickstart).
   return [p for p in reversed(paths) if tf.io.gfile.exists(p + ".index")]
 
 
@@ -124,8 +121,8 @@ def restore_with_fallback(checkpoint: tf.train.Checkpoint, model_dir: str,
     raise CheckpointError(
         f"No checkpoint in {checkpoint_dir(model_dir)} could be read into this model ("
         + "; ".join(errors) + "). If the run used another --arch, --embedding_dim, --mlp_head, "
-        "--head_bn or --small_stem, use the same values (config.json of the run has them), or a new "
-        "--model_dir.")
+        "--head_bn or --small_stem, use the same values (config.json of the run has them), or a "
+        "new --model_dir.")
   return None
 
 
@@ -148,6 +145,20 @@ def encoder_bn_mode(moco_bn_mode: str) -> str:
   return {"split": "split", "sync": "sync"}.get(moco_bn_mode, "standard")
 
 
+def build_run_encoder(config, name: str, fast_grad: bool = True):
+  """The encoder a run with TrainConfig `config` trains (query or key: same architecture).
+
+  The one place that maps a run's settings to `models.build_encoder`, for the trainer and for
+  everything that rebuilds a run's encoders (export, evaluate, analyze, benchmark).
+  """
+  from tfmochi import models  # local import: keeps this module light for the trainer
+
+  return models.build_encoder(
+      config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
+      small_stem=config.small_stem, bn_mode=encoder_bn_mode(config.bn_mode),
+      bn_splits=config.bn_splits, head_bn=config.head_bn, name=name, fast_grad=fast_grad)
+
+
 def restore_encoder(model_dir: str, checkpoint_path: str | None = None):
   """Rebuilds a run's query encoder and loads its newest readable checkpoint.
 
@@ -161,13 +172,8 @@ def restore_encoder(model_dir: str, checkpoint_path: str | None = None):
   Raises:
     CheckpointError: no config, no checkpoint, or a checkpoint that does not fit.
   """
-  from tfmochi import models  # local import: keeps this module light for the trainer
-
   config = load_run_config(model_dir)
-  encoder = models.build_encoder(
-      config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
-      small_stem=config.small_stem, bn_mode=encoder_bn_mode(config.bn_mode),
-      bn_splits=config.bn_splits, head_bn=config.head_bn, name="query_encoder")
+  encoder = build_run_encoder(config, "query_encoder")
   step = tf.Variable(0, dtype=tf.int64)
   ckpt = tf.train.Checkpoint(step=step, query_encoder=encoder)
   if checkpoint_path is not None:

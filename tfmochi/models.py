@@ -188,6 +188,8 @@ def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, **
     all-reduced across replicas (TF backend only), so statistics and moving averages are
     global and identical on every replica. Outside a replica context it is standard BN.
   * "split": `SplitBatchNorm(num_splits=bn_splits)`, per-group statistics on one device.
+
+  `options` go to the layer as they are (the projection head passes dtype, center, scale).
   """
   kwargs = dict(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name, **options)
   if bn_mode == "standard":

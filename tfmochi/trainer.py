@@ -155,13 +155,6 @@ def _set_precision(name: str) -> None:
   keras.mixed_precision.set_global_policy(policy)
 
 
-def _build_encoder(config: config_lib.TrainConfig, name: str) -> models.Encoder:
-  return models.build_encoder(
-      config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
-      small_stem=config.small_stem, bn_mode=ckpt_lib.encoder_bn_mode(config.bn_mode),
-      bn_splits=config.bn_splits, head_bn=config.head_bn, name=name)
-
-
 def _check_model_dir(config: config_lib.TrainConfig) -> None:
   """The model_dir must be writable, and a resumed run must have the same model."""
   try:
@@ -291,8 +284,9 @@ class Trainer:
                          self.total_steps - 1),
         steps_per_epoch=self.steps_per_epoch if cfg.cosine_per_epoch else None)
     with self.strategy.scope():
-      self.moco = moco_lib.MoCo(_build_encoder(cfg, "query_encoder"),
-                                _build_encoder(cfg, "key_encoder"), moco_config, cfg.batch_size)
+      self.moco = moco_lib.MoCo(ckpt_lib.build_run_encoder(cfg, "query_encoder"),
+                                ckpt_lib.build_run_encoder(cfg, "key_encoder"), moco_config,
+                                cfg.batch_size)
       optimizer = keras.optimizers.SGD(learning_rate=self.lr_schedule, momentum=0.9)
       if cfg.mixed_precision == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
