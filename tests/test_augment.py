@@ -271,6 +271,27 @@ class AugmentTest(tf.test.TestCase, parameterized.TestCase):
     view = augment.linear_train_view(_image(), 10, SEED)
     self.assertEqual(view.shape, (10, 10, 3))
 
+  def test_linear_train_view_options(self):
+    # hflip=False: each view is the flipping view or its mirror image (the crop draw is its own
+    # sub-seed), mirrored about half the time.
+    image = _image()
+    mirrored = []
+    for i in range(24):
+      with_flip = augment.linear_train_view(image, 12, (i, 5)).numpy()
+      without = augment.linear_train_view(image, 12, (i, 5), hflip=False).numpy()
+      same = np.allclose(with_flip, without, atol=1e-6)
+      self.assertTrue(same or np.allclose(with_flip[:, ::-1], without, atol=1e-6), i)
+      mirrored.append(not same)
+    self.assertBetween(np.mean(mirrored), 0.2, 0.8)
+    # crop_min_scale bounds the crop area: the views differ from MoCo's 0.08 ones, and a
+    # minimum of 1 (whole image, aspect 1 of a square image) is the plain resize.
+    square = _image(24, 24)
+    whole = augment.linear_train_view(square, 12, SEED, crop_min_scale=1.0, hflip=False)
+    resized = augment.normalize(tf.clip_by_value(
+        augment._resize(augment.to_float(square), 12, 12), 0.0, 1.0))
+    self.assertAllClose(whole, resized, atol=1e-6)
+    self.assertNotAllClose(augment.linear_train_view(square, 12, SEED, hflip=False), resized)
+
   def test_seed_validation(self):
     with self.assertRaises(TypeError):
       augment.random_flip(_image(), tf.constant([1.0, 2.0]))

@@ -1,10 +1,15 @@
-"""Tests of tfmochi.checkpoints: listing a run's checkpoints from absolute and relative dirs."""
+"""Tests of tfmochi.checkpoints: listing a run's checkpoints, the random-init baseline network."""
 
+import dataclasses
+import json
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from tfmochi import checkpoints
+from tfmochi import config as config_lib
+from tfmochi import trainer as trainer_lib
 
 
 class ListCheckpointsTest(tf.test.TestCase):
@@ -37,6 +42,40 @@ class ListCheckpointsTest(tf.test.TestCase):
       os.chdir(cwd)
     self.assertEqual(got, [os.path.join("run", "checkpoints", "ckpt-4"),
                            os.path.join("run", "checkpoints", "ckpt-2")])
+
+
+class RandomInitEncoderTest(tf.test.TestCase):
+
+  def test_is_the_trainers_initial_query_encoder(self):
+    # `evaluate --random_init` must measure the very network training starts from, so that
+    # "pretraining beats random init" compares like with like.
+    model_dir = self.create_tempdir().full_path
+    config = config_lib.TrainConfig(
+        dataset="quickstart", arch="resnet10_tiny", small_stem=True, image_size=16,
+        model_dir=model_dir, queue_size=64, batch_size=16, export_format="none", seed=7)
+    trainer = trainer_lib.Trainer(config)
+    initial = {v.path: v.numpy() for v in trainer.moco.query_encoder.weights}
+    with open(os.path.join(model_dir, checkpoints.CONFIG_FILE), "w") as f:
+      json.dump(dataclasses.asdict(config), f)
+    tf.random.uniform([3])  # global random state moved on: the rebuild must not depend on it
+    np.random.seed(123)
+    encoder, restored = checkpoints.random_init_encoder(model_dir)
+    self.assertEqual(restored.seed, 7)
+    rebuilt = {v.path: v.numpy() for v in encoder.weights}
+    self.assertEqual(set(rebuilt), set(initial))
+    for path, value in initial.items():
+      self.assertAllEqual(rebuilt[path], value, msg=path)
+    # A different run seed gives a different network.
+    other_seed = dataclasses.replace(config, seed=8)
+    with open(os.path.join(model_dir, checkpoints.CONFIG_FILE), "w") as f:
+      json.dump(dataclasses.asdict(other_seed), f)
+    other, _ = checkpoints.random_init_encoder(model_dir)
+    kernel = [v for v in other.weights if "kernel" in v.path][0]
+    self.assertNotAllClose(kernel.numpy(), initial[kernel.path])
+
+  def test_needs_a_run_directory(self):
+    with self.assertRaisesRegex(checkpoints.CheckpointError, "config.json"):
+      checkpoints.random_init_encoder(self.create_tempdir().full_path)
 
 
 if __name__ == "__main__":

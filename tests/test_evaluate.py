@@ -139,6 +139,7 @@ def _cli() -> dict:
   return {
       "knn": (_python(f"--model_dir={good}", "--mode=knn"), good),
       "no_checkpoint": (_python(f"--model_dir={empty}", "--mode=knn"), empty),
+      "random_init": (_python(f"--model_dir={empty}", "--mode=knn", "--random_init"), empty),
       "bad_mode": (_python(f"--model_dir={good}", "--mode=svm"), good),
       "bad_k": (_python(f"--model_dir={good}", "--knn_k=abc"), good),
   }
@@ -197,6 +198,39 @@ class LinearProbeTest(tf.test.TestCase):
     self.assertAllClose(lrs, [30.0, 30.0, 3.0, 3.0, 0.3, 0.3])
     self.assertEqual(evaluate.default_linear_epochs("imagenet2012"), 100)
     self.assertEqual(evaluate.default_linear_epochs("quickstart"), 30)
+    self.assertEqual(evaluate.default_linear_settings("imagenet2012"),
+                     {"epochs": 100, "crop_min_scale": 0.08, "hflip": True})
+    self.assertEqual(evaluate.default_linear_settings("quickstart"),
+                     {"epochs": 30, "crop_min_scale": 0.5, "hflip": False})
+
+  def test_training_views_flip_only_when_asked(self):
+    # Planted structure: the class is which half of the image is bright, and the "backbone"
+    # reports the mean of each half. Mirroring turns one class into the other, so with flips
+    # half the training labels contradict the features (train top-1 near 50%), without them the
+    # probe is perfect. crop_min_scale=1 keeps whole images, so only the flip differs.
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 16)
+    images = rng.integers(0, 40, size=[32, 12, 12, 3])
+    images[labels == 0, :, :6] += 200
+    images[labels == 1, :, 6:] += 200
+    train = data_lib.from_numpy(images.astype(np.uint8), labels, name="halves", split="train")
+    test = data_lib.from_numpy(images.astype(np.uint8), labels, name="halves", split="test",
+                               ids=np.arange(32) + 1000)
+    inputs = keras.Input(shape=(None, None, 3))
+    halves = keras.layers.Lambda(lambda x: tf.concat(
+        [tf.reduce_mean(x[:, :, :6], [1, 2]), tf.reduce_mean(x[:, :, 6:], [1, 2])], -1))(inputs)
+    backbone = keras.Model(inputs, {"pooled": halves})
+    kwargs = dict(image_size=12, epochs=6, lr=0.5, batch_size=8, crop_min_scale=1.0,
+                  progress=lambda _: None)
+    plain = evaluate.linear_probe(backbone, train, test, hflip=False, **kwargs)
+    flipped = evaluate.linear_probe(backbone, train, test, hflip=True, **kwargs)
+    self.assertEqual((plain["hflip"], plain["crop_min_scale"]), (False, 1.0))
+    self.assertEqual(plain["top1"], 100.0)
+    self.assertEqual(plain["train_top1"], 100.0)
+    self.assertBetween(flipped["train_top1"], 20.0, 80.0)
+    with self.assertRaisesRegex(evaluate.EvalError, "crop_min_scale in"):
+      evaluate.linear_probe(backbone, train, test, crop_min_scale=0.0, **{
+          k: v for k, v in kwargs.items() if k != "crop_min_scale"})
 
   def test_sgd_step_is_pytorch_sgd(self):
     # torch.optim.SGD(momentum=0.9): buf = 0.9 buf + g; p -= lr * buf (lr changes mid-way).
@@ -308,6 +342,43 @@ class RunTest(tf.test.TestCase):
       evaluate.evaluate_checkpoint(model_dir, evaluate.EvalSettings(),
                                    sources=_sources(labelled=False))
 
+  def test_random_init_baseline(self):
+    # A run that has not written a checkpoint yet still has its baseline: the initial network.
+    model_dir = _make_run(os.path.join(self.create_tempdir().full_path, "run"), checkpoint=False)
+    sources = _sources()
+    settings = evaluate.EvalSettings(mode="knn", knn_k=5, batch_size=32, random_init=True)
+    baseline = evaluate.evaluate_checkpoint(model_dir, settings, sources=sources)
+    self.assertEqual((baseline["checkpoint_step"], baseline["random_init"]), (0, True))
+    self.assertIsNone(baseline["checkpoint"])
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "eval_knn_random_init.json")))
+    self.assertFalse(os.path.exists(evaluate.eval_json_path(model_dir, "knn")))
+    # The same weights as a second rebuild: the baseline is reproducible.
+    again = evaluate.evaluate_checkpoint(model_dir, settings, sources=sources, write=False)
+    self.assertEqual(again["top1"], baseline["top1"])
+    # Evaluations of checkpoints report it next to their own figure.
+    _save_checkpoint(model_dir, models.build_encoder("resnet18", small_stem=True,
+                                                     name="query_encoder"), 3)
+    result = evaluate.evaluate_checkpoint(model_dir, dataclasses.replace(settings,
+                                                                         random_init=False),
+                                          sources=sources)
+    self.assertEqual((result["checkpoint_step"], result["random_init"]), (3, False))
+    self.assertEqual(result["random_init_top1"], baseline["top1"])
+    with open(evaluate.eval_json_path(model_dir, "knn")) as f:
+      self.assertEqual(json.load(f)["random_init_top1"], baseline["top1"])
+    # Without evaluate's file, the trainer's knn_random_init.json is the kNN baseline.
+    os.remove(evaluate.eval_json_path(model_dir, "knn", random_init=True))
+    ckpt_lib.write_json_atomic(os.path.join(model_dir, "knn_random_init.json"), {"top1": 12.5})
+    self.assertEqual(evaluate.random_init_result(model_dir, "knn")["top1"], 12.5)
+    self.assertIsNone(evaluate.random_init_result(model_dir, "linear"))
+    # No checkpoint to pick, nothing to follow.
+    with self.assertRaisesRegex(evaluate.EvalError, "takes no --checkpoint"):
+      evaluate.evaluate_checkpoint(model_dir, settings, sources=sources,
+                                   checkpoint_path=result["checkpoint"])
+    with self.assertRaisesRegex(evaluate.EvalError, "--random_init and --sidecar"):
+      evaluate.run_sidecar(model_dir, settings, sources=sources)
+    with self.assertRaisesRegex(evaluate.EvalError, "linear_crop_min_scale"):
+      evaluate.EvalSettings(linear_crop_min_scale=1.5).validate()
+
   def test_training_finished(self):
     model_dir = _make_run(os.path.join(self.create_tempdir().full_path, "run"))
     latest = tf.train.latest_checkpoint(ckpt_lib.checkpoint_dir(model_dir))
@@ -360,6 +431,13 @@ class RunTest(tf.test.TestCase):
 
 class CommandLineTest(tf.test.TestCase):
 
+  def _succeeded(self, name: str, written: str) -> tuple[str, dict, str]:
+    """(stdout, the JSON file it wrote, model_dir) of a CLI case that must exit 0."""
+    code, stdout, stderr, model_dir = _finished(name)
+    self.assertEqual(code, 0, msg=stderr[-3000:])
+    with open(os.path.join(model_dir, written)) as f:
+      return stdout, json.load(f), model_dir
+
   @pytest.mark.filterwarnings("ignore")
   def test_cli(self):
     """One test, so that under pytest-xdist a single worker starts the subprocesses."""
@@ -375,11 +453,8 @@ class CommandLineTest(tf.test.TestCase):
         self.assertNotIn("Traceback", stderr, msg=name)
 
     with self.subTest("--mode=knn writes eval_knn.json and TensorBoard scalars"):
-      code, stdout, stderr, model_dir = _finished("knn")
-      self.assertEqual(code, 0, msg=stderr[-3000:])
+      stdout, result, model_dir = self._succeeded("knn", "eval_knn.json")
       self.assertIn("kNN top-1", stdout)
-      with open(os.path.join(model_dir, "eval_knn.json")) as f:
-        result = json.load(f)
       for key in ("top1", "top5", "checkpoint_step", "k", "t", "num_train", "num_test",
                   "history"):
         self.assertIn(key, result)
@@ -394,6 +469,13 @@ class CommandLineTest(tf.test.TestCase):
               for event in tf.compat.v1.train.summary_iterator(path)
               for value in event.summary.value if event.step == 1}
       self.assertContainsSubset({"knn_top1", "knn_top5"}, tags)
+
+    with self.subTest("--random_init needs no checkpoint and writes its own file"):
+      stdout, result, model_dir = self._succeeded("random_init", "eval_knn_random_init.json")
+      self.assertIn("(random init,", stdout)
+      self.assertEqual((result["checkpoint_step"], result["random_init"]), (0, True))
+      self.assertEqual((result["num_train"], result["num_test"]), (1497, 300))
+      self.assertFalse(os.path.exists(os.path.join(model_dir, "eval_knn.json")))
 
 
 if __name__ == "__main__":

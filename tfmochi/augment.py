@@ -442,14 +442,25 @@ def two_views(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2
           view(image, size, s_k, crop_scale, hflip))
 
 
-def linear_train_view(image: tf.Tensor, size: int, seed: SeedLike) -> tf.Tensor:
+def linear_train_view(image: tf.Tensor, size: int, seed: SeedLike, *,
+                      crop_min_scale: float = 0.08, hflip: bool = True) -> tf.Tensor:
   """MoCo lincls train transform: RandomResizedCrop (scale 0.08-1), flip, normalize.
+
+  Args:
+    image: uint8 or float [H, W, 3].
+    size: side S.
+    seed: stateless seed.
+    crop_min_scale: smallest crop area (0.08 in MoCo; larger for tiny images, where a 0.08 crop
+      of an 8x8 digit is a 2x2 blob that no longer shows the class).
+    hflip: random horizontal flips (off where mirroring changes the class, e.g. digits).
 
   Returns:
     float32 [S, S, 3].
   """
   s_crop, s_flip = _split(seed, 2)
-  x = random_resized_crop(image, size, s_crop, scale=(0.08, 1.0))
-  x = normalize(random_flip(x, s_flip))
+  x = random_resized_crop(image, size, s_crop, scale=(crop_min_scale, 1.0))
+  if hflip:
+    x = random_flip(x, s_flip)
+  x = normalize(x)
   x.set_shape([size, size, 3])
   return x

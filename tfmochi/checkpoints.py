@@ -159,6 +159,34 @@ def build_run_encoder(config, name: str, fast_grad: bool = True):
       bn_splits=config.bn_splits, head_bn=config.head_bn, name=name, fast_grad=fast_grad)
 
 
+def weight_init_seed(config) -> int:
+  """The global seed the trainer sets before it builds a run's networks.
+
+  Offset from --seed: a global TF seed of 0 makes tf.data's shuffle compare a tensor op-seed to 0
+  inside a graph (OperatorNotAllowedInGraphError).
+  """
+  return config.seed + 1
+
+
+def random_init_encoder(model_dir: str):
+  """A run's query encoder as the trainer initialises it, before its first step.
+
+  The baseline a pretrained checkpoint must beat (`evaluate --random_init`). Sets the global
+  random seeds (keras.utils.set_random_seed), as the trainer does before building its networks.
+
+  Returns:
+    (encoder, train_config).
+
+  Raises:
+    CheckpointError: no config.json (not a run directory).
+  """
+  import keras  # local import: keeps this module light for the trainer
+
+  config = load_run_config(model_dir)
+  keras.utils.set_random_seed(weight_init_seed(config))
+  return build_run_encoder(config, "query_encoder"), config
+
+
 def restore_encoder(model_dir: str, checkpoint_path: str | None = None):
   """Rebuilds a run's query encoder and loads its newest readable checkpoint.
 

@@ -797,6 +797,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
 
 def eval_dataset(source: DataSource, *, batch_size: int, image_size: int,
                  train_augment: bool = False, seed: int = 0, shuffle: bool = False,
+                 crop_min_scale: float = 0.08, hflip: bool = True,
                  input_context: tf.distribute.InputContext | None = None,
                  num_parallel_calls: int = AUTOTUNE) -> tf.data.Dataset:
   """One pass over a split for kNN / linear evaluation (MoCo lincls transforms).
@@ -809,6 +810,7 @@ def eval_dataset(source: DataSource, *, batch_size: int, image_size: int,
       its draws depend on (seed, id): pass a different seed per epoch for fresh crops.
     seed: augmentation and shuffle seed.
     shuffle: shuffle the examples (seeded; full permutation for in-memory sources).
+    crop_min_scale, hflip: of the train_augment view (MoCo: 0.08, flips).
     input_context: read only this pipeline's shard.
     num_parallel_calls: of the decode + transform map.
 
@@ -830,7 +832,8 @@ def eval_dataset(source: DataSource, *, batch_size: int, image_size: int,
     example = source.decode(ex)
     if train_augment:
       image = augment.linear_train_view(example["image"], image_size,
-                                        _fold(key, example["id"]))
+                                        _fold(key, example["id"]),
+                                        crop_min_scale=crop_min_scale, hflip=hflip)
     else:
       image = augment.center_view(example["image"], image_size)
     return {"image": image, "label": example["label"], "id": example["id"]}

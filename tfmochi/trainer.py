@@ -236,9 +236,8 @@ class Trainer:
     # ---- set up
     if cfg.deterministic:
       tf.config.experimental.enable_op_determinism()
-    # Weight init seed. Offset from the run seed: a global TF seed of 0 makes tf.data's shuffle
-    # compare a tensor op-seed to 0 inside a graph (OperatorNotAllowedInGraphError).
-    keras.utils.set_random_seed(cfg.seed + 1)
+    # Weight init seed (checkpoints.random_init_encoder rebuilds the same initial network).
+    keras.utils.set_random_seed(ckpt_lib.weight_init_seed(cfg))
     _set_precision(cfg.mixed_precision)
     # ---- data first: a missing data set must fail in seconds, before any device set-up
     self.train_source = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir,
@@ -653,6 +652,9 @@ class Trainer:
         print(f"Final kNN top-1 on the held-out split: {knn_result['top1']:.2f}%{base}",
               flush=True)
       print(f"Summary: {os.path.join(cfg.model_dir, 'summary.json')}", flush=True)
+      if self.train_source.has_labels:
+        print(f"Linear probe: python -m tfmochi.evaluate --model_dir={cfg.model_dir} "
+              "--mode=linear (add --random_init for the baseline)", flush=True)
     return summary
 
   def _stopped(self, message: str, step: int) -> dict:
