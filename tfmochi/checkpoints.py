@@ -6,6 +6,9 @@ Layout of `model_dir` (local or gs://):
   checkpoints/ckpt-N.*   tf.train.Checkpoint: step, query_encoder, key_encoder, queue, optimizer
   train/, eval/          TensorBoard event files
   summary.json           the end-of-run summary (atomically)
+  knn_random_init.json   the trainer's kNN of the network before its first step
+  eval_<mode>[_random_init].json   tfmochi.evaluate's results (of checkpoints / of the initial
+                         network, see checkpoints.random_init_encoder)
   export/<format>/       the exported backbone
 
 Everything downstream (export, evaluate, analyze) rebuilds the encoder from config.json and reads
@@ -23,6 +26,7 @@ from absl import logging
 import tensorflow as tf
 
 CONFIG_FILE = "config.json"
+KNN_RANDOM_INIT_FILE = "knn_random_init.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 
 

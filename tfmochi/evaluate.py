@@ -63,7 +63,6 @@ from tfmochi import knn as knn_lib  # noqa: E402
 MODES = ("knn", "linear")
 SUMMARY_FILE = "summary.json"
 RANDOM_INIT_SUFFIX = "_random_init"
-TRAINER_KNN_RANDOM_INIT_FILE = "knn_random_init.json"  # written by the trainer before step 1
 EVAL_SUBDIR = "eval"
 # MoCo main_lincls.py defaults.
 LINEAR_EPOCHS = 100
@@ -473,7 +472,7 @@ def random_init_result(model_dir: str, mode: str) -> dict | None:
   """
   candidates = [eval_json_path(model_dir, mode, random_init=True)]
   if mode == "knn":
-    candidates.append(os.path.join(model_dir, TRAINER_KNN_RANDOM_INIT_FILE))
+    candidates.append(os.path.join(model_dir, ckpt_lib.KNN_RANDOM_INIT_FILE))
   for path in candidates:
     if tf.io.gfile.exists(path):
       try:

@@ -505,7 +505,7 @@ class Trainer:
                                  dataclasses.asdict(cfg))
     writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train")) \
         if self.chief else tf.summary.create_noop_writer()
-    random_init_path = os.path.join(cfg.model_dir, "knn_random_init.json")
+    random_init_path = os.path.join(cfg.model_dir, ckpt_lib.KNN_RANDOM_INIT_FILE)
     knn_random = None
     wants_knn = cfg.knn_eval and self.train_source.has_labels
     if wants_knn and start_step == 0:
