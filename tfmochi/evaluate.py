@@ -33,6 +33,13 @@ MoCo) with the network in inference mode:
   0.08-1 crops and flips the probe of the quickstart model reaches 86.7% instead of 96.3%, no
   better than the random-init network (`--linear_crop_min_scale`, `--linear_hflip` override).
 
+`--strategy=mirrored` (local GPUs, or `--cpu_replicas` logical CPUs) or `--strategy=tpu` spreads
+the forward passes (and the probe's training steps on fresh crops) over the replicas: each batch
+is padded to the global `--batch_size`, split evenly, and gathered back in order, with a mask so
+that the padding counts nowhere; results match one device up to float rounding (tested with 2
+replicas). Multi-worker strategies are refused: a checkpoint of a multi-worker run is evaluated
+on one host.
+
 Side-car mode follows `<model_dir>/checkpoints` with `tf.train.checkpoints_iterator`, evaluates
 each new checkpoint as training writes it, and stops once the run's summary.json exists and the
 newest checkpoint has been evaluated, or after `--sidecar_timeout` seconds.
@@ -44,6 +51,7 @@ message and exit status 2. The library functions (`knn_eval`, `linear_probe`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -58,9 +66,11 @@ import tensorflow as tf  # noqa: E402
 
 from tfmochi import checkpoints as ckpt_lib  # noqa: E402
 from tfmochi import data as data_lib  # noqa: E402
+from tfmochi import distribute  # noqa: E402
 from tfmochi import knn as knn_lib  # noqa: E402
 
 MODES = ("knn", "linear")
+EVAL_STRATEGIES = ("default", "mirrored", "tpu")
 SUMMARY_FILE = "summary.json"
 RANDOM_INIT_SUFFIX = "_random_init"
 EVAL_SUBDIR = "eval"
@@ -115,6 +125,96 @@ def pooled_feature_fn(model) -> Callable[[tf.Tensor], tf.Tensor]:
   return features
 
 
+def check_strategy(strategy: tf.distribute.Strategy | None,
+                   batch_size: int) -> tf.distribute.Strategy | None:
+  """The strategy to spread an evaluation over, or None for one device.
+
+  Single-host strategies only (MirroredStrategy over local GPUs or logical CPUs, TPUStrategy):
+  every batch is padded to `batch_size` rows and split evenly over the replicas, and the
+  features are gathered back in order. Multi-worker strategies are refused: each worker would
+  read its own shard and the workers' batch counts need not agree.
+
+  Raises:
+    EvalError: a multi-worker strategy, or a batch that does not split over the replicas.
+  """
+  if strategy is None or strategy.num_replicas_in_sync == 1 and not _is_tpu(strategy):
+    return None
+  if isinstance(strategy, (tf.distribute.MultiWorkerMirroredStrategy,
+                           tf.distribute.experimental.MultiWorkerMirroredStrategy)):
+    raise EvalError("Evaluation runs on one host: use --strategy=mirrored (local GPUs) or "
+                    "--strategy=tpu, or default, on one machine; a checkpoint of a multi-worker "
+                    "run evaluates like any other.")
+  replicas = strategy.num_replicas_in_sync
+  if batch_size % replicas:
+    raise EvalError(f"--batch_size {batch_size} must be divisible by the {replicas} replicas.")
+  return strategy
+
+
+def _is_tpu(strategy: tf.distribute.Strategy) -> bool:
+  return isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
+
+
+def padded_batches(dataset: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+  """Pads every batch to exactly `batch_size` rows and adds "valid" [batch_size] bool.
+
+  Static shapes (TPU) and batches that split evenly over replicas; padded rows are zeros with
+  valid False, and never reach a result.
+  """
+
+  def pad(batch):
+    n = tf.shape(batch["label"])[0]
+    missing = batch_size - n
+    out = {"image": tf.pad(batch["image"], [[0, missing], [0, 0], [0, 0], [0, 0]]),
+           "label": tf.pad(batch["label"], [[0, missing]]),
+           "valid": tf.pad(tf.ones([n], tf.bool), [[0, missing]])}
+    out["image"].set_shape([batch_size, None, None, 3])
+    out["label"].set_shape([batch_size])
+    out["valid"].set_shape([batch_size])
+    return out
+
+  return dataset.map(pad)
+
+
+def extract_pooled(model, dataset: tf.data.Dataset, *, batch_size: int,
+                   strategy: tf.distribute.Strategy | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Raw pooled features [N, F] float32 and labels [N] int64 of a dataset of batches.
+
+  Args:
+    model: an Encoder or backbone (inference mode; built under `strategy.scope()` on TPU).
+    dataset: batches of {"image" [b, S, S, 3], "label" [b]} (b <= batch_size).
+    batch_size: the dataset's batch size (the padded size when distributed).
+    strategy: from `check_strategy` (None: one device).
+  """
+  backbone = backbone_of(model)
+  feats, labels = [], []
+  if strategy is None:
+    features_fn = pooled_feature_fn(backbone)
+    for batch in dataset:
+      feats.append(features_fn(batch["image"]).numpy())
+      labels.append(batch["label"].numpy())
+  else:
+
+    @tf.function
+    def step(batch):
+      def replica(b):
+        # (collectives gather no bools: the mask travels as int32)
+        return (tf.cast(backbone(b["image"], training=False)["pooled"], tf.float32),
+                b["label"], tf.cast(b["valid"], tf.int32))
+
+      per_replica = strategy.run(replica, args=(batch,))
+      # gather concatenates the replicas' slices in replica order: the batch's own order.
+      return tuple(strategy.gather(x, axis=0) for x in per_replica)
+
+    for batch in strategy.experimental_distribute_dataset(padded_batches(dataset, batch_size)):
+      f, y, valid = (t.numpy() for t in step(batch))
+      feats.append(f[valid == 1])
+      labels.append(y[valid == 1])
+  if not feats:
+    raise EvalError("The evaluation got an empty data set.")
+  return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
+
+
 def require_labels(source: data_lib.DataSource, what: str) -> None:
   """Raises EvalError unless `source` is labelled (kNN and linear evaluation need labels)."""
   if not source.has_labels:
@@ -149,7 +249,8 @@ def _say(progress: Progress | None, message: str) -> None:
 
 
 def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.DataSource, *,
-             image_size: int, k: int = 200, t: float = 0.1, batch_size: int = 256) -> dict:
+             image_size: int, k: int = 200, t: float = 0.1, batch_size: int = 256,
+             strategy: tf.distribute.Strategy | None = None) -> dict:
   """Weighted kNN accuracy of a backbone's L2-normalised pooled features (MoCo's monitor).
 
   Args:
@@ -160,7 +261,9 @@ def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.Dat
     image_size: centre-view side S (the run's training image size).
     k: neighbours.
     t: temperature of the exp(cos / t) vote weights.
-    batch_size: images per forward pass.
+    batch_size: images per forward pass (global, over all replicas).
+    strategy: spread the forward passes over a single-host strategy's replicas (see
+      `check_strategy`); None: one device.
 
   Returns:
     {"top1", "top5" (in %), "k", "t", "num_train", "num_test", "num_classes", "seconds"}.
@@ -173,11 +276,16 @@ def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.Dat
   require_labels(train_source, "kNN evaluation")
   require_labels(test_source, "kNN evaluation")
   start = time.time()
-  features = pooled_feature_fn(model)
-  bank, bank_labels = knn_lib.extract_features(
-      features, data_lib.eval_dataset(train_source, batch_size=batch_size, image_size=image_size))
-  queries, labels = knn_lib.extract_features(
-      features, data_lib.eval_dataset(test_source, batch_size=batch_size, image_size=image_size))
+  strategy = check_strategy(strategy, batch_size)
+
+  def normalised(source):
+    feats, labels = extract_pooled(model, data_lib.eval_dataset(
+        source, batch_size=batch_size, image_size=image_size), batch_size=batch_size,
+                                   strategy=strategy)
+    return tf.math.l2_normalize(feats, axis=-1).numpy(), labels
+
+  bank, bank_labels = normalised(train_source)
+  queries, labels = normalised(test_source)
   num_classes = _num_classes(train_source, test_source) or int(
       max(bank_labels.max(), labels.max())) + 1
   result = knn_lib.knn_accuracy(bank, bank_labels, queries, labels, num_classes, k=k, t=t)
@@ -247,20 +355,41 @@ class _LinearClassifier(tf.Module):
     super().__init__(name="linear_classifier")
     # MoCo lincls: fc.weight.data.normal_(mean=0.0, std=0.01); fc.bias.data.zero_().
     init = tf.random.stateless_normal([feature_dim, num_classes], [seed, 0x11], stddev=1.0)
-    self.kernel = tf.Variable(LINEAR_INIT_STD * init, name="kernel")
-    self.bias = tf.Variable(tf.zeros([num_classes]), name="bias")
-    self.kernel_buf = tf.Variable(tf.zeros_like(self.kernel), name="kernel_momentum")
-    self.bias_buf = tf.Variable(tf.zeros_like(self.bias), name="bias_momentum")
+    # Under a strategy every replica applies the same all-reduced update in replica context;
+    # ONLY_FIRST_REPLICA is what allows such an assign to a mirrored variable.
+    var = lambda value, name: tf.Variable(  # noqa: E731
+        value, name=name, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.kernel = var(LINEAR_INIT_STD * init, "kernel")
+    self.bias = var(tf.zeros([num_classes]), "bias")
+    self.kernel_buf = var(tf.zeros([feature_dim, num_classes]), "kernel_momentum")
+    self.bias_buf = var(tf.zeros([num_classes]), "bias_momentum")
 
   def __call__(self, features):
     return tf.matmul(features, self.kernel) + self.bias
 
-  def sgd_step(self, features, labels, lr, momentum: float, weight_decay: float):
-    """One torch.optim.SGD step on the mean cross-entropy; returns (loss, correct count)."""
+  def sgd_step(self, features, labels, lr, momentum: float, weight_decay: float, valid=None):
+    """One torch.optim.SGD step on the mean cross-entropy of the valid rows (of every replica).
+
+    Args:
+      features: [b, F]; labels: [b] int; valid: [b] bool or None (all rows count).
+
+    Returns:
+      (sum of this replica's valid losses, its correct count, its valid count), scalars.
+    """
+    weight = tf.ones_like(labels, tf.float32) if valid is None else tf.cast(valid, tf.float32)
     with tf.GradientTape() as tape:
       logits = self(features)
-      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-    grads = tape.gradient(loss, [self.kernel, self.bias])
+      loss_sum = tf.reduce_sum(
+          weight * tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    grads = tape.gradient(loss_sum, [self.kernel, self.bias])
+    count = tf.reduce_sum(weight)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+      # The mean over the global batch: sum every replica's gradient and count, then divide.
+      grads, total = context.all_reduce(tf.distribute.ReduceOp.SUM, (grads, count))
+    else:
+      total = count
+    grads = [g / tf.maximum(total, 1.0) for g in grads]
     for var, buf, grad in ((self.kernel, self.kernel_buf, grads[0]),
                            (self.bias, self.bias_buf, grads[1])):
       if weight_decay:
@@ -269,20 +398,9 @@ class _LinearClassifier(tf.Module):
       # which differs from this when the lr steps down at a milestone).
       buf.assign(momentum * buf + grad)
       var.assign_sub(lr * buf)
-    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int64),
-                                             labels), tf.int32))
-    return loss, correct
-
-
-def _extract(features_fn, dataset) -> tuple[np.ndarray, np.ndarray]:
-  """Raw (not normalised) features [N, F] and labels [N] of a dataset of batches."""
-  feats, labels = [], []
-  for batch in dataset:
-    feats.append(features_fn(batch["image"]).numpy())
-    labels.append(batch["label"].numpy())
-  if not feats:
-    raise EvalError("The linear probe got an empty data set.")
-  return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
+    hit = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
+    correct = tf.reduce_sum(weight * tf.cast(hit, tf.float32))
+    return loss_sum, correct, count
 
 
 def linear_probe(model, train_source: data_lib.DataSource, test_source: data_lib.DataSource, *,
@@ -290,7 +408,8 @@ def linear_probe(model, train_source: data_lib.DataSource, test_source: data_lib
                  batch_size: int = LINEAR_BATCH_SIZE, momentum: float = LINEAR_MOMENTUM,
                  weight_decay: float = 0.0, cache_features: bool = False,
                  crop_min_scale: float = LINEAR_CROP_MIN_SCALE, hflip: bool = True,
-                 seed: int = 0, progress: Progress | None = None) -> dict:
+                 seed: int = 0, strategy: tf.distribute.Strategy | None = None,
+                 progress: Progress | None = None) -> dict:
   """MoCo's linear classification protocol on a frozen backbone's pooled features.
 
   Args:
@@ -308,6 +427,9 @@ def linear_probe(model, train_source: data_lib.DataSource, test_source: data_lib
     crop_min_scale: smallest RandomResizedCrop area of the training views (0.08 in MoCo).
     hflip: random horizontal flips of the training views (MoCo: yes).
     seed: classifier init, shuffling and crops.
+    strategy: run the backbone (feature extraction, and the training steps on fresh crops) over
+      a single-host strategy's replicas, `batch_size` being the global batch (see
+      `check_strategy`); the result matches one device up to float rounding. None: one device.
     progress: called with one line per epoch (default: absl logging).
 
   Returns:
@@ -329,15 +451,20 @@ def linear_probe(model, train_source: data_lib.DataSource, test_source: data_lib
   require_labels(train_source, "The linear probe")
   require_labels(test_source, "The linear probe")
   start = time.time()
+  strategy = check_strategy(strategy, batch_size)
   backbone = backbone_of(model)
   before = snapshot_weights(backbone)
-  features_fn = pooled_feature_fn(backbone)
+  extract = lambda source: extract_pooled(  # noqa: E731
+      backbone, data_lib.eval_dataset(source, batch_size=batch_size, image_size=image_size),
+      batch_size=batch_size, strategy=strategy)
 
   # The backbone is frozen, so the validation (centre-view) features never change: extract once.
-  val_x, val_y = _extract(features_fn, data_lib.eval_dataset(
-      test_source, batch_size=batch_size, image_size=image_size))
+  val_x, val_y = extract(test_source)
   num_classes = _num_classes(train_source, test_source) or int(val_y.max()) + 1
-  classifier = _LinearClassifier(val_x.shape[1], num_classes, seed)
+  # Cached features train on one device (a matmul); fresh crops run across the replicas.
+  distributed = strategy is not None and not cache_features
+  with strategy.scope() if distributed else contextlib.nullcontext():
+    classifier = _LinearClassifier(val_x.shape[1], num_classes, seed)
   label_spec = tf.TensorSpec([None], tf.int64)
   lr_spec = tf.TensorSpec([], tf.float32)
 
@@ -346,41 +473,46 @@ def linear_probe(model, train_source: data_lib.DataSource, test_source: data_lib
   def step_on_features(feats, labels, step_lr):
     return classifier.sgd_step(feats, labels, step_lr, momentum, weight_decay)
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32), label_spec,
-                                lr_spec])
-  def step_on_images(images, labels, step_lr):
+  def on_images(batch, step_lr):
     # Inference mode: BN uses (and keeps) its moving statistics; no gradient reaches the backbone.
-    feats = tf.stop_gradient(tf.cast(backbone(images, training=False)["pooled"], tf.float32))
-    return classifier.sgd_step(feats, labels, step_lr, momentum, weight_decay)
+    feats = tf.stop_gradient(tf.cast(backbone(batch["image"], training=False)["pooled"],
+                                     tf.float32))
+    return classifier.sgd_step(feats, batch["label"], step_lr, momentum, weight_decay,
+                               valid=batch.get("valid"))
+
+  @tf.function(reduce_retracing=True)
+  def step_on_images(batch, step_lr):
+    if not distributed:
+      return on_images(batch, step_lr)
+    per_replica = strategy.run(on_images, args=(batch, step_lr))
+    return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None) for x in per_replica)
 
   if cache_features:
-    train_x, train_y = _extract(features_fn, data_lib.eval_dataset(
-        train_source, batch_size=batch_size, image_size=image_size))
+    train_x, train_y = extract(train_source)
   rng = np.random.default_rng(seed)
-  best_top1, loss_sum, correct, seen = -1.0, 0.0, 0, 0
+  best_top1, loss_sum, correct, seen = -1.0, 0.0, 0.0, 0.0
   for epoch in range(epochs):
     epoch_start = time.time()
     step_lr = tf.constant(linear_lr(epoch, epochs, lr), tf.float32)
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen = 0.0, 0.0, 0.0
     if cache_features:
       order = rng.permutation(len(train_y))
-      batches = ((train_x[order[i:i + batch_size]], train_y[order[i:i + batch_size]])
+      batches = (step_on_features(train_x[order[i:i + batch_size]],
+                                  train_y[order[i:i + batch_size]], step_lr)
                  for i in range(0, len(order), batch_size))
-      step = step_on_features
     else:
       # Fresh crops and order every epoch: the draws depend on (seed, epoch, image id).
       dataset = data_lib.eval_dataset(train_source, batch_size=batch_size, image_size=image_size,
                                       train_augment=True, shuffle=True,
                                       crop_min_scale=crop_min_scale, hflip=hflip,
                                       seed=seed * 100_003 + epoch)
-      batches = ((b["image"], b["label"]) for b in dataset)
-      step = step_on_images
-    for x, y in batches:
-      loss, hits = step(x, y, step_lr)
-      n = int(np.shape(y)[0])
-      loss_sum += float(loss) * n
-      correct += int(hits)
-      seen += n
+      if distributed:
+        dataset = strategy.experimental_distribute_dataset(padded_batches(dataset, batch_size))
+      batches = (step_on_images(batch, step_lr) for batch in dataset)
+    for batch_loss, hits, n in batches:
+      loss_sum += float(batch_loss)
+      correct += float(hits)
+      seen += float(n)
     val_top1 = topk_accuracy(classifier(val_x).numpy(), val_y, ks=(1,))[1]
     best_top1 = max(best_top1, val_top1)
     _say(progress, f"linear epoch {epoch + 1}/{epochs}: lr {float(step_lr):g} loss "
@@ -548,6 +680,7 @@ def restore_checkpoint(model_dir: str, checkpoint_path: str | None):
 def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
                         checkpoint_path: str | None = None,
                         sources: tuple[data_lib.DataSource, data_lib.DataSource] | None = None,
+                        strategy: tf.distribute.Strategy | None = None,
                         progress: Progress | None = None, write: bool = True) -> dict:
   """Evaluates one checkpoint of a run and records the result.
 
@@ -556,6 +689,8 @@ def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
     settings: what to run (validated here).
     checkpoint_path: a checkpoint prefix (default: the newest readable one).
     sources: (train, test) data to use instead of loading the run's data set.
+    strategy: a single-host strategy to spread the evaluation over (the encoder is built in its
+      scope); None: one device.
     progress: called with progress lines (default: absl logging).
     write: write eval_<mode>.json and the TensorBoard scalars.
 
@@ -571,14 +706,16 @@ def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
     BackboneChangedError: the linear probe changed the backbone.
   """
   settings.validate()
-  if settings.random_init:
-    if checkpoint_path is not None:
-      raise EvalError("--random_init evaluates the network before training; it takes no "
-                      "--checkpoint.")
-    encoder, config = ckpt_lib.random_init_encoder(model_dir)
-    step, path = 0, None
-  else:
-    encoder, config, step, path = restore_checkpoint(model_dir, checkpoint_path)
+  strategy = check_strategy(strategy, settings.batch_size)
+  if settings.random_init and checkpoint_path is not None:
+    raise EvalError("--random_init evaluates the network before training; it takes no "
+                    "--checkpoint.")
+  with strategy.scope() if strategy is not None else contextlib.nullcontext():
+    if settings.random_init:
+      encoder, config = ckpt_lib.random_init_encoder(model_dir)
+      step, path = 0, None
+    else:
+      encoder, config, step, path = restore_checkpoint(model_dir, checkpoint_path)
   train, test = sources if sources is not None else load_sources(config, settings)
   if sources is not None:
     require_labels(train, f"{settings.mode} evaluation")
@@ -588,7 +725,7 @@ def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
     result = knn_eval(encoder, train, test, image_size=config.image_size,
                       k=settings.knn_k or config.knn_k,
                       t=settings.knn_t if settings.knn_t is not None else config.knn_t,
-                      batch_size=settings.batch_size)
+                      batch_size=settings.batch_size, strategy=strategy)
   else:
     defaults = default_linear_settings(settings.dataset or config.dataset)
     epochs = settings.linear_epochs or defaults["epochs"]
@@ -606,12 +743,12 @@ def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
                           lr=settings.linear_lr, batch_size=settings.batch_size,
                           cache_features=settings.linear_cache_features,
                           crop_min_scale=crop_min_scale, hflip=hflip, seed=seed,
-                          progress=progress)
+                          strategy=strategy, progress=progress)
   result = {**result, "mode": settings.mode, "checkpoint_step": int(step), "checkpoint": path,
             "random_init": bool(settings.random_init), "model_dir": model_dir,
             "dataset": train.name, "train_split": train.split, "test_split": test.split,
             "image_size": int(config.image_size), "arch": config.arch, "feature": "pooled",
-            "seed": int(seed)}
+            "seed": int(seed), "replicas": strategy.num_replicas_in_sync if strategy else 1}
   if not settings.random_init:
     baseline = random_init_result(model_dir, settings.mode)
     if baseline is not None:
@@ -654,6 +791,7 @@ def training_finished(model_dir: str, last_path: str | None) -> bool:
 def run_sidecar(model_dir: str, settings: EvalSettings, *, timeout: float = 3600.0,
                 poll_interval: float = 10.0,
                 sources: tuple[data_lib.DataSource, data_lib.DataSource] | None = None,
+                strategy: tf.distribute.Strategy | None = None,
                 progress: Progress | None = None) -> list[dict]:
   """Evaluates every new checkpoint of a (running) training job until it ends.
 
@@ -664,6 +802,7 @@ def run_sidecar(model_dir: str, settings: EvalSettings, *, timeout: float = 3600
     poll_interval: how often to check for the end of training while no checkpoint is new
       (at least every 2 s).
     sources: (train, test) instead of the run's data set (loaded once, at the first checkpoint).
+    strategy: see `evaluate_checkpoint`.
     progress: progress lines.
 
   Returns:
@@ -694,7 +833,7 @@ def run_sidecar(model_dir: str, settings: EvalSettings, *, timeout: float = 3600
         config = ckpt_lib.load_run_config(model_dir)
         sources = load_sources(config, settings)
       result = evaluate_checkpoint(model_dir, settings, checkpoint_path=path, sources=sources,
-                                   progress=progress)
+                                   strategy=strategy, progress=progress)
     except ckpt_lib.CheckpointError as e:
       # Typically the trainer deleted it (max_to_keep) before we got to it: go on.
       logging.warning("side-car: skipping %s: %s", path, e)
@@ -741,6 +880,12 @@ def _define_flags() -> None:
                     "Evaluate the run's network at its random initialisation (no checkpoint): the "
                     "baseline pretraining must beat. Writes eval_<mode>_random_init.json, which "
                     "later evaluations of the run report next to their own top-1.")
+  flags.DEFINE_string("strategy", "default", "Where to run: default (one device), mirrored (all "
+                      "local GPUs, or --cpu_replicas logical CPUs) or tpu (--tpu). --batch_size is "
+                      "the global batch.")
+  flags.DEFINE_integer("cpu_replicas", 1, "--strategy=mirrored without GPUs: logical CPUs.")
+  flags.DEFINE_string("tpu", None, "--strategy=tpu: the TPU name, 'local' on a TPU VM, or a "
+                      "grpc:// address.")
   flags.DEFINE_bool("sidecar", False, "Follow the run: evaluate each new checkpoint until "
                     "summary.json appears (or --sidecar_timeout).")
   flags.DEFINE_float("sidecar_timeout", 3600.0, "Side-car: give up after this many seconds.")
@@ -772,21 +917,31 @@ def main(argv) -> int:
       linear_hflip=flag_values.linear_hflip, dataset=flag_values.dataset,
       data_dir=flag_values.data_dir, seed=flag_values.seed, random_init=flag_values.random_init)
   model_dir = flag_values.model_dir
+  if flag_values.strategy not in EVAL_STRATEGIES:
+    return _error(f"--strategy must be one of {', '.join(EVAL_STRATEGIES)} (evaluation runs on "
+                  f"one host); got {flag_values.strategy!r}.")
   try:
     settings.validate()
+    try:
+      strategy = distribute.make_strategy(flag_values.strategy, tpu=flag_values.tpu,
+                                          cpu_replicas=flag_values.cpu_replicas)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+      raise EvalError(f"--strategy={flag_values.strategy} cannot start: "
+                      f"{str(e).splitlines()[0]}") from None
     if flag_values.sidecar:
       if flag_values.checkpoint:
         raise EvalError("--checkpoint and --sidecar are exclusive (the side-car follows every "
                         "new checkpoint).")
       results = run_sidecar(model_dir, settings, timeout=flag_values.sidecar_timeout,
-                            poll_interval=flag_values.sidecar_poll_secs, progress=print)
+                            poll_interval=flag_values.sidecar_poll_secs, strategy=strategy,
+                            progress=print)
       if not results:
         return _error(f"no checkpoint could be evaluated in {ckpt_lib.checkpoint_dir(model_dir)}"
                       f" within --sidecar_timeout={flag_values.sidecar_timeout:g} s.")
       result = results[-1]
     else:
       result = evaluate_checkpoint(model_dir, settings, checkpoint_path=flag_values.checkpoint,
-                                   progress=print)
+                                   strategy=strategy, progress=print)
   except (EvalError, ckpt_lib.CheckpointError, data_lib.DataError, BackboneChangedError) as e:
     return _error(str(e))
   name = "kNN" if settings.mode == "knn" else "Linear"
