@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from tfmochi import checkpoints
 from tfmochi import config as config_lib
+from tfmochi import evaluate
 from tfmochi import trainer
 
 # resnet10_tiny: the trainer's logic does not depend on the backbone, and the narrow ResNet keeps
@@ -62,10 +63,16 @@ class TrainerTest(tf.test.TestCase):
   def test_mirrored_two_replicas(self):
     model_dir = self.create_tempdir().full_path
     summary = trainer.train(tiny(model_dir, strategy="mirrored", cpu_replicas=2,
-                                 bn_mode="shuffle"))
+                                 bn_mode="shuffle", knn_eval=True))
     self.assertEqual(summary["replicas"], 2)
     self.assertEqual(summary["global_step"], 6)
     self.assertTrue(np.isfinite(summary["final_loss"]))
+    # The kNN monitor runs over both replicas; evaluating the final checkpoint offline on one
+    # device gives the same figure (up to one tie of 300 held-out digits).
+    offline = evaluate.evaluate_checkpoint(model_dir, evaluate.EvalSettings(mode="knn"),
+                                           write=False)
+    self.assertEqual(offline["checkpoint_step"], 6)
+    self.assertAllClose(summary["knn_top1"], offline["top1"], atol=0.34)
 
   def test_imagenet_path_under_mock_data(self):
     model_dir = self.create_tempdir().full_path

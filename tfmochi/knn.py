@@ -8,32 +8,8 @@ never needs a [N_test, N_train] matrix at once.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
 import numpy as np
 import tensorflow as tf
-
-
-def extract_features(feature_fn: Callable[[tf.Tensor], tf.Tensor],
-                     dataset: Iterable) -> tuple[np.ndarray, np.ndarray]:
-  """Runs `feature_fn` over a dataset of {"image", "label"} batches.
-
-  Args:
-    feature_fn: images [b, H, W, 3] -> features [b, F] (e.g. a backbone's pooled output in
-      inference mode, wrapped in a tf.function).
-    dataset: batches with "image" and "label".
-
-  Returns:
-    (features [N, F] float32 L2-normalised, labels [N] int64).
-  """
-  feats, labels = [], []
-  for batch in dataset:
-    f = tf.math.l2_normalize(tf.cast(feature_fn(batch["image"]), tf.float32), axis=-1)
-    feats.append(f.numpy())
-    labels.append(np.asarray(batch["label"]))
-  if not feats:
-    raise ValueError("the data set given to the kNN monitor is empty.")
-  return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
 
 
 def knn_predict_scores(train_features: np.ndarray, train_labels: np.ndarray,
