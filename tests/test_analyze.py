@@ -381,7 +381,7 @@ class RunTest(tf.test.TestCase):
     blocker = os.path.join(self.create_tempdir().full_path, "file")
     with open(blocker, "w") as f:
       f.write("x")
-    with self.assertRaisesRegex(analyze.AnalyzeError, "Cannot write to --output_dir"):
+    with self.assertRaisesRegex(analyze.AnalyzeError, "--output_dir .* is not writable"):
       analyze.check_output_dir(os.path.join(blocker, "out"))
 
 
@@ -395,7 +395,7 @@ class CommandLineTest(tf.test.TestCase):
     _cli()
     with self.subTest("errors exit 2 without a traceback"):
       expected = {"no_checkpoint": "no checkpoint yet",
-                  "unwritable": "Cannot write to --output_dir",
+                  "unwritable": "is not writable",
                   "bad_flag": "--num_queries must be >= 1"}
       for name, message in expected.items():
         code, _, stderr, _ = _finished(name)

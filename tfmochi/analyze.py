@@ -1,7 +1,9 @@
 """What the negatives of a trained MoCo / MoCHi model look like (the papers' analyses).
 
 `python -m tfmochi.analyze --model_dir=RUN --output_dir=OUT` restores a run's checkpoint, embeds
-a labelled data set and writes OUT/report.json, PNG plots and OUT/index.html showing them.
+a labelled data set and writes OUT/report.json, PNG plots and OUT/index.html showing them (OUT
+may be gs://). report.json is written last: an analysis is complete once it exists (a rerun into
+the same OUT deletes it before writing anything, see tfmochi.rundir rule 2).
 
 Set-up (as in training): N images give the queue, keys = L2-normalised projections of one
 augmented view by the momentum (key) encoder (the query encoder if the checkpoint has none); M
@@ -57,6 +59,7 @@ from tfmochi import checkpoints as ckpt_lib  # noqa: E402
 from tfmochi import data as data_lib  # noqa: E402
 from tfmochi import losses as losses_lib  # noqa: E402
 from tfmochi import mixing  # noqa: E402
+from tfmochi import rundir  # noqa: E402
 
 # Hardness bands in % of each query's negatives, hardest first (Cai et al.'s cut points).
 DEFAULT_BANDS = ((0.0, 0.1), (0.1, 1.0), (1.0, 5.0), (5.0, 20.0), (20.0, 100.0))
@@ -569,8 +572,7 @@ def semantic_similarity_fn(dataset: str, data_dir: str | None = None
 def _save_figure(fig, path: str) -> None:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-  with tf.io.gfile.GFile(path, "wb") as f:  # works for gs:// too
-    f.write(buffer.getvalue())
+  rundir.write_bytes(path, buffer.getvalue())
 
 
 def _hist_axes(ax, hists: dict, names: Sequence[tuple[str, str]], title: str) -> None:
@@ -750,15 +752,10 @@ def write_html(report: dict, output_dir: str, plots: Sequence[str]) -> str:
 
 def check_output_dir(output_dir: str) -> None:
   """Creates output_dir and proves it is writable; raises AnalyzeError otherwise."""
-  probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
   try:
-    tf.io.gfile.makedirs(output_dir)
-    with tf.io.gfile.GFile(probe, "w") as f:
-      f.write("ok")
-    tf.io.gfile.remove(probe)
-  except (tf.errors.OpError, OSError) as e:
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    raise AnalyzeError(f"Cannot write to --output_dir {output_dir}: {reason}") from None
+    rundir.check_writable(output_dir, "--output_dir")
+  except rundir.RunDirError as e:
+    raise AnalyzeError(str(e)) from None
 
 
 def _restore_key_encoder(config, checkpoint_path: str):
@@ -922,11 +919,12 @@ def analyze_run(model_dir: str, output_dir: str, *, checkpoint_path: str | None 
                    "seed": int(seed)}
   report["checkpoint_step"] = int(step)
   report["seconds"] = float(time.time() - start)
+  rundir.begin_directory(output_dir, REPORT_FILE)  # an earlier analysis there: now incomplete
   plots = write_plots(report, output_dir)
   report["plots"] = plots
   report["html"] = HTML_FILE
-  ckpt_lib.write_json_atomic(os.path.join(output_dir, REPORT_FILE), report)
   write_html(report, output_dir, plots)
+  ckpt_lib.write_json_atomic(os.path.join(output_dir, REPORT_FILE), report)  # the marker, last
   return report
 
 

@@ -9,7 +9,12 @@ Layout of `model_dir` (local or gs://):
   knn_random_init.json   the trainer's kNN of the network before its first step
   eval_<mode>[_random_init].json   tfmochi.evaluate's results (of checkpoints / of the initial
                          network, see checkpoints.random_init_encoder)
-  export/<format>/       the exported backbone
+  metrics.jsonl          one JSON record per training loop (see rundir.MetricsLog)
+  export/<format>/       the exported backbone (complete once export_info.json exists)
+  analysis/              tfmochi.analyze's report (complete once report.json exists)
+
+How these files are written (through tf.io.gfile, each whole or not at all, without relying on an
+atomic rename, so that model_dir may be a gs:// bucket) is the subject of `tfmochi.rundir`.
 
 Everything downstream (export, evaluate, analyze) rebuilds the encoder from config.json and reads
 the `query_encoder` node of the newest readable checkpoint, so any of them works on a run that is
@@ -18,15 +23,16 @@ still training.
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 
 from absl import logging
 import tensorflow as tf
 
+from tfmochi import rundir
+
 CONFIG_FILE = "config.json"
 KNN_RANDOM_INIT_FILE = "knn_random_init.json"
+METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
@@ -35,27 +41,12 @@ class CheckpointError(ValueError):
 
 
 # -------------------------------------------------------------------------------------------------
-# Atomic file writes (local and gs://)
+# Whole-file writes (local and gs://): see tfmochi.rundir, rule 1
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename: never half-written."""
-  directory = os.path.dirname(path)
-  if directory:
-    tf.io.gfile.makedirs(directory)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def write_json_atomic(path: str, obj) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str):
-  with tf.io.gfile.GFile(path, "r") as f:
-    return json.load(f)
+write_text_atomic = rundir.write_text
+write_json_atomic = rundir.write_json
+read_json = rundir.read_json
 
 
 # -------------------------------------------------------------------------------------------------
@@ -69,7 +60,11 @@ def checkpoint_dir(model_dir: str) -> str:
 def list_checkpoints(model_dir: str) -> list[str]:
   """Checkpoint prefixes of a run, newest first (empty if none)."""
   directory = checkpoint_dir(model_dir)
-  state = tf.train.get_checkpoint_state(directory) if tf.io.gfile.exists(directory) else None
+  try:
+    found = rundir.check_readable(directory, "The checkpoint directory")
+  except rundir.RunDirError as e:  # an unknown scheme, a bucket without access, ...
+    raise CheckpointError(str(e)) from None
+  state = tf.train.get_checkpoint_state(directory) if found else None
   if state is None:
     return []
   paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
@@ -135,13 +130,20 @@ def load_run_config(model_dir: str):
   from tfmochi import config as config_lib  # local: config imports the heavy modules
 
   path = os.path.join(model_dir, CONFIG_FILE)
-  if not tf.io.gfile.exists(path):
+  try:
+    found = rundir.check_readable(path)
+  except rundir.RunDirError as e:  # an unknown scheme, a bucket without access, ...
+    raise CheckpointError(str(e)) from None
+  if not found:
     if not tf.io.gfile.exists(model_dir):
       raise CheckpointError(f"--model_dir {model_dir} does not exist. Point it at the directory a "
                             "training run wrote (it holds config.json and checkpoints/).")
     raise CheckpointError(f"{model_dir} has no {CONFIG_FILE}: it is not a tfmochi training "
                           "directory (python -m tfmochi.train --model_dir=... writes one).")
-  return config_lib.TrainConfig.from_dict(read_json(path))
+  try:
+    return config_lib.TrainConfig.from_dict(read_json(path))
+  except (ValueError, tf.errors.OpError) as e:
+    raise CheckpointError(f"{path} cannot be read ({rundir.reason(e)}).") from None
 
 
 def encoder_bn_mode(moco_bn_mode: str) -> str:

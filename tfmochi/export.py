@@ -28,11 +28,15 @@ restores the newest readable checkpoint of a run and writes one of these directo
   `num_batches_tracked`, so `resnet.load_state_dict(state, strict=False)` misses only `fc.*`.
 
 Every export also has `export_info.json` (architecture, stem, strides, input convention, step,
-files). Exports are atomic: everything is written into a temporary sibling directory
-(`.<name>.tmp-<id>`) that is renamed into place at the end, so a crash never leaves a half-written
-export; an existing export is only replaced (with `overwrite=True`) after the new one is complete.
-A hard kill (SIGKILL) can leave a stale `.<name>.tmp-*` sibling, never a partial `<name>`. On
-object stores (gs://) the export is staged locally and copied; the final rename there is a copy.
+files), written last: an export is complete when it exists (`load_export_info`). On a local disk
+exports are atomic: everything is written into a temporary sibling directory (`.<name>.tmp-<id>`)
+that is renamed into place at the end, so a crash never leaves a half-written export; an existing
+export is only replaced (with `overwrite=True`) after the new one is complete. A hard kill
+(SIGKILL) can leave a stale `.<name>.tmp-*` sibling, never a partial `<name>`. Object stores
+(gs://, ram://) have no atomic rename (tfmochi.rundir): the export is built in a local scratch
+directory and uploaded file by file into `<name>`, export_info.json last; replacing an export
+deletes the old export_info.json first, so a crash leaves a `<name>` without it (incomplete, and
+refused by `load_export_info`), never one that looks complete.
 
 Whatever BN flavour the run trained with (standard, synchronized, SplitBatchNorm) and whatever
 its dtype policy, the export is a float32 copy with standard BN: the layers are identical in
@@ -64,6 +68,7 @@ import tensorflow as tf  # noqa: E402
 
 from tfmochi import checkpoints as ckpt_lib  # noqa: E402
 from tfmochi import models  # noqa: E402
+from tfmochi import rundir  # noqa: E402
 
 FORMATS = ("saved_model", "hub", "keras", "detectron2", "torchvision")
 
@@ -483,36 +488,46 @@ _WRITERS = {
 
 
 # -------------------------------------------------------------------------------------------------
-# Atomic directory replacement
+# Atomic directory replacement (tfmochi.rundir, rule 2)
 
 
 def _is_remote(path: str) -> bool:
   return "://" in path
 
 
-def _list_files(directory: str) -> list[str]:
-  files = []
-  for root, _, names in os.walk(directory):
-    files += [os.path.relpath(os.path.join(root, n), directory) for n in names]
-  return sorted(files)
+def _publish(stage: str, out_dir: str, overwrite: bool) -> None:
+  """Object stores (no atomic rename): local `stage` -> `out_dir`, export_info.json last.
 
-
-def _copy_tree(src: str, dst: str) -> None:
-  """Local directory -> any tf.io.gfile path."""
-  for name in _list_files(src):
-    target = os.path.join(dst, name)
-    tf.io.gfile.makedirs(os.path.dirname(target))
-    tf.io.gfile.copy(os.path.join(src, name), target, overwrite=True)
-
-
-def _remove(path: str) -> None:
+  An existing export first loses its export_info.json (it is incomplete from then on), then its
+  files; the new files are uploaded and export_info.json, written last in one upload, makes the
+  new export complete. A crash on the way leaves a directory without export_info.json, which
+  `load_export_info` refuses and the next export replaces.
+  """
+  if tf.io.gfile.exists(out_dir):
+    _refuse_existing(out_dir, overwrite)  # created by someone else meanwhile
+    rundir.begin_directory(out_dir, INFO_FILE)
+    rundir.remove(out_dir)
   try:
-    if tf.io.gfile.isdir(path):
-      tf.io.gfile.rmtree(path)
-    elif tf.io.gfile.exists(path):
-      tf.io.gfile.remove(path)
-  except tf.errors.OpError as e:  # cleanup must not hide the original error
-    logging.warning("Could not remove %s: %s", path, e)
+    rundir.copy_tree(stage, out_dir, skip=(INFO_FILE,))
+    with open(os.path.join(stage, INFO_FILE), "rb") as f:
+      rundir.write_bytes(os.path.join(out_dir, INFO_FILE), f.read())
+  except BaseException:
+    rundir.remove(out_dir)  # incomplete (no export_info.json): do not leave it behind
+    raise
+
+
+def load_export_info(export_dir: str) -> dict:
+  """The export_info.json of a complete export.
+
+  Raises:
+    ExportError: no export there, or an incomplete one (interrupted before export_info.json,
+      which is written last, see tfmochi.rundir rule 2).
+  """
+  if not rundir.is_complete(export_dir, INFO_FILE):
+    what = "an incomplete export" if tf.io.gfile.exists(export_dir) else "no export"
+    raise ExportError(f"{export_dir} holds {what} (no {INFO_FILE}, which is written last). "
+                      "Export again (python -m tfmochi.export ... --overwrite).")
+  return rundir.read_json(os.path.join(export_dir, INFO_FILE))
 
 
 def _check_format(fmt: str) -> str:
@@ -522,7 +537,11 @@ def _check_format(fmt: str) -> str:
 
 
 def _refuse_existing(out_dir: str, overwrite: bool) -> None:
-  if not overwrite and tf.io.gfile.exists(out_dir):
+  try:
+    exists = rundir.check_readable(out_dir, "The export directory")
+  except rundir.RunDirError as e:
+    raise ExportError(str(e)) from None
+  if not overwrite and exists:
     raise ExportError(f"The export directory {out_dir} already exists; pass --overwrite "
                       "(overwrite=True) to replace it, or choose another --export_dir.")
 
@@ -561,7 +580,10 @@ def export_backbone(backbone: keras.Model, out_dir: str, fmt: str = "saved_model
   tf.io.gfile.makedirs(parent)
   token = uuid.uuid4().hex[:8]
   tmp_dir = os.path.join(parent, f".{name}.tmp-{token}")
-  stage = tempfile.mkdtemp(prefix="tfmochi-export-") if _is_remote(out_dir) else tmp_dir
+  remote = _is_remote(out_dir)
+  # Object stores: built in a local scratch directory (the writers use local files), then
+  # published file by file with the marker last; local disks: built next to out_dir, renamed.
+  stage = tempfile.mkdtemp(prefix="tfmochi-export-") if remote else tmp_dir
   try:
     os.makedirs(stage, exist_ok=True)
     extra = writer(clean, stage, image_size) or {}
@@ -575,18 +597,20 @@ def export_backbone(backbone: keras.Model, out_dir: str, fmt: str = "saved_model
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
-    info["files"] = sorted(_list_files(stage) + [INFO_FILE])
+    info["files"] = sorted(rundir.list_files(stage) + [INFO_FILE])
     with open(os.path.join(stage, INFO_FILE), "w") as f:
       json.dump(info, f, indent=2, sort_keys=True)
       f.write("\n")
-    if stage != tmp_dir:
-      _copy_tree(stage, tmp_dir)
-    _commit(tmp_dir, out_dir, overwrite, token)
+    if remote:
+      _publish(stage, out_dir, overwrite)
+    else:
+      _commit(tmp_dir, out_dir, overwrite, token)
   except BaseException:
-    _remove(tmp_dir)
+    if not remote:
+      rundir.remove(tmp_dir)
     raise
   finally:
-    if stage != tmp_dir:
+    if remote:
       shutil.rmtree(stage, ignore_errors=True)
   return info
 
@@ -605,7 +629,7 @@ def _commit(tmp_dir: str, out_dir: str, overwrite: bool, token: str) -> None:
   except BaseException:
     tf.io.gfile.rename(old, out_dir)  # put the previous export back
     raise
-  _remove(old)
+  rundir.remove(old)
 
 
 def default_export_dir(model_dir: str, fmt: str) -> str:
@@ -627,8 +651,8 @@ def export_run(model_dir: str, export_dir: str | None = None, fmt: str = "saved_
   """
   _check_format(fmt)
   export_dir = export_dir or default_export_dir(model_dir, fmt)
-  _refuse_existing(export_dir, overwrite)  # before the (slow) restore
   arch = ckpt_lib.load_run_config(model_dir).arch
+  _refuse_existing(export_dir, overwrite)  # before the (slow) restore
   if arch in models.SMOKE_ARCHS:
     raise ExportError(f"{model_dir} was trained with --arch={arch}, an architecture for tests and "
                       "smoke runs with no torchvision counterpart: it cannot be exported "

@@ -35,6 +35,7 @@ from tfmochi import distribute
 from tfmochi import evaluate as eval_lib
 from tfmochi import models
 from tfmochi import moco as moco_lib
+from tfmochi import rundir
 from tfmochi import schedules
 
 
@@ -158,16 +159,9 @@ def _set_precision(name: str) -> None:
 def _check_model_dir(config: config_lib.TrainConfig) -> None:
   """The model_dir must be writable, and a resumed run must have the same model."""
   try:
-    tf.io.gfile.makedirs(config.model_dir)
-    # Unique per process: the workers of a multi-worker run probe the same directory at once.
-    probe = os.path.join(config.model_dir, f".write_test_{os.getpid()}_{time.time_ns()}")
-    with tf.io.gfile.GFile(probe, "w") as f:
-      f.write("ok")
-    tf.io.gfile.remove(probe)
-  except (tf.errors.OpError, OSError) as e:
-    raise config_lib.ConfigError(
-        f"--model_dir {config.model_dir} is not writable ({str(e).splitlines()[0]}). Choose a "
-        "directory you can write to.") from None
+    rundir.check_writable(config.model_dir)
+  except rundir.RunDirError as e:
+    raise config_lib.ConfigError(str(e)) from None
   path = os.path.join(config.model_dir, ckpt_lib.CONFIG_FILE)
   if tf.io.gfile.exists(path):
     old = ckpt_lib.read_json(path)
@@ -315,6 +309,7 @@ class Trainer:
     self._loop_fn = None
     self.preemption = _Preemption()
     self._last_saved_step = -1
+    self._metrics = None  # rundir.MetricsLog of metrics.jsonl (chief only), set by run()
 
   def _task_id(self) -> int:
     resolver = getattr(self.strategy, "cluster_resolver", None)
@@ -412,6 +407,8 @@ class Trainer:
     if step != self._last_saved_step:
       self.manager.save(checkpoint_number=step)
       self._last_saved_step = step
+    if self._metrics is not None:
+      self._metrics.flush()  # object stores: metrics.jsonl up to this checkpoint (rundir rule 4)
 
   def _make_preemption_handler(self):
     """tf.distribute's PreemptionCheckpointHandler for multi_worker and tpu runs, else None.
@@ -496,6 +493,8 @@ class Trainer:
     cfg = self.config
     start_step = self.restore()
     if self.chief:
+      self._metrics = rundir.MetricsLog(os.path.join(cfg.model_dir, ckpt_lib.METRICS_FILE),
+                                        start_step)
       ckpt_lib.write_json_atomic(os.path.join(cfg.model_dir, ckpt_lib.CONFIG_FILE),
                                  dataclasses.asdict(cfg))
     writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train")) \
@@ -659,16 +658,10 @@ class Trainer:
     return {"preempted": True, "global_step": step}
 
   def _log_metrics(self, record: dict) -> None:
-    """Appends one JSON line per loop to <model_dir>/metrics.jsonl (what TensorBoard shows, in a
-    form scripts and tests can read; a resumed run appends to it)."""
-    import json
-
-    path = os.path.join(self.config.model_dir, "metrics.jsonl")
-    try:
-      with tf.io.gfile.GFile(path, "a") as f:  # object stores (gs://) cannot append: skipped
-        f.write(json.dumps(record) + "\n")
-    except (tf.errors.OpError, OSError) as e:
-      logging.log_first_n(logging.WARNING, "metrics.jsonl not written: %s", 1, e)
+    """One JSON line per loop in <model_dir>/metrics.jsonl (what TensorBoard shows, in a form
+    scripts and tests can read; a resumed run continues it). Appended on local disks; on object
+    stores rewritten whole at each checkpoint (rundir rule 4)."""
+    self._metrics.append(record)
 
   def _export(self) -> str | None:
     try:

@@ -1,0 +1,339 @@
+"""Tests of tfmochi.rundir: a run directory on an object store, with ram:// standing in for gs://.
+
+TensorFlow's in-memory file system (ram://) goes through the same tf.io.gfile layer as gs://,
+and lives in one process: the end-to-end test trains, interrupts (a SIGTERM to this process),
+resumes, evaluates, exports and analyses in this process.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import tempfile
+import uuid
+
+import numpy as np
+import tensorflow as tf
+
+from tfmochi import analyze
+from tfmochi import checkpoints
+from tfmochi import config as config_lib
+from tfmochi import evaluate
+from tfmochi import export
+from tfmochi import models
+from tfmochi import rundir
+from tfmochi import trainer
+
+
+def _ram_dir(test, name="run"):
+  root = f"ram://tfmochi-test-{uuid.uuid4().hex[:8]}"
+  test.addCleanup(lambda: tf.io.gfile.rmtree(root) if tf.io.gfile.exists(root) else None)
+  return f"{root}/{name}"
+
+
+def _no_rename_on_ram(test):
+  """Object stores have no atomic rename: any rename of a ram:// path fails the test."""
+  original = tf.io.gfile.rename
+
+  def rename(src, dst, overwrite=False):
+    if "://" in src or "://" in dst:
+      raise AssertionError(f"rename on an object store: {src} -> {dst}")
+    return original(src, dst, overwrite)
+
+  tf.io.gfile.rename = rename
+  test.addCleanup(setattr, tf.io.gfile, "rename", original)
+
+
+class WholeFilesTest(tf.test.TestCase):
+
+  def test_object_store_file_is_one_write_without_rename(self):
+    _no_rename_on_ram(self)
+    directory = _ram_dir(self)
+    path = f"{directory}/sub/summary.json"
+    rundir.write_json(path, {"global_step": 6})
+    rundir.write_json(path, {"global_step": 8})  # replaced whole
+    self.assertEqual(rundir.read_json(path), {"global_step": 8})
+    self.assertEqual(tf.io.gfile.listdir(f"{directory}/sub"), ["summary.json"])  # no temp files
+
+  def test_local_file_is_renamed_into_place(self):
+    directory = self.create_tempdir().full_path
+    path = os.path.join(directory, "config.json")
+    rundir.write_text(path, "old\n")
+    renamed = []
+    original = tf.io.gfile.rename
+
+    def rename(src, dst, overwrite=False):
+      renamed.append((os.path.basename(src), os.path.basename(dst)))
+      with open(dst) as f:
+        self.assertEqual(f.read(), "old\n")  # the old content stays until the rename
+      return original(src, dst, overwrite)
+
+    tf.io.gfile.rename = rename
+    self.addCleanup(setattr, tf.io.gfile, "rename", original)
+    rundir.write_text(path, "new\n")
+    self.assertEqual(open(path).read(), "new\n")
+    self.assertLen(renamed, 1)
+    self.assertStartsWith(renamed[0][0], "config.json.tmp-")
+    self.assertEqual(os.listdir(directory), ["config.json"])
+
+  def test_marker_makes_a_directory_complete(self):
+    directory = _ram_dir(self, "analysis")
+    rundir.begin_directory(directory, "report.json")
+    self.assertFalse(rundir.is_complete(directory, "report.json"))
+    rundir.write_bytes(f"{directory}/a/plot.png", b"png")
+    rundir.write_json(f"{directory}/report.json", {})
+    self.assertTrue(rundir.is_complete(directory, "report.json"))
+    self.assertEqual(rundir.list_files(directory), ["a/plot.png", "report.json"])
+    rundir.begin_directory(directory, "report.json")  # a rewrite starts: incomplete again
+    self.assertFalse(rundir.is_complete(directory, "report.json"))
+    self.assertEqual(rundir.list_files(directory), ["a/plot.png"])
+
+
+class MetricsLogTest(tf.test.TestCase):
+
+  def test_object_store_rewrites_the_whole_file_at_each_flush(self):
+    path = f"{_ram_dir(self)}/metrics.jsonl"
+    log = rundir.MetricsLog(path)
+    log.append({"step": 2})
+    log.append({"step": 4})
+    self.assertFalse(tf.io.gfile.exists(path))  # written at checkpoints, not per line
+    log.flush()
+    log.append({"step": 6})
+    log.flush()
+    lines = rundir.read_text(path).splitlines()
+    self.assertEqual([json.loads(line)["step"] for line in lines], [2, 4, 6])
+    # A run resumed from step 4 continues the records up to its checkpoint, no duplicates.
+    resumed = rundir.MetricsLog(path, resume_step=4)
+    resumed.append({"step": 6, "again": True})
+    resumed.flush()
+    records = [json.loads(line) for line in rundir.read_text(path).splitlines()]
+    self.assertEqual([r["step"] for r in records], [2, 4, 6])
+    self.assertTrue(records[-1]["again"])
+
+  def test_local_disk_appends_each_line(self):
+    path = os.path.join(self.create_tempdir().full_path, "metrics.jsonl")
+    log = rundir.MetricsLog(path)
+    log.append({"step": 2})
+    self.assertEqual(open(path).read(), '{"step": 2}\n')
+    log.flush()
+    log.append({"step": 4})
+    self.assertLen(open(path).readlines(), 2)
+
+
+class UnusableLocationTest(tf.test.TestCase):
+
+  def test_unknown_file_system(self):
+    with self.assertRaisesRegex(rundir.RunDirError,
+                                r"--model_dir nosuch://bucket/run is not writable \(File system "
+                                r"scheme 'nosuch' not implemented.*no file system for nosuch://"):
+      rundir.check_writable("nosuch://bucket/run")
+
+  def test_trainer_refuses_an_unwritable_model_dir_with_one_message(self):
+    blocker = os.path.join(self.create_tempdir().full_path, "file")
+    open(blocker, "w").close()  # a file where a directory should be: a read-only location
+    for model_dir, reason in (("nosuch://bucket/run", "no file system for nosuch://"),
+                              (f"{blocker}/run", "choose a directory you can write to")):
+      config = config_lib.TrainConfig(model_dir=model_dir, arch="resnet10_tiny",
+                                      export_format="none", knn_eval=False, verbose=False)
+      with self.assertRaisesRegex(config_lib.ConfigError, f"is not writable.*{reason}"):
+        trainer.Trainer(config)
+
+  def test_unreadable_run_for_evaluate_export_analyze(self):
+    # Their command lines turn a CheckpointError into one line and exit status 2.
+    with self.assertRaisesRegex(checkpoints.CheckpointError,
+                                "nosuch://bucket/run/config.json cannot be read .*no file system"):
+      checkpoints.load_run_config("nosuch://bucket/run")
+    run = "nosuch://bucket/run"
+    with self.assertRaisesRegex(checkpoints.CheckpointError, "cannot be read"):
+      export.export_run(run)
+    with self.assertRaisesRegex(checkpoints.CheckpointError, "cannot be read"):
+      evaluate.evaluate_checkpoint(run, evaluate.EvalSettings(mode="knn"))
+    with self.assertRaisesRegex(checkpoints.CheckpointError, "cannot be read"):
+      analyze.analyze_run(run, self.create_tempdir().full_path)
+    with self.assertRaisesRegex(analyze.AnalyzeError, "--output_dir .* is not writable"):
+      analyze.analyze_run(run, f"{run}/analysis")
+
+
+class CheckpointsOnObjectStoreTest(tf.test.TestCase):
+  """tf.train.CheckpointManager on ram://: the `checkpoint` state file is written last."""
+
+  def _run(self, steps=(2, 4)):
+    model_dir = _ram_dir(self)
+    v = tf.Variable(0.0)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=v),
+                                         checkpoints.checkpoint_dir(model_dir), max_to_keep=3)
+    for n in steps:
+      v.assign(float(n))
+      manager.save(checkpoint_number=n)
+    return model_dir, v
+
+  def _restored(self, model_dir):
+    v = tf.Variable(-1.0)
+    path = checkpoints.restore_with_fallback(tf.train.Checkpoint(v=v), model_dir)
+    return checkpoints.checkpoint_step(path), float(v.numpy())
+
+  def test_truncated_newest_falls_back(self):
+    model_dir, _ = self._run()
+    directory = checkpoints.checkpoint_dir(model_dir)
+    data = [n for n in tf.io.gfile.listdir(directory) if n.startswith("ckpt-4.data")][0]
+    rundir.write_bytes(f"{directory}/{data}", b"\0" * 3)  # a half-uploaded object
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertEqual(self._restored(model_dir), (2, 2.0))
+    self.assertTrue(any("ckpt-4" in line for line in logs.output))
+
+  def test_missing_files_of_the_newest_are_skipped(self):
+    model_dir, _ = self._run()
+    tf.io.gfile.remove(f"{checkpoints.checkpoint_dir(model_dir)}/ckpt-4.index")
+    self.assertEqual([checkpoints.checkpoint_step(p) for p in
+                      checkpoints.list_checkpoints(model_dir)], [2])
+    self.assertEqual(self._restored(model_dir), (2, 2.0))
+
+  def test_a_save_interrupted_before_the_state_file_is_not_chosen(self):
+    model_dir, v = self._run()
+    # ckpt-6's files are complete, but the save stopped before the state file named it.
+    v.assign(6.0)
+    tf.train.Checkpoint(v=v).write(f"{checkpoints.checkpoint_dir(model_dir)}/ckpt-6")
+    self.assertEqual(self._restored(model_dir), (4, 4.0))
+
+  def test_no_state_file_means_no_checkpoint_yet(self):
+    model_dir, _ = self._run(steps=(2,))
+    tf.io.gfile.remove(f"{checkpoints.checkpoint_dir(model_dir)}/checkpoint")
+    self.assertEqual(checkpoints.list_checkpoints(model_dir), [])
+    self.assertIsNone(checkpoints.restore_with_fallback(tf.train.Checkpoint(v=tf.Variable(0.)),
+                                                        model_dir))
+
+
+class ExportOnObjectStoreTest(tf.test.TestCase):
+
+  def _backbone(self):
+    return models.build_backbone("resnet18", small_stem=True)
+
+  def test_interrupted_replacement_is_never_complete(self):
+    _no_rename_on_ram(self)
+    out = f"{_ram_dir(self, 'export')}/torchvision"
+    backbone = self._backbone()
+    export.export_backbone(backbone, out, "torchvision", image_size=8, step=1)
+    info = export.load_export_info(out)
+    self.assertEqual(info["step"], 1)
+    self.assertEqual(rundir.list_files(out), info["files"])
+    original, copied = tf.io.gfile.copy, []
+
+    def failing_copy(src, dst, overwrite=False):
+      if copied:
+        raise tf.errors.UnavailableError(None, None, "connection lost")
+      copied.append(dst)
+      return original(src, dst, overwrite)
+
+    tf.io.gfile.copy = failing_copy
+    try:
+      with self.assertRaises(tf.errors.UnavailableError):
+        export.export_backbone(backbone, out, "torchvision", image_size=8, step=2,
+                               overwrite=True)
+    finally:
+      tf.io.gfile.copy = original
+    with self.assertRaisesRegex(export.ExportError, "no export"):
+      export.load_export_info(out)  # the partial upload was removed, never marked complete
+
+
+class RamRunTest(tf.test.TestCase):
+  """train -> SIGTERM -> resume -> evaluate -> export -> analyze, all in ram://."""
+
+  def test_whole_run_in_ram(self):
+    _no_rename_on_ram(self)
+    cwd = os.getcwd()
+    scratch = self.create_tempdir().full_path
+    os.chdir(scratch)  # whatever a path mix-up writes locally would land here
+    self.addCleanup(os.chdir, cwd)
+    stale_exports = set(os.listdir(tempfile.gettempdir()))
+    model_dir = _ram_dir(self)
+    config = config_lib.TrainConfig(
+        dataset="quickstart", model_dir=model_dir, arch="resnet10_tiny", image_size=8,
+        batch_size=16, queue_size=64, embedding_dim=16, train_steps=8, steps_per_loop=2,
+        checkpoint_every_steps=4, mochi_num_hard=8, mochi_num_mix=4, mochi_num_query_mix=2,
+        mochi_warmup_epochs=0.0, export_format="none", knn_eval=False, verbose=False)
+
+    # 1. Train; a SIGTERM to this process after step 6 (between checkpoints 4 and 8).
+    first = trainer.Trainer(config)
+    log_metrics = first._log_metrics
+
+    def log_then_terminate(record):
+      log_metrics(record)
+      if record["step"] == 6:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    first._log_metrics = log_then_terminate
+    self.assertEqual(first.run(), {"preempted": True, "global_step": 6})
+    self.assertEqual([checkpoints.checkpoint_step(p)
+                      for p in checkpoints.list_checkpoints(model_dir)], [6, 4])
+    self.assertEqual(self._steps(model_dir), [2, 4, 6])  # flushed with the stop's checkpoint
+    self.assertFalse(tf.io.gfile.exists(f"{model_dir}/summary.json"))
+
+    # 2. Resume: continues from ckpt-6 with the same step counter, ends at 8.
+    second = trainer.Trainer(config)
+    summary = second.run()
+    self.assertEqual(summary["global_step"], 8)
+    self.assertEqual(int(second.step.numpy()), 8)
+    self.assertEqual(self._steps(model_dir), [2, 4, 6, 8])
+    self.assertEqual(rundir.read_json(f"{model_dir}/summary.json")["global_step"], 8)
+    self.assertEqual(checkpoints.load_run_config(model_dir), config)
+    self.assertNotEmpty(tf.io.gfile.glob(f"{model_dir}/train/events.out.tfevents.*"))
+
+    # 3. Evaluate (kNN) the newest checkpoint.
+    result = evaluate.evaluate_checkpoint(model_dir, evaluate.EvalSettings(mode="knn"))
+    self.assertEqual(result["checkpoint_step"], 8)
+    on_store = rundir.read_json(evaluate.eval_json_path(model_dir, "knn"))
+    self.assertEqual((on_store["top1"], on_store["checkpoint_step"]), (result["top1"], 8))
+    self.assertGreater(result["top1"], 20.0)  # ten digit classes: chance is 10%
+    self.assertNotEmpty(tf.io.gfile.glob(f"{model_dir}/eval/events.out.tfevents.*"))
+
+    # 4. Analyze into <model_dir>/analysis.
+    analysis = f"{model_dir}/analysis"
+    report = analyze.analyze_run(model_dir, analysis, num_queries=16, queue_size=32,
+                                 batch_size=64)
+    self.assertTrue(rundir.is_complete(analysis, analyze.REPORT_FILE))
+    self.assertEqual(rundir.read_json(f"{analysis}/{analyze.REPORT_FILE}")["checkpoint_step"], 8)
+    for name in report["plots"]:
+      with tf.io.gfile.GFile(f"{analysis}/{name}", "rb") as f:
+        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", msg=name)
+    self.assertIn("report.json", rundir.read_text(f"{analysis}/{analyze.HTML_FILE}"))
+
+    # 5. Export: resnet10_tiny has no torchvision counterpart, so a resnet18 run (8 px) of the
+    # same bucket, its checkpoint written as the trainer writes one, exports a SavedModel.
+    run18 = _ram_dir(self, "run18")
+    config18 = dataclasses.replace(config, model_dir=run18, arch="resnet18",
+                                   export_format="saved_model")
+    rundir.write_json(f"{run18}/{checkpoints.CONFIG_FILE}", dataclasses.asdict(config18))
+    encoder = checkpoints.build_run_encoder(config18, "query_encoder")
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(step=tf.Variable(8, dtype=tf.int64), query_encoder=encoder),
+        checkpoints.checkpoint_dir(run18), max_to_keep=1).save(checkpoint_number=8)
+    out, info = export.export_run(run18, fmt="saved_model")
+    self.assertEqual((out, info["step"]), (f"{run18}/export/saved_model", 8))
+    self.assertEqual(export.load_export_info(out)["files"], info["files"])
+    for name in info["files"]:
+      self.assertTrue(tf.io.gfile.exists(f"{out}/{name}"), name)
+    images = np.random.default_rng(0).integers(0, 256, [2, 8, 8, 3], dtype=np.uint8)
+    served = tf.saved_model.load(out).signatures["serving_default"](images=tf.constant(images))
+    normalised = (images / 255.0 - export.IMAGENET_MEAN) / export.IMAGENET_STD
+    expected = encoder.backbone(tf.constant(normalised, tf.float32), training=False)["pooled"]
+    self.assertAllClose(served["embedding"], expected, atol=1e-4)
+
+    # Every file is in ram://, none went to the local disk in its stead, no temp file was left.
+    for name in ("config.json", "checkpoints/checkpoint", "checkpoints/ckpt-8.index",
+                 "metrics.jsonl", "summary.json", "eval_knn.json"):
+      self.assertTrue(tf.io.gfile.exists(f"{model_dir}/{name}"), name)
+    self.assertEqual(os.listdir(scratch), [])
+    self.assertEqual({n for n in os.listdir(tempfile.gettempdir())
+                      if n.startswith("tfmochi-export-")} - stale_exports, set())
+    for root in (model_dir, run18):
+      for depth in range(3):
+        self.assertEqual(tf.io.gfile.glob(root + "/*" * depth + "/*.tmp*"), [])
+
+  @staticmethod
+  def _steps(model_dir):
+    text = rundir.read_text(f"{model_dir}/{checkpoints.METRICS_FILE}")
+    return [json.loads(line)["step"] for line in text.splitlines()]
+
+
+if __name__ == "__main__":
+  tf.test.main()
