@@ -249,8 +249,9 @@ class RamRunTest(tf.test.TestCase):
     config = config_lib.TrainConfig(
         dataset="quickstart", model_dir=model_dir, arch="resnet10_tiny", image_size=8,
         batch_size=16, queue_size=64, embedding_dim=16, train_steps=8, steps_per_loop=2,
-        checkpoint_every_steps=4, mochi_num_hard=8, mochi_num_mix=4, mochi_num_query_mix=2,
-        mochi_warmup_epochs=0.0, export_format="none", knn_eval=False, verbose=False)
+        checkpoint_every_steps=4, mochi_num_hard=0, mochi_num_mix=0, mochi_num_query_mix=0,
+        export_format="none", knn_eval=False,
+        verbose=False)  # plain MoCo: the files, not the objective, are under test
 
     # 1. Train; a SIGTERM to this process after step 6 (between checkpoints 4 and 8).
     first = trainer.Trainer(config)

@@ -36,10 +36,11 @@ crash half-way leaves half of each directory). The rules:
 4. metrics.jsonl (`MetricsLog`): on a local disk one JSON line is appended per loop. Object stores
    cannot append: TensorFlow's GCS "append" downloads the object and uploads it whole again, so a
    line per loop would cost O(lines^2) traffic over a run. There the trainer keeps the records in
-   memory and rewrites the whole file (rule 1) at every checkpoint, at a SIGTERM stop and at the
-   end of training: the file holds the records up to the newest checkpoint, and a resumed run
-   starts from the records up to the step it restored (no duplicates). Between checkpoints,
-   TensorBoard shows the live values.
+   memory and rewrites the whole file (rule 1) at every checkpoint, at a SIGTERM stop, at the end
+   of training and when training fails (e.g. a non-finite loss): the file holds the records up to
+   the newest checkpoint (after a failure: up to the failure), and a resumed run starts from the
+   records up to the step it restored (no duplicates). Between checkpoints, TensorBoard shows the
+   live values.
 5. TensorBoard event files are written by tf.summary through gfile (on gs:// each flush uploads
    the event file again); TensorBoard ignores a truncated last record, so they need no marker.
 6. At start-up `check_writable` proves that the directory can be created, written, read back and

@@ -590,6 +590,8 @@ class Trainer:
       for sig, h in previous_handlers.items():
         signal.signal(sig, h)
       writer.flush()
+      if self._metrics is not None:
+        self._metrics.flush()  # object stores: also the records of a failed run, up to its end
 
     if cluster_failure is not None:
       # A peer died without notice: no handler call can checkpoint any more (that needs every
