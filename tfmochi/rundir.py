@@ -27,9 +27,11 @@ crash half-way leaves half of each directory). The rules:
    an older export in one step.
 3. Checkpoints (tf.train.CheckpointManager): TensorFlow writes the variables into
    `<prefix>_temp/`, renames the data files into place, writes `<prefix>.index` after them, and
-   only then rewrites the `checkpoint` state file that names the checkpoints (TensorFlow writes
-   that file in one upload on file systems without atomic rename, such as gs://, and through a
-   temporary file + rename on local disks). `checkpoints.list_checkpoints` only returns
+   only then rewrites the `checkpoint` state file that names the checkpoints. That small file is
+   whole on every file system: TensorFlow writes it to a temporary file and renames it (on gs:// a
+   rename is a server-side copy, whose target object appears whole, then a delete; a crash can
+   leave a stray `checkpoint.tmp*` object, never a partial state file), or in one write where the
+   file system declares no atomic move (S3). `checkpoints.list_checkpoints` only returns
    checkpoints named in the state file whose `.index` exists, so a save interrupted at any point
    is never chosen (the previous one is); one that exists but cannot be read (a truncated file)
    makes `checkpoints.restore_with_fallback` fall back to the previous one with a warning.
