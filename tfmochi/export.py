@@ -33,7 +33,7 @@ exports are atomic: everything is written into a temporary sibling directory (`.
 that is renamed into place at the end, so a crash never leaves a half-written export; an existing
 export is only replaced (with `overwrite=True`) after the new one is complete. A hard kill
 (SIGKILL) can leave a stale `.<name>.tmp-*` sibling, never a partial `<name>`. Object stores
-(gs://, ram://) have no atomic rename (tfmochi.rundir): the export is built in a local scratch
+(gs://; ram:// in the tests) have no atomic rename (tfmochi.rundir): the export is built in a local scratch
 directory and uploaded file by file into `<name>`, export_info.json last; replacing an export
 deletes the old export_info.json first, so a crash leaves a `<name>` without it (incomplete, and
 refused by `load_export_info`), never one that looks complete.
@@ -500,8 +500,9 @@ def _publish(stage: str, out_dir: str, overwrite: bool) -> None:
 
   An existing export first loses its export_info.json (it is incomplete from then on), then its
   files; the new files are uploaded and export_info.json, written last in one upload, makes the
-  new export complete. A crash on the way leaves a directory without export_info.json, which
-  `load_export_info` refuses and the next export replaces.
+  new export complete. A failure on the way removes the partial upload; a crash leaves a
+  directory without export_info.json, which `load_export_info` refuses and an export with
+  `overwrite=True` replaces.
   """
   if tf.io.gfile.exists(out_dir):
     _refuse_existing(out_dir, overwrite)  # created by someone else meanwhile
