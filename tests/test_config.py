@@ -63,8 +63,14 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
                       in100.mochi_warmup_epochs), ("imagenet100", 128, 16384, 10))
     moco = _parse([f"--flagfile={ROOT}/configs/moco_v2.flags"])
     self.assertEqual(moco.mochi_num_hard, 0)
+    # configs/tpu.flags is mochi.flags on a TPU VM: the same recipe, TPU runtime settings on top.
+    tpu = _parse([f"--flagfile={ROOT}/configs/tpu.flags"])
+    self.assertEqual((tpu.strategy, tpu.tpu, tpu.mixed_precision, tpu.dataset),
+                     ("tpu", "local", "bfloat16", "tfrecord"))
+    self.assertEqual((tpu.mochi_num_hard, tpu.batch_size, tpu.queue_size, tpu.epochs),
+                     (1024, 512, 65536, 200))
     # The ImageNet recipes are MoCo v2's, not the quickstart defaults (crop 0.5, no flip, head BN).
-    for cfg in (mochi, in100, moco):
+    for cfg in (mochi, in100, moco, tpu):
       self.assertEqual((cfg.crop_min_scale, cfg.hflip, cfg.head_bn, cfg.learning_rate),
                        (0.2, True, False, 0.03))
 
