@@ -81,7 +81,7 @@ class SGD(tf.Module):
     return tf.cast(lr, tf.float32)
 
   def apply(self, grads: Sequence[tf.Tensor], variables: Sequence[tf.Variable],
-            learning_rate: float | tf.Tensor, enabled: bool | tf.Tensor = True) -> tf.Operation:
+            learning_rate: float | tf.Tensor, enabled: bool | tf.Tensor = True) -> tf.Tensor:
     """One update of `variables` (the ones given at construction, in the same order).
 
     Under tf.distribute call it in replica context with gradients that are already all-reduced
@@ -92,33 +92,33 @@ class SGD(tf.Module):
       variables: the variables.
       learning_rate: lr for this step (scalar).
       enabled: scalar bool; False leaves variables and buffers exactly as they are (a skipped
-        step; non-finite gradients are then harmless), with the same ops.
+        step; its gradients, possibly non-finite, are not read).
 
     Returns:
-      The grouped assign op.
+      Whether the update ran (scalar bool tensor).
     """
     if len(grads) != len(self.momentum_buffers) or len(variables) != len(grads):
       raise ValueError(f"SGD was built for {len(self.momentum_buffers)} variables; got "
                        f"{len(grads)} gradients for {len(variables)} variables.")
     lr = tf.cast(learning_rate, tf.float32)
-    keep = None if enabled is True else tf.convert_to_tensor(enabled, tf.bool)
-    updates = []
-    for g, var, buf in zip(grads, variables, self.momentum_buffers):
-      p = tf.convert_to_tensor(var)
-      g = tf.zeros_like(p) if g is None else tf.cast(tf.convert_to_tensor(g), p.dtype)
-      if keep is not None:
-        g = tf.where(keep, g, tf.zeros_like(g))  # NaN·0 would still be NaN
-      if self.weight_decay:
-        g = g + self.weight_decay * p
-      old_buf = tf.convert_to_tensor(buf)
-      new_buf = self.momentum * old_buf + g
-      direction = g + self.momentum * new_buf if self.nesterov else new_buf
-      new_p = p - tf.cast(lr, p.dtype) * direction
-      if keep is not None:
-        new_buf = tf.where(keep, new_buf, old_buf)
-        new_p = tf.where(keep, new_p, p)
-      updates += [buf.assign(new_buf), var.assign(new_p)]
-    return tf.group(*updates)
+
+    def update():
+      for g, var, buf in zip(grads, variables, self.momentum_buffers):
+        p = tf.convert_to_tensor(var)
+        g = tf.zeros_like(p) if g is None else tf.cast(tf.convert_to_tensor(g), p.dtype)
+        if self.weight_decay:
+          g = g + self.weight_decay * p
+        new_buf = self.momentum * tf.convert_to_tensor(buf) + g
+        direction = g + self.momentum * new_buf if self.nesterov else new_buf
+        buf.assign(new_buf)
+        var.assign(p - tf.cast(lr, p.dtype) * direction)
+      return tf.constant(True)
+
+    if enabled is True:
+      return update()
+    # A conditional, not tf.where on every tensor: no extra parameter-sized temporaries, and the
+    # (possibly NaN) gradients of a skipped step are never read. XLA compiles it.
+    return tf.cond(tf.convert_to_tensor(enabled, tf.bool), update, lambda: tf.constant(False))
 
 
 class DynamicLossScale(tf.Module):
