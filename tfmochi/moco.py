@@ -255,10 +255,13 @@ class MoCo(tf.Module):
     if loss_scale is not None:
       loss_scale.update(finite_grads, enabled=finite_loss)
     if restore:
-      for var, old in zip(stats, saved):  # forward passes moved the BN statistics
-        var.assign(tf.where(applied, tf.convert_to_tensor(var), old))
-      for (k_var, _), old in zip(self.pairs, saved_keys):  # and the momentum update θk
-        k_var.assign(tf.where(applied, tf.convert_to_tensor(k_var), old))
+      def put_back():
+        # The forward passes moved the BN statistics, the momentum update moved θk.
+        for var, old in zip(stats + [k_var for k_var, _ in self.pairs], saved + saved_keys):
+          var.assign(old)
+        return tf.constant(False)
+
+      tf.cond(applied, lambda: tf.constant(True), put_back)
     # 3. enqueue after the logits (ordered after the snapshot by automatic control deps).
     self.queue.enqueue(k, ids, labels, enabled=applied)
 
