@@ -252,7 +252,7 @@ class LinearProbeTest(tf.test.TestCase):
       gw, gb = feats.T @ p / 6.0, p.mean(0)
       bw, bb = 0.9 * bw + gw, 0.9 * bb + gb
       w, b = w - lr * bw, b - lr * bb
-      clf.sgd_step(tf.constant(feats), tf.constant(labels, tf.int64), tf.constant(lr), 0.9, 0.0)
+      clf.sgd_step(tf.constant(feats), tf.constant(labels, tf.int64), tf.constant(lr))
     self.assertAllClose(clf.kernel.numpy(), w, atol=1e-5)
     self.assertAllClose(clf.bias.numpy(), b, atol=1e-5)
 

@@ -97,6 +97,57 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(off.loss, plain, atol=1e-5)  # warm-up == no synthesis
     self.assertTrue(np.all(on.loss.numpy() > off.loss.numpy()))  # harder negatives, higher loss
 
+  @parameterized.named_parameters(
+      ("warmup", dict(mochi=mixing.MochiConfig(4, 6, 3)), False),
+      ("duplicates", dict(mask_duplicates=True), True),
+      ("oracle", dict(label_mode="oracle", mochi=mixing.MochiConfig(4, 6, 3)), True),
+      ("drop_hardest", dict(drop_hardest=10.0), True),
+      ("keep_hardest", dict(keep_hardest=20.0, mochi=mixing.MochiConfig(4, 6, 3)), True))
+  def test_hard_with_beta_zero_is_debiased(self, kw, mochi_enabled):
+    q, k, queue = _data()
+    ids, labels = np.arange(24) % 6, np.array([0, 1, 2, -1] * 6)
+    # Row 0 has every queue entry removed (its id and its label are everywhere).
+    query_ids, query_labels = np.array([0, 1, 30, -1]), np.array([0, 2, -1, 7])
+    if kw.get("mask_duplicates"):
+      ids = np.where(np.arange(24) < 12, 0, ids)
+    outs = [head_lib.contrastive_head(
+        q, k, queue, head_lib.HeadConfig(loss=loss, hard_beta=0.0, tau_plus=0.1, **kw),
+        seed=tf.constant([2, 2]), mochi_enabled=mochi_enabled, query_ids=query_ids,
+        queue_ids=ids, query_labels=query_labels, queue_labels=labels)
+            for loss in ("hard", "debiased")]
+    self.assertTrue(np.any(np.isneginf(outs[0].l_neg.numpy())))
+    self.assertTrue(np.all(np.isfinite(outs[0].loss.numpy())))
+    self.assertAllEqual(outs[0].loss, outs[1].loss)
+
+  def test_fully_masked_queue_row(self):
+    q, k, queue = _data()
+    cfg = head_lib.HeadConfig(loss="hard", hard_beta=0.0, tau_plus=0.0, mask_duplicates=True)
+    ids = np.zeros(24, np.int64)  # query 0's image fills the whole queue
+    out = head_lib.contrastive_head(q, k, queue, cfg, query_ids=np.array([0, 1, 2, 3]),
+                                    queue_ids=ids)
+    self.assertTrue(np.all(np.isneginf(out.l_neg.numpy()[0])))
+    ref = losses.debiased(out.l_pos, out.l_neg, 0.2, 0.0)
+    self.assertAllEqual(out.loss, ref)
+    self.assertTrue(np.all(np.isfinite(out.loss.numpy())))
+
+  def test_proxy_accuracy_counts_synthetic_negatives(self):
+    """Acc@k over the row the loss sees (queue + MoCHi, masks applied), as MoCo/MoCHi report."""
+    q, k, queue = _data(b=16)
+    # s' = 8 query mixes with β up to 0.5 sit close to the query: some beat its positive.
+    cfg = head_lib.HeadConfig(mochi=mixing.MochiConfig(6, 4, 8, 0.5), mask_duplicates=True)
+    out = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([5, 5]),
+                                    query_ids=np.arange(16), queue_ids=np.arange(24) % 8)
+    full = losses.proxy_accuracy(out.l_pos, out.l_neg)
+    queue_only = losses.proxy_accuracy(out.l_pos, out.l_neg[:, :24])
+    for topk in (1, 5):
+      self.assertAllEqual(out.accuracy[topk], full[topk])
+      self.assertAllEqual(out.accuracy_queue[topk], queue_only[topk])
+    self.assertLess(float(tf.reduce_sum(out.accuracy[1])),
+                    float(tf.reduce_sum(out.accuracy_queue[1])))
+    # Without MoCHi the two are the same figure.
+    plain = head_lib.contrastive_head(q, k, queue, head_lib.HeadConfig())
+    self.assertAllEqual(plain.accuracy[1], plain.accuracy_queue[1])
+
   @parameterized.parameters(
       (dict(temperature=0.0), r"temperature \(T\)"),
       (dict(tau_plus=1.0), r"tau_plus"),

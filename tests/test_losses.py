@@ -164,6 +164,19 @@ class LossFamilyTest(tf.test.TestCase, parameterized.TestCase):
                lambda a, b: losses.hard(a, b, 0.2, 0.1, 1.0)):
       self.assertAllClose(fn(self.l_pos, ln_masked), fn(self.l_pos, ln[:, :10]), atol=1e-6)
 
+  @parameterized.parameters(0.0, 0.1)
+  def test_hard_beta_zero_is_debiased_under_every_mask(self, tau_plus):
+    """β = 0 equals the debiased loss exactly, with -inf entries (β·(-inf) used to give NaN)."""
+    ln = self.l_neg.copy()
+    ln[0, :] = -np.inf  # a fully masked row
+    ln[1, 3] = ln[1, 17] = -np.inf  # scattered (duplicates, class oracle)
+    ln[2, :16] = -np.inf  # keep-hardest style: half the row gone
+    ln[3, 30:] = -np.inf  # trailing columns (MoCHi warm-up: absent synthetic points)
+    for l_neg in (ln, self.l_neg):
+      hard = losses.hard(self.l_pos, l_neg, 0.2, tau_plus, 0.0).numpy()
+      self.assertTrue(np.all(np.isfinite(hard)))
+      self.assertAllEqual(hard, losses.debiased(self.l_pos, l_neg, 0.2, tau_plus))
+
   def test_supcon_single_positive_is_infonce(self):
     logits = np.concatenate([self.l_pos[:, None], self.l_neg], 1)
     mask = np.zeros_like(logits, bool)

@@ -9,6 +9,7 @@ from tfmochi import distribute
 from tfmochi import head as head_lib
 from tfmochi import mixing
 from tfmochi import moco as moco_lib
+from tfmochi import optimizer as optimizer_lib
 
 GLOBAL_BATCH = 4
 
@@ -43,8 +44,7 @@ def _copies(var):
 def _run(strategy, batches, config):
   with strategy.scope():
     moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
-    optimizer = keras.optimizers.SGD(0.5, momentum=0.9)
-    optimizer.build(moco.query_encoder.trainable_variables)
+    optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.5, momentum=0.9)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
 
   @tf.function
@@ -97,8 +97,7 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     config = moco_lib.MoCoConfig(queue_size=8, embedding_dim=8, momentum=0.9, bn_mode="none",
                                  weight_decay=0.01, head=head_lib.HeadConfig(temperature=0.2))
     moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
-    optimizer = keras.optimizers.SGD(0.1)
-    optimizer.build(moco.query_encoder.trainable_variables)
+    optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.1, momentum=0.0)
     batch = _batches(1)[0]
     q_before = [v.numpy() for v in moco.query_encoder.trainable_variables]
     queue_before = moco.queue.keys.numpy()
@@ -120,8 +119,7 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_mochi_warmup_and_metrics(self):
     moco = moco_lib.MoCo(_encoder(1), _encoder(2), _config(), GLOBAL_BATCH)
-    optimizer = keras.optimizers.SGD(0.1)
-    optimizer.build(moco.query_encoder.trainable_variables)
+    optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.1, momentum=0.0)
     batch = _batches(1)[0]
     m0 = moco.train_step(batch, optimizer, tf.constant(0, tf.int64))  # warm-up: no synthesis
     self.assertEqual(float(m0["synthetic_logit"]), 0.0)
@@ -153,6 +151,110 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+def _sqrt_encoder(seed):
+  """An encoder whose gradient is NaN (sqrt at 0) while its loss stays finite on zero images."""
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([
+      keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(16, use_bias=False),
+      keras.layers.Lambda(lambda x: tf.sqrt(tf.abs(x))), keras.layers.BatchNormalization(),
+      keras.layers.Dense(8)])
+
+
+def _state(moco, optimizer, loss_scale=None):
+  """Every variable a step may touch: {name: [per-replica copies]}."""
+  named = {f"q/{v.path}": v for v in moco.query_encoder.weights}
+  named.update({f"k/{v.path}": v for v in moco.key_encoder.weights})
+  named.update({f"buf{i}": v for i, v in enumerate(optimizer.momentum_buffers)})
+  named.update(keys=moco.queue.keys, ptr=moco.queue.ptr, ids=moco.queue.ids)
+  if loss_scale is not None:
+    named["scale"] = loss_scale.scale
+  out = {}
+  for name, var in named.items():
+    inner = getattr(var, "_value", var)
+    out[name] = ([v.numpy() for v in inner.values]
+                 if isinstance(inner, tf.distribute.DistributedValues) else [inner.numpy()])
+  return out
+
+
+class SkipDecisionTest(tf.test.TestCase, parameterized.TestCase):
+  """One decision for all replicas, from the all-reduced gradients (issue: only replica 0 used
+  to decide whether a step was skipped)."""
+
+  @parameterized.named_parameters(("nan_gradient_on_replica_1_then_0", None),
+                                  ("loss_scale_overflow", 2.0 ** 127))
+  def test_skipped_step_leaves_every_replica_as_it_was(self, initial_scale):
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    config = moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9,
+                                 bn_mode="shuffle", weight_decay=1e-2, seed=3,
+                                 head=head_lib.HeadConfig(temperature=0.2))
+    with strategy.scope():
+      moco = moco_lib.MoCo(_sqrt_encoder(1), _sqrt_encoder(2), config, GLOBAL_BATCH)
+      optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.5, momentum=0.9)
+      loss_scale = (optimizer_lib.DynamicLossScale(initial_scale) if initial_scale else None)
+      step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    @tf.function
+    def train(batch):
+      metrics = strategy.run(moco.train_step, args=(batch, optimizer, step_var, True,
+                                                    loss_scale))
+      step_var.assign_add(1)
+      return {k: strategy.reduce("SUM", v, axis=None) for k, v in metrics.items()}
+
+    def distributed(batch, bad_replica):
+      def fn(ctx):
+        r = ctx.replica_id_in_sync_group
+        part = {k: v[r * 2:(r + 1) * 2] for k, v in batch.items()}
+        if r == bad_replica:
+          part["view1"] = np.zeros_like(part["view1"])  # sqrt'(0): NaN gradient, finite loss
+        return part
+      return strategy.experimental_distribute_values_from_function(fn)
+
+    batches = _batches(3)
+    if loss_scale is None:
+      self.assertEqual(float(train(distributed(batches[0], None))["finite"]), 1.0)
+      cases = [(batches[1], 1), (batches[2], 0)]  # the inf on replica 1 only, then on 0 only
+    else:
+      cases = [(batches[1], None)]  # scale 2^127: the scaled gradients overflow everywhere
+    for batch, bad_replica in cases:
+      before = _state(moco, optimizer, loss_scale)
+      metrics = train(distributed(batch, bad_replica))
+      after = _state(moco, optimizer, loss_scale)
+      self.assertTrue(np.isfinite(float(metrics["loss"])))
+      if loss_scale is None:
+        self.assertEqual(float(metrics["finite"]), 0.0)  # a non-finite step...
+        self.assertEqual(float(metrics["loss_scale_skip"]), 0.0)
+      else:
+        self.assertEqual(float(metrics["finite"]), 1.0)  # ...an overflow is not one
+        self.assertEqual(float(metrics["loss_scale_skip"]), 1.0)
+        self.assertEqual(after.pop("scale"), [2.0 ** 126] * 2)
+        before.pop("scale")
+      for name, copies in after.items():
+        self.assertLen(copies, 2)
+        for copy, old in zip(copies, before[name]):
+          self.assertTrue(np.all(np.isfinite(copy)), name)
+          self.assertAllEqual(copy, old, msg=name)  # unchanged, so identical on both replicas
+
+  def test_skipped_step_still_advances_the_learning_rate_step(self):
+    """The step counter drives lr too: after a skipped step 1, step 2 uses lr(2), not lr(1)."""
+    config = moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9, bn_mode="none",
+                                 weight_decay=0.0, head=head_lib.HeadConfig(temperature=0.2))
+    moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
+    lr = lambda step: tf.where(step < 2, 0.5, 0.0)  # noqa: E731
+    optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, lr, momentum=0.9)
+    batches = _batches(3)
+    batches[1]["view1"] = batches[1]["view1"] * np.nan
+    lrs = []
+    for step, batch in enumerate(batches):
+      metrics = moco.train_step(batch, optimizer, tf.constant(step, tf.int64),
+                                skip_nonfinite=True)
+      lrs.append(float(metrics["lr"]))
+      if step == 0:
+        after_first = [v.numpy() for v in moco.query_encoder.trainable_variables]
+    self.assertEqual(lrs, [0.5, 0.5, 0.0])
+    for v, old in zip(moco.query_encoder.trainable_variables, after_first):
+      self.assertAllEqual(v, old)  # step 1 skipped, step 2 at lr 0
 
 
 class KeyEncoderBatchNormTest(tf.test.TestCase):

@@ -6,6 +6,7 @@ corrupt checkpoint, a 2,000-step memory soak)."""
 import json
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -125,6 +126,43 @@ class TrainerTest(tf.test.TestCase):
       self.assertTrue(np.all(np.isfinite(v.numpy())), v.path)  # weights and BN statistics
     self.assertTrue(np.all(np.isfinite(t.moco.queue.keys.numpy())))
     self.assertEqual(int(t.moco.queue.ptr.numpy()), 2 * 16)  # 3 steps, one skipped
+
+  def test_float16_overflows_are_skipped_and_counted_not_fatal(self):
+    """From a huge loss scale float16 overflows at once: skipped, counted, the run goes on."""
+    self.addCleanup(tf.config.experimental.enable_tensor_float_32_execution, True)  # TF default
+    model_dir = self.create_tempdir().full_path
+    t = trainer.Trainer(tiny(model_dir, mixed_precision="float16", initial_loss_scale=2.0**40,
+                             train_steps=32, steps_per_loop=32, checkpoint_every_steps=32,
+                             image_size=8, batch_size=8))
+    self.assertFalse(tf.config.experimental.tensor_float_32_execution_enabled())  # --tf32 off
+    summary = t.run()  # --nonfinite=stop: an overflow must not stop it
+    self.assertEqual(summary["global_step"], 32)
+    skips = summary["loss_scale_skipped_steps"]
+    self.assertBetween(skips, 10, 31)  # 2^40 halves until float16 gradients fit
+    self.assertEqual(summary["skipped_steps"], 0)
+    self.assertEqual(summary["loss_scale"], 2.0 ** (40 - skips))
+    for v in t.moco.query_encoder.weights + t.moco.key_encoder.weights:
+      self.assertTrue(np.all(np.isfinite(v.numpy())), v.path)
+    self.assertTrue(np.all(np.isfinite(t.moco.queue.keys.numpy())))
+    self.assertEqual(int(t.moco.queue.ptr.numpy()), (32 - skips) * 8 % 64)
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+      record = json.loads(f.readlines()[-1])
+    self.assertEqual(record["loss_scale_skipped_steps"], skips)
+    self.assertAllClose(record["loss_scale_skip"], skips / 32)
+
+  def test_tf32_flag_and_old_optimizer_checkpoints(self):
+    self.addCleanup(tf.config.experimental.enable_tensor_float_32_execution, True)
+    model_dir = self.create_tempdir().full_path
+    # A checkpoint of an earlier tfmochi: Keras' SGD state under "optimizer".
+    old = keras.optimizers.SGD(0.1, momentum=0.9)
+    old.build([keras.Variable([1.0])])
+    tf.train.CheckpointManager(tf.train.Checkpoint(optimizer=old),
+                               checkpoints.checkpoint_dir(model_dir), 1).save(checkpoint_number=3)
+    t = trainer.Trainer(tiny(model_dir, tf32=True))
+    self.assertTrue(tf.config.experimental.tensor_float_32_execution_enabled())
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                "ckpt-3 was written by an earlier tfmochi.*new --model_dir"):
+      t.restore()
 
   def test_cluster_error_reason_drops_the_python_stack(self):
     heartbeat = ("Graph execution error:\n\nDetected at node while/CollectiveReduceV2 defined at "

@@ -377,10 +377,10 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
   Returns:
     A zero-argument callable running `steps_per_call` steps and returning the last loss.
   """
-  import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfmochi import checkpoints  # pylint: disable=g-import-not-at-top
   from tfmochi import moco as moco_lib  # pylint: disable=g-import-not-at-top
+  from tfmochi import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
 
   def encoder(name):
     return checkpoints.build_run_encoder(config, name, fast_grad=fast_grad)
@@ -391,15 +391,14 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
   with strategy.scope():
     model = moco_lib.MoCo(encoder("query_encoder"), encoder("key_encoder"), moco_config,
                           config.batch_size)
-    optimizer = keras.optimizers.SGD(learning_rate=0.03, momentum=0.9)
-    if config.mixed_precision == "float16":
-      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.query_encoder.trainable_variables)
+    optimizer = optimizer_lib.SGD(model.query_encoder.trainable_variables, 0.03, momentum=0.9)
+    loss_scale = (optimizer_lib.DynamicLossScale(config.initial_loss_scale)
+                  if config.mixed_precision == "float16" else None)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
   def replica_step(b):
-    return model.train_step(b, optimizer, step)["loss"]
+    return model.train_step(b, optimizer, step, loss_scale=loss_scale)["loss"]
 
   @tf.function
   def loop(b):
@@ -437,9 +436,11 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   Returns:
     The JSON-able result.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfmochi import distribute  # pylint: disable=g-import-not-at-top
 
   _set_precision(config.mixed_precision)
+  tf.config.experimental.enable_tensor_float_32_execution(config.tf32)  # as the trainer
   strategy = distribute.make_strategy(config.strategy, tpu=config.tpu,
                                       cpu_replicas=config.cpu_replicas)
   batch = synthetic_batch(config.batch_size, config.image_size, config.seed)

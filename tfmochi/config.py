@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 
 # What a config.json written before a field existed meant (see TrainConfig.from_dict).
-_LEGACY_VALUES = {"head_bn": False, "hflip": True}
+_LEGACY_VALUES = {"head_bn": False, "hflip": True, "tf32": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +91,8 @@ class TrainConfig:
   tpu: str | None = None
   cpu_replicas: int = 1
   mixed_precision: str = "float32"
+  initial_loss_scale: float = 32768.0
+  tf32: bool = False
   seed: int = 0
   deterministic: bool = False
   steps_per_loop: int = 10
@@ -179,6 +181,8 @@ class TrainConfig:
     need(self.lr_warmup_epochs >= 0, "--lr_warmup_epochs must be >= 0.")
     need(self.mochi_warmup_epochs >= 0,
          f"--mochi_warmup_epochs must be >= 0, got {self.mochi_warmup_epochs}.")
+    need(1.0 <= self.initial_loss_scale <= 2.0 ** 127,
+         f"--initial_loss_scale must be in [1, 2^127], got {self.initial_loss_scale}.")
     need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}.")
     need(self.steps_per_loop >= 1, f"--steps_per_loop must be >= 1, got {self.steps_per_loop}.")
     need(self.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1.")
@@ -276,6 +280,12 @@ _HELP = {
     "cpu_replicas": "Split the CPU into N logical devices for --strategy=mirrored (testing).",
     "mixed_precision": "float32, bfloat16 (TPU/CPU) or float16 (GPU, with loss scaling); the "
                        "head, queue and loss always stay float32.",
+    "initial_loss_scale": "float16 only: the first dynamic loss scale (halved at each overflow, "
+                          "doubled after 2000 good steps; overflow steps are skipped and counted "
+                          "as loss_scale_skipped_steps).",
+    "tf32": "Allow TensorFloat-32 in float32 matmuls and convolutions on Ampere and later GPUs "
+            "(faster; q.Q^T and MoCHi's top-N then use 10-bit mantissas). Off: exact float32, as "
+            "PyTorch's matmuls. No effect on CPU/TPU.",
     "seed": "Run seed: data order, augmentations, MoCHi draws, shuffle BN.",
     "deterministic": "Deterministic ops and input pipeline (slower): a resumed run repeats the "
                      "uninterrupted one step for step.",
@@ -288,7 +298,9 @@ _HELP = {
                 "init for a fresh run), when the data set has labels.",
     "knn_k": "k of the kNN monitor.",
     "knn_t": "Temperature of the kNN monitor's weights.",
-    "nonfinite": "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.",
+    "nonfinite": "On a non-finite loss or gradient (of the whole global batch; a float16 "
+                 "loss-scale overflow is not one): stop (keep the last good checkpoint) or skip "
+                 "the step (counted as skipped_steps).",
     "export_format": "Export at the end of training: saved_model, hub, keras, detectron2, "
                      "torchvision or none.",
     "verbose": "Progress bar on stdout.",

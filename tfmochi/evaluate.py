@@ -68,6 +68,7 @@ from tfmochi import checkpoints as ckpt_lib  # noqa: E402
 from tfmochi import data as data_lib  # noqa: E402
 from tfmochi import distribute  # noqa: E402
 from tfmochi import knn as knn_lib  # noqa: E402
+from tfmochi import optimizer as optimizer_lib  # noqa: E402
 
 MODES = ("knn", "linear")
 EVAL_STRATEGIES = ("default", "mirrored", "tpu")
@@ -349,9 +350,10 @@ def default_linear_epochs(dataset: str) -> int:
 
 
 class _LinearClassifier(tf.Module):
-  """fc: features [b, F] -> logits [b, C], with PyTorch-style SGD momentum buffers."""
+  """fc: features [b, F] -> logits [b, C], trained by PyTorch's SGD (`tfmochi.optimizer.SGD`)."""
 
-  def __init__(self, feature_dim: int, num_classes: int, seed: int):
+  def __init__(self, feature_dim: int, num_classes: int, seed: int,
+               momentum: float = LINEAR_MOMENTUM, weight_decay: float = 0.0):
     super().__init__(name="linear_classifier")
     # MoCo lincls: fc.weight.data.normal_(mean=0.0, std=0.01); fc.bias.data.zero_().
     init = tf.random.stateless_normal([feature_dim, num_classes], [seed, 0x11], stddev=1.0)
@@ -361,13 +363,15 @@ class _LinearClassifier(tf.Module):
         value, name=name, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     self.kernel = var(LINEAR_INIT_STD * init, "kernel")
     self.bias = var(tf.zeros([num_classes]), "bias")
-    self.kernel_buf = var(tf.zeros([feature_dim, num_classes]), "kernel_momentum")
-    self.bias_buf = var(tf.zeros([num_classes]), "bias_momentum")
+    # The same optimizer as pretraining (coupled L2, buf = m·buf + g, p -= lr·buf): Keras' SGD
+    # folds lr into the velocity, which differs when the lr steps down at a milestone.
+    self.optimizer = optimizer_lib.SGD([self.kernel, self.bias], momentum=momentum,
+                                       weight_decay=weight_decay)
 
   def __call__(self, features):
     return tf.matmul(features, self.kernel) + self.bias
 
-  def sgd_step(self, features, labels, lr, momentum: float, weight_decay: float, valid=None):
+  def sgd_step(self, features, labels, lr, valid=None):
     """One torch.optim.SGD step on the mean cross-entropy of the valid rows (of every replica).
 
     Args:
@@ -390,14 +394,7 @@ class _LinearClassifier(tf.Module):
     else:
       total = count
     grads = [g / tf.maximum(total, 1.0) for g in grads]
-    for var, buf, grad in ((self.kernel, self.kernel_buf, grads[0]),
-                           (self.bias, self.bias_buf, grads[1])):
-      if weight_decay:
-        grad = grad + weight_decay * var  # PyTorch's coupled L2
-      # PyTorch: buf = m * buf + g; p -= lr * buf (Keras' SGD folds lr into the velocity,
-      # which differs from this when the lr steps down at a milestone).
-      buf.assign(momentum * buf + grad)
-      var.assign_sub(lr * buf)
+    self.optimizer.apply(grads, [self.kernel, self.bias], lr)
     hit = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
     correct = tf.reduce_sum(weight * tf.cast(hit, tf.float32))
     return loss_sum, correct, count
@@ -464,21 +461,20 @@ def linear_probe(model, train_source: data_lib.DataSource, test_source: data_lib
   # Cached features train on one device (a matmul); fresh crops run across the replicas.
   distributed = strategy is not None and not cache_features
   with strategy.scope() if distributed else contextlib.nullcontext():
-    classifier = _LinearClassifier(val_x.shape[1], num_classes, seed)
+    classifier = _LinearClassifier(val_x.shape[1], num_classes, seed, momentum, weight_decay)
   label_spec = tf.TensorSpec([None], tf.int64)
   lr_spec = tf.TensorSpec([], tf.float32)
 
   @tf.function(input_signature=[tf.TensorSpec([None, val_x.shape[1]], tf.float32), label_spec,
                                 lr_spec])
   def step_on_features(feats, labels, step_lr):
-    return classifier.sgd_step(feats, labels, step_lr, momentum, weight_decay)
+    return classifier.sgd_step(feats, labels, step_lr)
 
   def on_images(batch, step_lr):
     # Inference mode: BN uses (and keeps) its moving statistics; no gradient reaches the backbone.
     feats = tf.stop_gradient(tf.cast(backbone(batch["image"], training=False)["pooled"],
                                      tf.float32))
-    return classifier.sgd_step(feats, batch["label"], step_lr, momentum, weight_decay,
-                               valid=batch.get("valid"))
+    return classifier.sgd_step(feats, batch["label"], step_lr, valid=batch.get("valid"))
 
   @tf.function(reduce_retracing=True)
   def step_on_images(batch, step_lr):

@@ -7,7 +7,8 @@ This is one MoCo/MoCHi step minus the encoders, as a pure function of tensors:
   masks (-inf): duplicates of the query's own image, same-class entries (class oracle),
                 Cai et al.'s hardest-p% removal / keep-only-hardest-p%
   MoCHi: s + s' synthetic logits from each query's top-N (XLA-compiled, logit space)
-  loss over [l_pos | l_neg | l_mix] (InfoNCE, debiased, hard, or SupCon), proxy accuracy
+  loss over [l_pos | l_neg | l_mix] (InfoNCE, debiased, hard, or SupCon), proxy accuracy over the
+  same row
 
 Researchers can call `contrastive_head` directly with their own encoders; the trainer calls it
 inside `strategy.run`. It never reads or writes variables (the queue comes in as tensors), so it is
@@ -85,9 +86,12 @@ class HeadOutput(NamedTuple):
     loss: [B] per-example loss (float32).
     l_pos: [B] positive cosine logits.
     l_neg: [B, K + s + s'] negative cosine logits as the loss saw them (-inf = removed).
-    accuracy: {1: [B], 5: [B]} proxy-task accuracy against the queue negatives (MoCo's Acc@k).
+    accuracy: {1: [B], 5: [B]} proxy-task accuracy over the whole row the loss sees (queue and
+      MoCHi's synthetic negatives, masks applied), as MoCo's and MoCHi's Acc@k.
     removed_same_class: [B] how many queue entries the class oracle removed (0 otherwise).
     synthesis: the `mixing.Synthesis` (None without MoCHi).
+    accuracy_queue: {1: [B], 5: [B]} the same against the (masked) queue entries only: how well
+      the query finds its key among real images, whatever MoCHi adds.
   """
   loss: tf.Tensor
   l_pos: tf.Tensor
@@ -95,6 +99,7 @@ class HeadOutput(NamedTuple):
   accuracy: dict
   removed_same_class: tf.Tensor
   synthesis: mixing.Synthesis | None
+  accuracy_queue: dict | None = None
 
 
 def same_entry_mask(query_values: tf.Tensor, queue_values: tf.Tensor) -> tf.Tensor:
@@ -178,7 +183,8 @@ def contrastive_head(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, config: HeadC
                                   jit_compile=jit_compile)
     negatives = tf.concat([l_neg, synthesis.logits], axis=1)  # [B, K + s + s']
 
-  accuracy = losses_lib.proxy_accuracy(l_pos, l_neg)
+  accuracy = losses_lib.proxy_accuracy(l_pos, negatives)
+  accuracy_queue = losses_lib.proxy_accuracy(l_pos, l_neg) if synthesis is not None else accuracy
   if config.label_mode == "supcon":
     logits = tf.concat([l_pos[:, None], negatives], axis=1)  # [B, 1 + K (+ s + s')]
     extra = tf.zeros([batch, negatives.shape[1] - l_neg.shape[1]], tf.bool)
@@ -189,4 +195,5 @@ def contrastive_head(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, config: HeadC
                                        temperature=config.temperature,
                                        tau_plus=config.tau_plus, hard_beta=config.hard_beta)
   return HeadOutput(loss=loss, l_pos=l_pos, l_neg=negatives, accuracy=accuracy,
-                    removed_same_class=removed_same_class, synthesis=synthesis)
+                    removed_same_class=removed_same_class, synthesis=synthesis,
+                    accuracy_queue=accuracy_queue)

@@ -181,6 +181,9 @@ def hard(l_pos: tf.Tensor, l_neg: tf.Tensor, temperature: float, tau_plus: float
   Returns:
     [B] float32 per-example losses.
   """
+  if beta == 0:
+    # w_j = 1: exactly the debiased loss (β·(-inf) would be NaN for an absent negative).
+    return debiased(l_pos, l_neg, temperature, tau_plus)
   pos = tf.cast(l_pos, tf.float32) / temperature
   neg = tf.cast(l_neg, tf.float32) / temperature
   n = count_negatives(neg)

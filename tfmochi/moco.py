@@ -8,11 +8,15 @@
   2. k = normalize(f_k(x_k))                     with shuffle BN across replicas / split BN
   3. q = normalize(f_q(x_q))                     under the gradient tape
   4. loss = head(q, k, queue snapshot)           InfoNCE / debiased / hard, Cai masks, MoCHi
-  5. θq ← SGD(θq, ∇loss + wd·θq)                 coupled L2, as PyTorch's SGD(weight_decay=...)
+  5. θq ← SGD(θq, ∇loss + wd·θq)                 PyTorch's SGD momentum and coupled L2
   6. enqueue(all_gather(k))                      after the logits: the step never sees its own keys
 
-The per-replica loss is divided by the *global* batch size (not the local one): the optimizer sums
-gradients across replicas, so the sum of per-replica losses must be the global mean.
+The per-replica loss is divided by the *global* batch size (not the local one): the gradients
+are summed across replicas, so the sum of per-replica losses must be the global mean. The step
+all-reduces the gradients itself and takes one decision for all replicas from the global
+gradients (finite or not, float16 overflow or not); a step that is not applied leaves the query
+encoder, its momentum buffers and the queue as they were (and, when asked, the BN statistics and
+the key encoder too).
 
 Everything random (MoCHi's draws, the shuffle-BN permutation) is a stateless function of
 (seed, step), so a step is reproducible and identical on 1 or R replicas for the same global batch.
@@ -29,6 +33,7 @@ from tfmochi import distribute
 from tfmochi import head as head_lib
 from tfmochi import mixing
 from tfmochi import momentum as momentum_lib
+from tfmochi import optimizer as optimizer_lib
 from tfmochi import queue as queue_lib
 
 BN_MODES = ("shuffle", "split", "sync", "none")
@@ -157,24 +162,38 @@ class MoCo(tf.Module):
     return tf.stop_gradient(unshuffled[start:start + b])
 
   # ----------------------------------------------------------------------------------------------
-  def train_step(self, batch: dict, optimizer: keras.optimizers.Optimizer,
-                 step: tf.Tensor, skip_nonfinite: bool = False) -> dict:
+  def train_step(self, batch: dict, optimizer: optimizer_lib.SGD, step: tf.Tensor,
+                 skip_nonfinite: bool = False,
+                 loss_scale: optimizer_lib.DynamicLossScale | None = None) -> dict:
     """One MoCo/MoCHi step for this replica's batch. Call inside `strategy.run` (or plainly).
+
+    The gradients are all-reduced here, once, and every decision is taken from the global
+    gradients and loss, so all replicas apply the same update (or all skip it). A step whose
+    global loss or gradient is non-finite never updates the query encoder or its momentum buffers
+    and never writes the queue; whether training goes on is the caller's choice (`finite`).
 
     Args:
       batch: {"view1": [b, H, W, 3] query views, "view2": key views, optional "id" [b] and
         "label" [b] int64 (-1 unknown)}.
-      optimizer: a Keras optimizer built on `query_encoder.trainable_variables` (inside the
-        strategy scope, before tracing), optionally a LossScaleOptimizer for float16.
-      step: the global step (scalar int tensor) *before* this update.
-      skip_nonfinite: make a step whose loss or gradient is non-finite on any replica a no-op:
-        the optimizer must then skip non-finite updates itself (a LossScaleOptimizer does), and
-        the BatchNorm statistics and the queue are restored/left as they were.
+      optimizer: a `tfmochi.optimizer.SGD` built on `query_encoder.trainable_variables` (inside
+        the strategy scope); its learning rate is taken at `step`.
+      step: the global step (scalar int tensor) *before* this update. It drives the learning
+        rate, the momentum schedule, MoCHi's warm-up and the random draws; a skipped step still
+        counts (the caller advances it whatever happens).
+      skip_nonfinite: make a step that is not applied an exact no-op: the BatchNorm statistics
+        of both encoders and the key encoder's weights (moved by the momentum update at the start
+        of the step) are put back as they were. Costs a copy of those variables per step.
+      loss_scale: float16 dynamic loss scaling (implies the restoring of `skip_nonfinite`): the
+        loss is scaled, the all-reduced gradients unscaled; a finite loss with non-finite
+        gradients is an overflow of the scale (skipped, counted in "loss_scale_skip", the scale
+        halves), not a non-finite step.
 
     Returns:
       Per-replica metrics: scalars already divided so that a SUM across replicas gives the global
-      mean ("loss", "acc1", "acc5", "hardest_negative", "synthetic_logit", "removed_same_class",
-      "finite" (loss and gradients), "finite_loss", "momentum").
+      value ("loss", "acc1", "acc5" (over the whole row the loss sees, synthetic negatives
+      included), "acc1_queue", "hardest_negative", "synthetic_logit", "removed_same_class",
+      "finite" (1 unless the global loss or gradient is non-finite; a loss-scale overflow is
+      not), "finite_loss", "loss_scale_skip", "lr", "momentum").
     """
     cfg = self.config
     num_replicas, replica_id = distribute.replica_context_info()
@@ -182,9 +201,12 @@ class MoCo(tf.Module):
     ids = batch.get("id")
     labels = batch.get("label")
 
+    restore = skip_nonfinite or loss_scale is not None
     stats = [v for v in self.query_encoder.non_trainable_variables
              + self.key_encoder.non_trainable_variables]
-    saved_stats = [tf.identity(v) for v in stats] if skip_nonfinite else []
+    # Read before the forward passes and the momentum update, to undo them on a skipped step.
+    saved = [tf.identity(v) for v in stats] if restore else []
+    saved_keys = [tf.identity(k_var) for k_var, _ in self.pairs] if restore else []
 
     m = self.momentum_at(step)
     # 1. momentum update before the keys are computed (MoCo's order).
@@ -201,48 +223,62 @@ class MoCo(tf.Module):
           q, k, queue_keys, cfg.head, seed=seed, mochi_enabled=self.mochi_enabled_at(step),
           query_ids=ids, queue_ids=queue_ids, query_labels=labels, queue_labels=queue_labels,
           row_offset=tf.cast(replica_id, tf.int32) * b, global_rows=self.global_batch_size)
-      # Global-batch mean: the optimizer SUMs gradients over replicas.
+      # This replica's share of the global-batch mean: the gradients are summed over replicas.
       loss = tf.reduce_sum(out.loss) / self.global_batch_size
-      loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-      scaled = optimizer.scale_loss(loss) if loss_scaled else loss
-    grads = tape.gradient(scaled, variables)
-    if cfg.weight_decay:
-      # Coupled L2 (PyTorch SGD's weight_decay): ∇ += wd·θ, split over replicas because the
-      # gradients are summed; multiplied by the loss scale when the loss is scaled (float16).
-      coeff = tf.constant(cfg.weight_decay / num_replicas, tf.float32)
-      if loss_scaled:
-        coeff = coeff * tf.cast(optimizer.dynamic_scale, tf.float32)
-      grads = [g + tf.cast(coeff, v.dtype) * tf.convert_to_tensor(v)
-               if g is not None else None for g, v in zip(grads, variables)]
-    finite_loss = tf.reduce_all(tf.math.is_finite(out.loss))
-    finite = tf.logical_and(finite_loss, tf.reduce_all(
-        [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]))
-    optimizer.apply_gradients(zip(grads, variables))
-    if skip_nonfinite:
-      # One verdict for all replicas (the optimizer sees all-reduced gradients too).
-      ctx = tf.distribute.get_replica_context()
-      everywhere = tf.cast(finite, tf.float32)
-      if ctx is not None and num_replicas > 1:
-        everywhere = ctx.all_reduce(tf.distribute.ReduceOp.MIN, everywhere)
-      keep = everywhere > 0.5
-      for var, saved in zip(stats, saved_stats):  # forward passes moved the BN statistics
-        var.assign(tf.where(keep, tf.convert_to_tensor(var), saved))
+      scaled = loss * loss_scale.scale if loss_scale is not None else loss
+    grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+             for g, v in zip(tape.gradient(scaled, variables), variables)]
+    # One all-reduce of the gradients and the loss: every replica gets the same global values,
+    # so the decisions below are the same on every replica.
+    ctx = tf.distribute.get_replica_context()
+    global_loss = loss
+    if ctx is not None and num_replicas > 1:
+      grads, global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, (grads, loss))
+    if loss_scale is not None:
+      scale = tf.convert_to_tensor(loss_scale.scale)
+      grads = [g / tf.cast(scale, g.dtype) for g in grads]  # (1/2^127 would be subnormal)
+    finite_loss = tf.math.is_finite(global_loss)
+    finite_grads = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    applied = tf.logical_and(finite_loss, finite_grads)
+    if loss_scale is not None:
+      overflow = tf.logical_and(tf.logical_and(finite_loss, tf.logical_not(finite_grads)),
+                                loss_scale.can_overflow())
     else:
-      keep = True
+      overflow = tf.constant(False)
+    finite = tf.logical_or(applied, overflow)
+    if cfg.weight_decay:
+      # Coupled L2 (PyTorch SGD's weight_decay) on the global, unscaled gradient: ∇ += wd·θ.
+      grads = [g + tf.cast(cfg.weight_decay, g.dtype) * tf.convert_to_tensor(v)
+               for g, v in zip(grads, variables)]
+    lr = optimizer.learning_rate_at(step)
+    optimizer.apply(grads, variables, lr, enabled=applied)
+    if loss_scale is not None:
+      loss_scale.update(finite_grads, enabled=finite_loss)
+    if restore:
+      def put_back():
+        # The forward passes moved the BN statistics, the momentum update moved θk.
+        for var, old in zip(stats + [k_var for k_var, _ in self.pairs], saved + saved_keys):
+          var.assign(old)
+        return tf.constant(False)
+
+      tf.cond(applied, lambda: tf.constant(True), put_back)
     # 3. enqueue after the logits (ordered after the snapshot by automatic control deps).
-    self.queue.enqueue(k, ids, labels, enabled=keep)
+    self.queue.enqueue(k, ids, labels, enabled=applied)
 
     gb = float(self.global_batch_size)
     metrics = {
         "loss": loss,
         "acc1": tf.reduce_sum(out.accuracy[1]) / gb,
         "acc5": tf.reduce_sum(out.accuracy[5]) / gb,
+        "acc1_queue": tf.reduce_sum(out.accuracy_queue[1]) / gb,
         # Hardness of the negatives: the hardest queue negative per query, averaged.
         "hardest_negative": tf.reduce_sum(_row_max(out.l_neg[:, :cfg.queue_size])) / gb,
         "removed_same_class": tf.reduce_sum(out.removed_same_class) / gb,
-        # 1.0 after the SUM over replicas when every replica's loss (and gradient) is finite.
+        # Global decisions (the same on every replica): 1.0 after the SUM over replicas.
         "finite": tf.cast(finite, tf.float32) / num_replicas,
         "finite_loss": tf.cast(finite_loss, tf.float32) / num_replicas,
+        "loss_scale_skip": tf.cast(overflow, tf.float32) / num_replicas,
+        "lr": lr / num_replicas,
         "momentum": m / num_replicas,
     }
     if out.synthesis is not None:

@@ -138,9 +138,10 @@ class NegativeQueue(tf.Module):
     """
     if enabled is not True:  # a skipped step writes the rows' current values back
       keep = tf.convert_to_tensor(enabled, tf.bool)
-      keys = tf.where(keep, keys, tf.gather_nd(self.keys, rows))
-      ids = tf.where(keep, ids, tf.gather_nd(self.ids, rows))
-      labels = tf.where(keep, labels, tf.gather_nd(self.labels, rows))
+      # gather (ResourceGather), not gather_nd: XLA has no kernel for ResourceGatherNd.
+      keys = tf.where(keep, keys, tf.gather(self.keys, rows[:, 0]))
+      ids = tf.where(keep, ids, tf.gather(self.ids, rows[:, 0]))
+      labels = tf.where(keep, labels, tf.gather(self.labels, rows[:, 0]))
       n = tf.where(keep, n, tf.zeros_like(n))
     return tf.group(
         self.keys.scatter_nd_update(rows, keys), self.ids.scatter_nd_update(rows, ids),

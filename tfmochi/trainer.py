@@ -35,6 +35,7 @@ from tfmochi import distribute
 from tfmochi import evaluate as eval_lib
 from tfmochi import models
 from tfmochi import moco as moco_lib
+from tfmochi import optimizer as optimizer_lib
 from tfmochi import rundir
 from tfmochi import schedules
 
@@ -230,6 +231,10 @@ class Trainer:
     # ---- set up
     if cfg.deterministic:
       tf.config.experimental.enable_op_determinism()
+    # TF32 (Ampere and later GPUs) rounds float32 matmul/conv inputs to a 10-bit mantissa, the
+    # head's q·Qᵀ and MoCHi's top-N included; TensorFlow turns it on by default, PyTorch's
+    # matmuls do not (README "Design notes"). A no-op without such a GPU.
+    tf.config.experimental.enable_tensor_float_32_execution(cfg.tf32)
     # Weight init seed (checkpoints.random_init_encoder rebuilds the same initial network).
     keras.utils.set_random_seed(ckpt_lib.weight_init_seed(cfg))
     _set_precision(cfg.mixed_precision)
@@ -280,32 +285,35 @@ class Trainer:
       self.moco = moco_lib.MoCo(ckpt_lib.build_run_encoder(cfg, "query_encoder"),
                                 ckpt_lib.build_run_encoder(cfg, "key_encoder"), moco_config,
                                 cfg.batch_size)
-      optimizer = keras.optimizers.SGD(learning_rate=self.lr_schedule, momentum=0.9)
-      if cfg.mixed_precision == "float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-      elif cfg.nonfinite == "skip":
-        # LossScaleOptimizer skips (and does not apply) any step with non-finite gradients, in
-        # cross-replica context: exactly "skip the step". Scale 1, never grown: no scaling.
-        optimizer = keras.optimizers.LossScaleOptimizer(
-            optimizer, initial_scale=1.0, dynamic_growth_steps=2**31 - 1)
-      optimizer.build(self.moco.query_encoder.trainable_variables)
-      self.optimizer = optimizer
+      # PyTorch's SGD momentum (MoCo's); the learning rate is read at the trainer's step.
+      # Coupled weight decay is added by MoCo.train_step (MoCoConfig.weight_decay).
+      self.optimizer = optimizer_lib.SGD(self.moco.query_encoder.trainable_variables,
+                                         self.lr_schedule, momentum=0.9)
+      # Checkpointed in every precision (so a run may change --mixed_precision on resume); used
+      # only with float16.
+      self.loss_scale = optimizer_lib.DynamicLossScale(cfg.initial_loss_scale)
+      # The one step counter: lr, momentum schedule, MoCHi warm-up, random draws, data position.
+      # Skipped steps advance it too (their batch is consumed) and are counted below.
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
       self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps",
                                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      self.scale_skipped = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                       name="loss_scale_skipped_steps",
+                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     self.checkpoint = tf.train.Checkpoint(
-        step=self.step, skipped=self.skipped, query_encoder=self.moco.query_encoder,
-        key_encoder=self.moco.key_encoder, queue=self.moco.queue, optimizer=self.optimizer)
+        step=self.step, skipped=self.skipped, scale_skipped=self.scale_skipped,
+        query_encoder=self.moco.query_encoder, key_encoder=self.moco.key_encoder,
+        queue=self.moco.queue, optimizer=self.optimizer, loss_scale=self.loss_scale)
     directory = ckpt_lib.checkpoint_dir(cfg.model_dir)
     if not self.chief:  # every worker must save (collectives), only the chief's copy is kept
       directory = os.path.join(cfg.model_dir, f"worker_tmp_{self._task_id()}")
     self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
                                               max_to_keep=cfg.keep_checkpoints)
     self._metric_names = ["loss", "acc1", "acc5", "hardest_negative", "removed_same_class",
-                          "finite", "finite_loss", "momentum"]
+                          "finite", "finite_loss", "loss_scale_skip", "momentum"]
     if moco_config.head.mochi.enabled:
-      self._metric_names.append("synthetic_logit")
+      self._metric_names += ["synthetic_logit", "acc1_queue"]
     self._loop_fn = None
     self.preemption = _Preemption()
     self._last_saved_step = -1
@@ -317,6 +325,14 @@ class Trainer:
 
   # ---- restore
   def restore(self) -> int:
+    newest = ckpt_lib.list_checkpoints(self.config.model_dir)[:1]
+    try:
+      for path in newest:
+        optimizer_lib.check_checkpoint(path)
+    except optimizer_lib.LegacyCheckpointError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    except (tf.errors.OpError, ValueError):
+      pass  # unreadable: restore_with_fallback reports it (or falls back to an older one)
     path = ckpt_lib.restore_with_fallback(self.checkpoint, self.config.model_dir)
     step = int(self.step.numpy())
     # Read from the chief's directory by every worker, so every worker skips the same saves.
@@ -348,8 +364,9 @@ class Trainer:
 
   # ---- the compiled loop
   def _replica_step(self, batch):
-    return self.moco.train_step(batch, self.optimizer, self.step,
-                                skip_nonfinite=self.config.nonfinite == "skip")
+    return self.moco.train_step(
+        batch, self.optimizer, self.step, skip_nonfinite=self.config.nonfinite == "skip",
+        loss_scale=self.loss_scale if self.config.mixed_precision == "float16" else None)
 
   def _make_loop(self):
     names = self._metric_names
@@ -367,6 +384,7 @@ class Trainer:
         finite = metrics["finite"] > 0.999
         if self.config.nonfinite == "skip":
           self.skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        self.scale_skipped.assign_add(tf.cast(metrics["loss_scale_skip"] > 0.5, tf.int64))
         is_first = tf.logical_and(first_bad < 0, tf.logical_not(finite))
         bad_loss = tf.where(is_first, metrics["finite_loss"] < 0.999, bad_loss)
         first_bad = tf.where(is_first, self.step, first_bad)
@@ -552,18 +570,21 @@ class Trainer:
               f"last good checkpoint is kept ({kept[0] if kept else 'none was written yet'}). "
               "Lower --learning_rate, raise --temperature, check the input data, or pass "
               "--nonfinite=skip to skip such steps.")
-        lr = float(self.lr_schedule(step - 1))
+        lr = float(self.lr_schedule(step - 1))  # what the last step used (same counter)
         ips = n * cfg.batch_size / max(dt, 1e-9)
         last = dict(out, lr=lr, images_per_sec=ips)
+        counts = self._skip_counts()
         with writer.as_default(step=step):
-          for k, v in last.items():
-            tf.summary.scalar(k if k not in ("acc1", "acc5") else f"proxy_{k}", v)
-          if cfg.nonfinite == "skip":
-            tf.summary.scalar("skipped_steps", int(self.skipped.numpy()))
-        progress.update(step, {"loss": out["loss"], "acc1": 100 * out["acc1"], "lr": lr,
-                               "img/s": ips})
+          for k, v in {**last, **counts}.items():
+            tf.summary.scalar(f"proxy_{k}" if k.startswith("acc") else k, v)
+        shown = {"loss": out["loss"], "acc1": 100 * out["acc1"], "lr": lr, "img/s": ips}
+        if cfg.nonfinite == "skip":
+          shown["skipped"] = counts["skipped_steps"]
+        if cfg.mixed_precision == "float16":
+          shown["scale_skips"] = counts["loss_scale_skipped_steps"]
+        progress.update(step, shown)
         if self.chief:
-          self._log_metrics(dict(step=step, **{k: float(v) for k, v in last.items()},
+          self._log_metrics(dict(step=step, **{k: float(v) for k, v in last.items()}, **counts,
                                  rss_mb=resident_memory_mb()))
         if step % self.checkpoint_every == 0 or step >= self.total_steps \
             or (stop_locally and self.preemption.requested):
@@ -630,7 +651,7 @@ class Trainer:
         "knn_top1": knn_result["top1"] if knn_result else None,
         "knn_top5": knn_result["top5"] if knn_result else None,
         "knn_top1_random_init": knn_random["top1"] if knn_random else None,
-        "skipped_steps": int(self.skipped.numpy()),
+        **self._skip_counts(),
         "export": export_path,
         "dataset": cfg.dataset,
         "arch": cfg.arch,
@@ -652,6 +673,18 @@ class Trainer:
         print(f"Linear probe: python -m tfmochi.evaluate --model_dir={cfg.model_dir} "
               "--mode=linear (add --random_init for the baseline)", flush=True)
     return summary
+
+  def _skip_counts(self) -> dict:
+    """Steps that did not update the model so far (README "Design notes": one step counter).
+
+    skipped_steps: non-finite loss or gradient under --nonfinite=skip; loss_scale_skipped_steps:
+    float16 loss-scale overflows (expected, a few per run); loss_scale: the current scale.
+    """
+    counts = {"skipped_steps": int(self.skipped.numpy()),
+              "loss_scale_skipped_steps": int(self.scale_skipped.numpy())}
+    if self.config.mixed_precision == "float16":
+      counts["loss_scale"] = float(self.loss_scale.scale.numpy())
+    return counts
 
   def _stopped(self, message: str, step: int) -> dict:
     logging.warning(message)
