@@ -477,6 +477,10 @@ class RunTest(tf.test.TestCase):
     os.remove(evaluate.eval_json_path(model_dir, "knn", random_init=True))
     ckpt_lib.write_json_atomic(os.path.join(model_dir, "knn_random_init.json"), {"top1": 12.5})
     self.assertEqual(evaluate.random_init_result(model_dir, "knn")["top1"], 12.5)
+    # ... unless the monitor ran on class-balanced subsets (another protocol).
+    ckpt_lib.write_json_atomic(os.path.join(model_dir, "knn_random_init.json"),
+                               {"top1": 12.5, "train_per_class": 20, "test_per_class": 10})
+    self.assertIsNone(evaluate.random_init_result(model_dir, "knn"))
     self.assertIsNone(evaluate.random_init_result(model_dir, "linear"))
     # No checkpoint to pick, nothing to follow.
     with self.assertRaisesRegex(evaluate.EvalError, "takes no --checkpoint"):

@@ -721,7 +721,8 @@ def random_init_result(model_dir: str, mode: str) -> dict | None:
   """The random-init baseline recorded for a run, if any.
 
   `evaluate --random_init` writes eval_<mode>_random_init.json; for kNN the trainer also writes
-  knn_random_init.json before its first step (same network, same k and t unless overridden).
+  knn_random_init.json before its first step (same network, same k and t unless overridden; not
+  used when the monitor ran on subsets, --knn_train_per_class / --knn_test_per_class).
   """
   candidates = [eval_json_path(model_dir, mode, random_init=True)]
   if mode == "knn":
@@ -732,7 +733,11 @@ def random_init_result(model_dir: str, mode: str) -> dict | None:
         result = ckpt_lib.read_json(path)
       except (ValueError, tf.errors.OpError):
         continue
-      if isinstance(result, dict) and "top1" in result:
+      # The trainer's monitor may have used class-balanced subsets (ImageNet configs): not the
+      # whole-split protocol of this evaluation, so not its baseline.
+      subset = result.get("train_per_class") or result.get("test_per_class") \
+          if isinstance(result, dict) else False
+      if isinstance(result, dict) and "top1" in result and not subset:
         return result
   return None
 
