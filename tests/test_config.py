@@ -36,7 +36,8 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
                  "mlp_head loss tau_plus hard_beta drop_hardest keep_hardest mochi_num_hard "
                  "mochi_num_mix mochi_num_query_mix mochi_beta_max mochi_warmup_epochs bn_mode "
                  "strategy tpu cpu_replicas mixed_precision seed deterministic "
-                 "knn_every_epochs label_mode labeled_fraction").split():
+                 "knn_every_epochs knn_k knn_train_per_class knn_test_per_class label_mode "
+                 "labeled_fraction").split():
       self.assertIn(name, fv)
       self.assertTrue(fv[name].help, name)
 

@@ -22,12 +22,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfmochi import augment
 from tfmochi import checkpoints as ckpt_lib
 from tfmochi import config as config_lib
 from tfmochi import data as data_lib
 from tfmochi import distribute
 from tfmochi import evaluate
 from tfmochi import models
+import test_knn  # noqa: E402  (tests/ is on sys.path under pytest; the NumPy kNN reference)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SIZE = 16
@@ -84,6 +86,24 @@ def _sources(num_per_class: int = 12, num_classes: int = 3, labelled: bool = Tru
   test = data_lib.from_numpy(xt, yt if labelled else None, name="colours", split="test",
                              ids=np.arange(len(xt)) + 10_000)
   return train, test
+
+
+def _noise_images(num_per_class, seed: int = 0, size: int = 8):
+  """Uniform noise images, `num_per_class[c]` of class c, in a shuffled order."""
+  rng = np.random.default_rng(seed)
+  labels = rng.permutation(np.repeat(np.arange(len(num_per_class)), num_per_class))
+  return rng.integers(0, 256, [len(labels), size, size, 3], dtype=np.uint8), labels
+
+
+def _streamed(source: data_lib.DataSource) -> data_lib.DataSource:
+  """`source` read as a stream (as tfds and folders are), not by random access."""
+  records = dict(zip(("raw", "label", "id"), source._reader.records))
+
+  def open_stream(num_shards, index):
+    return tf.data.Dataset.from_tensor_slices(records).shard(num_shards, index)
+
+  return dataclasses.replace(source, _reader=dataclasses.replace(
+      source._reader, records=None, open_stream=open_stream))
 
 
 def _tiny_bn_backbone(seed: int = 0) -> keras.Model:
@@ -183,8 +203,49 @@ class KnnTest(tf.test.TestCase):
 
   def test_bad_k_and_t(self):
     train, test = _sources()
-    with self.assertRaisesRegex(evaluate.EvalError, "k >= 1 and t > 0"):
-      evaluate.knn_eval(_mean_colour_backbone(), train, test, image_size=_SIZE, k=0)
+    with self.assertRaisesRegex(evaluate.EvalError, r"k >= 1 \(or 0 = auto\) and t > 0"):
+      evaluate.knn_eval(_mean_colour_backbone(), train, test, image_size=_SIZE, k=-1)
+
+  def test_class_balanced_subset_in_memory_and_streamed(self):
+    x, y = _noise_images(num_per_class=[20, 4, 24])
+    source = data_lib.from_numpy(x, y, name="noise", ids=np.arange(len(y)) * 7 + 3)
+    for name, src in (("in memory", source), ("streamed", _streamed(source))):
+      with self.subTest(name):
+        subset = evaluate.class_balanced_subset(src, per_class=5, seed=3)
+        passes = [list(subset.raw().as_numpy_iterator()) for _ in range(2)]
+        labels = np.array([ex["label"] for ex in passes[0]])
+        counts = np.bincount(labels)
+        self.assertAllEqual(counts[[0, 2]], [5, 5])
+        # Class 1 has only 4: all of them in memory; a stream considers a seeded half only.
+        self.assertEqual(counts[1], 4) if name == "in memory" else self.assertLessEqual(
+            counts[1], 4)
+        self.assertEqual([ex["id"] for ex in passes[0]], [ex["id"] for ex in passes[1]])
+        self.assertLessEqual(len(labels), subset.num_examples)
+        self.assertIs(evaluate.class_balanced_subset(src, per_class=0, seed=3), src)
+
+  def test_k_is_recorded_and_raw_pixels_use_the_same_split(self):
+    # Noise images with random labels: the accuracy depends on exactly which images and k.
+    x, y = _noise_images(num_per_class=[40, 36, 44], seed=3)
+    xt, yt = _noise_images(num_per_class=[8, 8, 8], seed=4)
+    train = _streamed(data_lib.from_numpy(x, y, name="noise"))
+    test = data_lib.from_numpy(xt, yt, name="noise", split="test", ids=np.arange(24) + 500)
+    # An explicit k wins over the automatic one (a tenth of 10 per class: 1; tests/test_knn.py).
+    result = evaluate.knn_eval(_mean_colour_backbone(), train, test, image_size=8, k=5, t=0.1,
+                               batch_size=64, train_per_class=10, test_per_class=5, seed=2)
+    self.assertEqual((result["num_train"], result["num_test"]), (30, 15))
+    self.assertEqual((result["k"], result["k_auto"], result["smallest_class"]), (5, False, 10))
+    # NumPy reference: the same subsets, the eval views flattened, the weighted kNN.
+    def views(source, per_class):
+      rows = list(evaluate.class_balanced_subset(source, per_class, 2).raw().as_numpy_iterator())
+      images = np.stack([augment.center_view(tf.constant(r["raw"]), 8).numpy() for r in rows])
+      return images.reshape([len(rows), -1]), np.array([r["label"] for r in rows])
+    bank, bank_labels = views(train, 10)
+    queries, labels = views(test, 5)
+    self.assertAllClose(result["raw_pixels_top1"],
+                        test_knn.numpy_knn_top1(bank, bank_labels, queries, labels, 3, 5, 0.1))
+    # Raw pixels by default only for small eval views (<= 32 px).
+    self.assertEqual([evaluate.raw_pixels_meaningful(s) for s in (8, 32, 33, 224)],
+                     [True, True, False, False])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -416,6 +477,10 @@ class RunTest(tf.test.TestCase):
     os.remove(evaluate.eval_json_path(model_dir, "knn", random_init=True))
     ckpt_lib.write_json_atomic(os.path.join(model_dir, "knn_random_init.json"), {"top1": 12.5})
     self.assertEqual(evaluate.random_init_result(model_dir, "knn")["top1"], 12.5)
+    # ... unless the monitor ran on class-balanced subsets (another protocol).
+    ckpt_lib.write_json_atomic(os.path.join(model_dir, "knn_random_init.json"),
+                               {"top1": 12.5, "train_per_class": 20, "test_per_class": 10})
+    self.assertIsNone(evaluate.random_init_result(model_dir, "knn"))
     self.assertIsNone(evaluate.random_init_result(model_dir, "linear"))
     # No checkpoint to pick, nothing to follow.
     with self.assertRaisesRegex(evaluate.EvalError, "takes no --checkpoint"):
@@ -506,7 +571,11 @@ class CommandLineTest(tf.test.TestCase):
                   "history"):
         self.assertIn(key, result)
       self.assertEqual(result["checkpoint_step"], 1)
-      self.assertEqual((result["k"], result["t"]), (200, 0.1))
+      # k auto (the run's --knn_k=0): a tenth of the smallest class of the 1,497 digits (145).
+      self.assertEqual((result["k"], result["t"]), (14, 0.1))
+      self.assertIn("k=14", stdout)
+      self.assertIn("raw pixels", stdout)
+      self.assertAlmostEqual(result["raw_pixels_top1"], 96.67, places=1)
       self.assertEqual((result["num_train"], result["num_test"]), (1497, 300))
       self.assertBetween(result["top1"], 0.0, 100.0)
       self.assertGreaterEqual(result["top5"], result["top1"])
@@ -515,7 +584,7 @@ class CommandLineTest(tf.test.TestCase):
       tags = {value.tag for path in events
               for event in tf.compat.v1.train.summary_iterator(path)
               for value in event.summary.value if event.step == 1}
-      self.assertContainsSubset({"knn_top1", "knn_top5"}, tags)
+      self.assertContainsSubset({"knn_top1", "knn_top5", "knn_k"}, tags)
 
     with self.subTest("--random_init needs no checkpoint and writes its own file"):
       stdout, result, model_dir = self._succeeded("random_init", "eval_knn_random_init.json")

@@ -37,8 +37,9 @@ class TrainerTest(tf.test.TestCase):
     summary = trainer.train(tiny(model_dir, arch="resnet18", mochi_num_hard=8, mochi_num_mix=4,
                                  mochi_num_query_mix=2, mochi_warmup_epochs=0.05, knn_eval=True))
     for key in ("global_step", "final_loss", "knn_top1", "images_per_sec", "wall_seconds",
-                "knn_top1_random_init"):
-      self.assertIn(key, summary)
+                "knn_top1_random_init", "knn_top1_raw_pixels", "knn_k"):
+      self.assertIsNotNone(summary[key], key)
+    self.assertEqual(summary["knn_k"], 14)  # a tenth of the smallest class (145 digits)
     self.assertEqual(summary["global_step"], 6)
     self.assertTrue(np.isfinite(summary["final_loss"]))
     on_disk = json.load(open(os.path.join(model_dir, "summary.json")))
@@ -74,6 +75,29 @@ class TrainerTest(tf.test.TestCase):
                                            write=False)
     self.assertEqual(offline["checkpoint_step"], 6)
     self.assertAllClose(summary["knn_top1"], offline["top1"], atol=0.34)
+
+  def test_knn_monitor_over_two_replicas_equals_one_device(self):
+    # Bounded monitor (10 + 5 digits per class) over 2 replicas whose copies of the BN moving
+    # statistics differ, as training leaves them (each replica updates its own from its slice).
+    t = trainer.Trainer(tiny(self.create_tempdir().full_path, strategy="mirrored",
+                             cpu_replicas=2, bn_mode="shuffle", knn_eval=True,
+                             knn_train_per_class=10, knn_test_per_class=5, train_steps=2))
+    moving = [w.value for w in t.moco.query_encoder.non_trainable_weights
+              if "moving_mean" in w.path]
+    rng = np.random.default_rng(0)
+    for v in moving:
+      v.values[1].assign(rng.normal(size=v.shape).astype(np.float32))
+    monitor = t.knn_eval()
+    for v in moving:  # every replica now holds the first replica's (the checkpoint's) values
+      self.assertAllEqual(v.values[0].numpy(), v.values[1].numpy())
+    self.assertEqual((monitor["num_train"], monitor["num_test"], monitor["k"]), (100, 50, 1))
+    one_device = evaluate.knn_eval(
+        t.moco.query_encoder, t.train_source, t._knn_test_source, image_size=16,
+        train_per_class=10, test_per_class=5, seed=0, raw_pixels=False)
+    self.assertEqual(monitor["top1"], one_device["top1"])
+    self.assertNotIn("raw_pixels_top1", monitor)  # computed once per run, with random init
+    cost = t.knn_monitor_cost()
+    self.assertEqual((cost["images"], cost["epoch_fraction"]), (150, 150 / (3 * 1497)))
 
   def test_imagenet_path_under_mock_data(self):
     model_dir = self.create_tempdir().full_path

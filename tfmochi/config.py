@@ -100,7 +100,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
   knn_every_epochs: float = 0.0
   knn_eval: bool = True
-  knn_k: int = 200
+  knn_k: int = 0
+  knn_train_per_class: int = 0
+  knn_test_per_class: int = 0
   knn_t: float = 0.1
   nonfinite: str = "stop"
   export_format: str = "saved_model"
@@ -189,7 +191,10 @@ class TrainConfig:
     need(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
          "--checkpoint_every_steps must be >= 1.")
     need(self.knn_every_epochs >= 0, "--knn_every_epochs must be >= 0 (0 = only at the end).")
-    need(self.knn_k >= 1 and self.knn_t > 0, "--knn_k must be >= 1 and --knn_t > 0.")
+    need(self.knn_k >= 0 and self.knn_t > 0,
+         "--knn_k must be >= 1 (or 0 = auto) and --knn_t > 0.")
+    need(self.knn_train_per_class >= 0 and self.knn_test_per_class >= 0,
+         "--knn_train_per_class and --knn_test_per_class must be >= 0 (0 = the whole split).")
     need(0.0 <= self.labeled_fraction <= 1.0,
          f"--labeled_fraction must be in [0, 1], got {self.labeled_fraction}.")
     need(self.strategy != "tpu" or self.tpu is not None or "TPU_NAME" in os.environ,
@@ -296,7 +301,17 @@ _HELP = {
                         "the end).",
     "knn_eval": "Run the kNN monitor on the held-out split at the end of training (and at random "
                 "init for a fresh run), when the data set has labels.",
-    "knn_k": "k of the kNN monitor.",
+    "knn_k": "k of the kNN monitor; 0 = auto: a tenth of the smallest class's count in the "
+             "memory bank, at most 200 (MoCo's value for 5,000 images per class) and at least 1. "
+             "A k above a class's count forces that class's queries to take votes from other "
+             "classes, which hides what training does (k = 200 on ~150 digits per class).",
+    "knn_train_per_class": "kNN monitor memory bank: a class-balanced subset of the train split "
+                           "with this many images per class, chosen by --seed (the same at every "
+                           "pass and after a resume); 0 = the whole split. Bounds the monitor's "
+                           "cost and host memory at ImageNet scale (the cost is printed before "
+                           "training).",
+    "knn_test_per_class": "kNN monitor queries: a class-balanced subset of the held-out split with "
+                          "this many images per class (as --knn_train_per_class); 0 = all.",
     "knn_t": "Temperature of the kNN monitor's weights.",
     "nonfinite": "On a non-finite loss or gradient (of the whole global batch; a float16 "
                  "loss-scale overflow is not one): stop (keep the last good checkpoint) or skip "

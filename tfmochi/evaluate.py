@@ -18,7 +18,10 @@ MoCo) with the network in inference mode:
 
 * kNN (ALGORITHMS.md §1.5): the MoCo CIFAR demo's monitor. L2-normalised features, the train
   split is the memory bank, the held-out split the queries; each query is voted for by its k
-  nearest neighbours weighted by exp(cos / t), k = 200, t = 0.1.
+  nearest neighbours weighted by exp(cos / t), t = 0.1, k chosen from the bank: 10% of its
+  smallest class's count, at most 200 (MoCo's value for 5,000 images per class; `knn.auto_k`).
+  The k used is recorded. For eval views of at most 32 x 32 pixels the same kNN on the flattened,
+  L2-normalised eval views (raw pixels) is reported next to it: `raw_pixels_top1`.
 * linear (ALGORITHMS.md §1.6, facebookresearch/moco main_lincls.py): a linear classifier on the
   frozen pooled features, fc ~ N(0, 0.01²), bias 0; SGD (PyTorch semantics) lr 30, momentum 0.9,
   weight decay 0, batch 256, 100 epochs, lr x0.1 at 60% and 80% of the epochs (epochs 60 and 80);
@@ -249,9 +252,104 @@ def _say(progress: Progress | None, message: str) -> None:
 # kNN
 
 
+# Raw-pixel kNN baseline: reported for eval views of at most 32 x 32 pixels (3,072 values), where
+# pixels are a meaningful (and cheap) baseline, as for the 8x8 digits and CIFAR; at 224 px it is
+# near chance and 150,528 values per image.
+RAW_PIXELS_MAX_SIZE = 32
+# Share of a streamed split (tfds, folders read lazily) that `class_balanced_subset` considers:
+# the seeded draw that makes the subset depend on --seed; the stream is read until every class is
+# full, so this share doubles the (undecoded) records read.
+_STREAM_KEEP = 0.5
+
+
+def raw_pixels_meaningful(image_size: int) -> bool:
+  """True when the raw-pixel kNN baseline is computed for eval views of side `image_size`."""
+  return image_size <= RAW_PIXELS_MAX_SIZE
+
+
+def class_balanced_subset(source: data_lib.DataSource, per_class: int,
+                          seed: int) -> data_lib.DataSource:
+  """At most `per_class` images of each class of `source`, chosen by `seed` (0: `source` itself).
+
+  In-memory sources (quickstart, `data.from_numpy`): per class, the `per_class` images of smallest
+  `knn.id_hash(seed, id)`, exactly. Streamed sources (tfds, e.g. ImageNet): the split is read in
+  its stored order (tfds shuffles examples when it writes them), an image is considered when its
+  seeded hash falls in the lower half (`_STREAM_KEEP`) and kept while its class has fewer than
+  `per_class`; reading stops as soon as every class is full, so a pass decodes only the chosen
+  images and reads (undecoded) about 2 x per_class / (images per class) of the split (a class
+  with fewer than ~2 x per_class images may keep fewer than per_class). Both depend
+  only on (seed, ids, stored order): the same subset at every pass, on every host, after a resume.
+
+  Returns:
+    A DataSource over the subset (`num_examples` is per_class x classes, capped at the split,
+    for streamed sources: an upper bound when a class has fewer images).
+  """
+  if per_class <= 0:
+    return source
+  reader = source._reader  # pylint: disable=protected-access
+  if reader.records is not None:
+    raw, labels, ids = reader.records
+    idx = knn_lib.balanced_indices(labels, ids, per_class, seed)
+    return dataclasses.replace(
+        source, num_examples=int(len(idx)),
+        _reader=dataclasses.replace(reader, records=(raw[idx], labels[idx], ids[idx])))
+  num_classes = int(source.num_classes or 0)
+  if not num_classes:
+    return source  # unlabelled: the kNN refuses it with its own message
+  threshold = int(_STREAM_KEEP * (1 << 62))
+
+  @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
+  def considered(ex):
+    return knn_lib.id_hash(ex["id"], seed) < threshold
+
+  @tf.autograph.experimental.do_not_convert
+  def cap(counts, ex):
+    label = tf.cast(ex["label"], tf.int64)
+    safe = tf.clip_by_value(label, 0, num_classes - 1)
+    keep = tf.logical_and(tf.logical_and(label >= 0, label < num_classes),
+                          tf.gather(counts, safe) < per_class)
+    counts = tf.tensor_scatter_nd_add(counts, [[safe]], [tf.cast(keep, tf.int64)])
+    return counts, (ex, keep)
+
+  def open_stream(num_shards: int, index: int) -> tf.data.Dataset:
+    ds = reader.open_stream(1, 0)
+    ds = ds.filter(considered).scan(tf.zeros([num_classes], tf.int64), cap)
+    ds = ds.filter(tf.autograph.experimental.do_not_convert(lambda _, keep: keep))
+    ds = ds.map(tf.autograph.experimental.do_not_convert(lambda example, _: example))
+    ds = ds.take(per_class * num_classes)  # stops reading once every class is full
+    return ds.shard(num_shards, index) if num_shards > 1 else ds
+
+  return dataclasses.replace(
+      source, num_examples=min(int(source.num_examples), per_class * num_classes),
+      _reader=dataclasses.replace(reader, open_stream=open_stream))
+
+
+def baselines_text(result: dict, details: str = "") -> str:
+  """' (random init 93.67%, raw pixels 96.67%; <details>)': the baselines a result holds."""
+  parts = [f"{name} {result[key]:.2f}%" for name, key in
+           (("random init", "random_init_top1"), ("raw pixels", "raw_pixels_top1"))
+           if result.get(key) is not None]
+  text = "; ".join(part for part in (", ".join(parts), details) if part)
+  return f" ({text})" if text else ""
+
+
+def eval_view_pixels(source: data_lib.DataSource, *, image_size: int,
+                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """The eval views (as `knn_eval` feeds the network) flattened: [N, S*S*3] float32, labels [N]."""
+  pixels, labels = [], []
+  for batch in data_lib.eval_dataset(source, batch_size=batch_size, image_size=image_size):
+    images = tf.cast(batch["image"], tf.float32)
+    pixels.append(tf.reshape(images, [tf.shape(images)[0], -1]).numpy())
+    labels.append(batch["label"].numpy())
+  if not pixels:
+    raise EvalError("The evaluation got an empty data set.")
+  return np.concatenate(pixels), np.concatenate(labels).astype(np.int64)
+
+
 def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.DataSource, *,
-             image_size: int, k: int = 200, t: float = 0.1, batch_size: int = 256,
-             strategy: tf.distribute.Strategy | None = None) -> dict:
+             image_size: int, k: int = 0, t: float = 0.1, batch_size: int = 256,
+             strategy: tf.distribute.Strategy | None = None, train_per_class: int = 0,
+             test_per_class: int = 0, seed: int = 0, raw_pixels: bool | None = None) -> dict:
   """Weighted kNN accuracy of a backbone's L2-normalised pooled features (MoCo's monitor).
 
   Args:
@@ -260,24 +358,33 @@ def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.Dat
     train_source: the memory bank (labelled).
     test_source: the queries (labelled).
     image_size: centre-view side S (the run's training image size).
-    k: neighbours.
+    k: neighbours; 0 = `knn.auto_k` (10% of the bank's smallest class, at most 200).
     t: temperature of the exp(cos / t) vote weights.
     batch_size: images per forward pass (global, over all replicas).
     strategy: spread the forward passes over a single-host strategy's replicas (see
       `check_strategy`); None: one device.
+    train_per_class, test_per_class: use a class-balanced subset of that many images per class
+      of each split (`class_balanced_subset`, chosen by `seed`); 0 = the whole split.
+    seed: the subsets' seed.
+    raw_pixels: also run the same kNN (same images, k, t) on the flattened, L2-normalised eval
+      views; None = when `raw_pixels_meaningful(image_size)`.
 
   Returns:
-    {"top1", "top5" (in %), "k", "t", "num_train", "num_test", "num_classes", "seconds"}.
+    {"top1", "top5" (in %), "k", "k_auto", "smallest_class" (in the bank), "t", "num_train",
+    "num_test", "num_classes", "train_per_class", "test_per_class", "seconds"} and, with raw
+    pixels, "raw_pixels_top1", "raw_pixels_top5".
 
   Raises:
     EvalError: a split has no labels, or k/t are out of range.
   """
-  if k < 1 or t <= 0:
-    raise EvalError(f"kNN needs k >= 1 and t > 0, got k={k}, t={t}.")
+  if k < 0 or t <= 0:
+    raise EvalError(f"kNN needs k >= 1 (or 0 = auto) and t > 0, got k={k}, t={t}.")
   require_labels(train_source, "kNN evaluation")
   require_labels(test_source, "kNN evaluation")
   start = time.time()
   strategy = check_strategy(strategy, batch_size)
+  train_source = class_balanced_subset(train_source, train_per_class, seed)
+  test_source = class_balanced_subset(test_source, test_per_class, seed)
 
   def normalised(source):
     feats, labels = extract_pooled(model, data_lib.eval_dataset(
@@ -290,9 +397,22 @@ def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.Dat
   num_classes = _num_classes(train_source, test_source) or int(
       max(bank_labels.max(), labels.max())) + 1
   result = knn_lib.knn_accuracy(bank, bank_labels, queries, labels, num_classes, k=k, t=t)
-  return {**result, "k": int(k), "t": float(t), "num_train": int(len(bank)),
-          "num_test": int(len(queries)), "num_classes": num_classes,
-          "seconds": float(time.time() - start)}
+  counts = np.bincount(bank_labels[bank_labels >= 0])
+  result.update({"k_auto": k == 0, "smallest_class": int(counts[counts > 0].min()),
+                 "t": float(t), "num_train": int(len(bank)), "num_test": int(len(queries)),
+                 "num_classes": num_classes, "train_per_class": int(train_per_class),
+                 "test_per_class": int(test_per_class)})
+  if raw_pixels if raw_pixels is not None else raw_pixels_meaningful(image_size):
+    # The same images in the same order (the same deterministic pipelines), k and t.
+    pixel_bank, _ = eval_view_pixels(train_source, image_size=image_size, batch_size=batch_size)
+    pixel_queries, _ = eval_view_pixels(test_source, image_size=image_size,
+                                        batch_size=batch_size)
+    pixels = knn_lib.knn_accuracy(
+        tf.math.l2_normalize(pixel_bank, axis=-1).numpy(), bank_labels,
+        tf.math.l2_normalize(pixel_queries, axis=-1).numpy(), labels, num_classes,
+        k=result["k"], t=t)
+    result.update(raw_pixels_top1=pixels["top1"], raw_pixels_top5=pixels["top5"])
+  return {**result, "seconds": float(time.time() - start)}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -540,7 +660,8 @@ class EvalSettings:
 
   Attributes:
     mode: "knn" or "linear".
-    knn_k, knn_t: kNN neighbours and temperature (None: the run's --knn_k / --knn_t).
+    knn_k, knn_t: kNN neighbours (0 = auto) and temperature (None: the run's --knn_k /
+      --knn_t).
     linear_epochs, linear_crop_min_scale, linear_hflip: None: the data set's default
       (`default_linear_settings`: MoCo's 100 epochs, crops 0.08-1, flips; quickstart 30, 0.5-1,
       no flips).
@@ -569,8 +690,8 @@ class EvalSettings:
     problems = []
     if self.mode not in MODES:
       problems.append(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-    if self.knn_k is not None and self.knn_k < 1:
-      problems.append(f"--knn_k must be >= 1; got {self.knn_k}")
+    if self.knn_k is not None and self.knn_k < 0:
+      problems.append(f"--knn_k must be >= 1 (or 0 = auto); got {self.knn_k}")
     if self.knn_t is not None and not self.knn_t > 0:
       problems.append(f"--knn_t must be > 0; got {self.knn_t}")
     if self.linear_epochs is not None and self.linear_epochs < 1:
@@ -596,7 +717,8 @@ def random_init_result(model_dir: str, mode: str) -> dict | None:
   """The random-init baseline recorded for a run, if any.
 
   `evaluate --random_init` writes eval_<mode>_random_init.json; for kNN the trainer also writes
-  knn_random_init.json before its first step (same network, same k and t unless overridden).
+  knn_random_init.json before its first step (same network, same k and t unless overridden; not
+  used when the monitor ran on subsets, --knn_train_per_class / --knn_test_per_class).
   """
   candidates = [eval_json_path(model_dir, mode, random_init=True)]
   if mode == "knn":
@@ -607,7 +729,11 @@ def random_init_result(model_dir: str, mode: str) -> dict | None:
         result = ckpt_lib.read_json(path)
       except (ValueError, tf.errors.OpError):
         continue
-      if isinstance(result, dict) and "top1" in result:
+      # The trainer's monitor may have used class-balanced subsets (ImageNet configs): not the
+      # whole-split protocol of this evaluation, so not its baseline.
+      subset = result.get("train_per_class") or result.get("test_per_class") \
+          if isinstance(result, dict) else False
+      if isinstance(result, dict) and "top1" in result and not subset:
         return result
   return None
 
@@ -719,7 +845,7 @@ def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
   seed = config.seed if settings.seed is None else settings.seed
   if settings.mode == "knn":
     result = knn_eval(encoder, train, test, image_size=config.image_size,
-                      k=settings.knn_k or config.knn_k,
+                      k=settings.knn_k if settings.knn_k is not None else config.knn_k,
                       t=settings.knn_t if settings.knn_t is not None else config.knn_t,
                       batch_size=settings.batch_size, strategy=strategy)
   else:
@@ -755,6 +881,8 @@ def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
     scalars = {f"{prefix}_top1": result["top1"], f"{prefix}_top5": result["top5"]}
     if settings.mode == "linear":
       scalars[f"{prefix}_best_top1"] = result["best_top1"]
+    else:
+      scalars[f"{prefix}_k"] = result["k"]
     write_eval_scalars(model_dir, step, scalars)
   return result
 
@@ -854,7 +982,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("model_dir", None, "The training run (holds config.json, checkpoints/).")
   flags.DEFINE_string("mode", "knn", f"One of {', '.join(MODES)}.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint prefix (default: the newest readable).")
-  flags.DEFINE_integer("knn_k", None, "kNN neighbours (default: the run's --knn_k, 200).")
+  flags.DEFINE_integer("knn_k", None, "kNN neighbours; 0 = auto: a tenth of the bank's smallest "
+                       "class, at most 200, so that a query's neighbours can all be of its own "
+                       "class (default: the run's --knn_k, 0 = auto).")
   flags.DEFINE_float("knn_t", None, "kNN temperature (default: the run's --knn_t, 0.1).")
   flags.DEFINE_integer("linear_epochs", None,
                        f"Linear probe epochs (default {LINEAR_EPOCHS}; 30 for quickstart). The "
@@ -942,8 +1072,7 @@ def main(argv) -> int:
     return _error(str(e))
   name = "kNN" if settings.mode == "knn" else "Linear"
   what = "random init" if settings.random_init else f"step {result['checkpoint_step']}"
-  baseline = (f" (random init: {result['random_init_top1']:.2f}%)"
-              if "random_init_top1" in result else "")
+  baseline = baselines_text(result, f"k={result['k']}" if settings.mode == "knn" else "")
   print(f"{name} top-1 {result['top1']:.2f}%{baseline} top-5 {result['top5']:.2f}% on "
         f"{result['dataset']}/{result['test_split']} ({what}, {result['seconds']:.1f} s) -> "
         f"{eval_json_path(model_dir, settings.mode, settings.random_init)}", flush=True)

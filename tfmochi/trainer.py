@@ -215,6 +215,26 @@ def _fmt_time(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _knn_details(result: dict) -> str:
+  """The protocol of a kNN monitor result: "k=14, t=0.1, 1497 train / 300 held-out, 6.1 s"."""
+  return (f"k={result['k']}, t={result['t']:g}, {result['num_train']} train / "
+          f"{result['num_test']} held-out, {result['seconds']:.1f} s")
+
+
+def sync_to_first_replica(model) -> None:
+  """Sets every replica's copy of `model`'s non-trainable variables to the first replica's.
+
+  Under MirroredStrategy and TPUStrategy, Keras' BN moving statistics are mirrored variables
+  without aggregation that each replica updates from its own slice of the batch; a cross-replica
+  read gives the first replica's value (the one checkpoints and exports hold), and a
+  cross-replica assign writes it to every copy. Variables of one device are left alone.
+  """
+  for weight in model.non_trainable_weights:
+    variable = getattr(weight, "value", weight)
+    if len(getattr(variable, "values", ())) > 1:
+      variable.assign(variable.read_value())
+
+
 # -------------------------------------------------------------------------------------------------
 
 
@@ -399,25 +419,71 @@ class Trainer:
     return loop
 
   # ---- evaluation
-  def knn_eval(self) -> dict[str, float] | None:
-    """Weighted kNN top-1/top-5 on the held-out split with the query backbone's pooled features."""
+  _knn_test_source = None  # the held-out split, loaded at the monitor's first use
+
+  def _knn_sources(self):
+    """(train, held-out) sources of the kNN monitor, or None when it cannot run."""
     cfg = self.config
-    try:
-      test_source = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, seed=cfg.seed)
-    except data_lib.DataError as e:
-      logging.warning("kNN monitor skipped: %s", e)
+    if self._knn_test_source is None:
+      try:
+        self._knn_test_source = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir,
+                                              seed=cfg.seed)
+      except data_lib.DataError as e:
+        logging.warning("kNN monitor skipped: %s", e)
+        return None
+    if not (self.train_source.has_labels and self._knn_test_source.has_labels):
       return None
-    if not (self.train_source.has_labels and test_source.has_labels):
+    return self.train_source, self._knn_test_source
+
+  def knn_monitor_cost(self) -> dict | None:
+    """Images per monitor pass and its estimated cost as a share of an epoch (None: no monitor).
+
+    Estimate: a forward pass of one view costs about 1/3 of a training step per image (the
+    query's forward + backward is about three forwards); the key encoder's forward is left out
+    of the step, so the share is an upper bound. In seconds: images / (3 x training images/s).
+    """
+    sources = self._knn_sources()
+    if sources is None:
       return None
-    # Outside strategy.run, on purpose: Keras' BN moving statistics are mirrored variables
-    # without aggregation, so each replica's copy follows its own slice of the batch, and only a
-    # cross-replica read gives the first replica's values, the ones a checkpoint and an export
-    # hold (in replica context each replica would normalise with its own; measured: 79.67% vs
-    # 79.0% on a 2-replica test run). tfmochi.evaluate --strategy restores a checkpoint into
-    # every replica and has no such split.
-    return eval_lib.knn_eval(self.moco.query_encoder, self.train_source, test_source,
-                             image_size=cfg.image_size, k=cfg.knn_k, t=cfg.knn_t,
-                             batch_size=max(64, cfg.batch_size))
+    cfg = self.config
+
+    def images(source, per_class):
+      n = int(source.num_examples)
+      return min(n, per_class * int(source.num_classes)) if per_class and source.num_classes \
+          else n
+
+    train = images(sources[0], cfg.knn_train_per_class)
+    test = images(sources[1], cfg.knn_test_per_class)
+    return {"train_images": train, "test_images": test, "images": train + test,
+            "epoch_fraction": (train + test) / (3.0 * self.train_source.num_examples)}
+
+  def knn_eval(self, raw_pixels: bool | None = False) -> dict | None:
+    """Weighted kNN on the held-out split with the query backbone's pooled features.
+
+    The bank and the queries are the class-balanced subsets of --knn_train_per_class and
+    --knn_test_per_class (whole splits by default), and the forward passes run over the
+    strategy's replicas (one device per worker under multi_worker, whose workers cannot gather
+    each other's features). `raw_pixels`: see `evaluate.knn_eval`.
+    """
+    cfg = self.config
+    sources = self._knn_sources()
+    if sources is None:
+      return None
+    strategy = None if cfg.strategy == "multi_worker" else self.strategy
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    batch_size = -(-max(64, cfg.batch_size) // replicas) * replicas
+    if strategy is not None:
+      # Keras' BN moving statistics are mirrored variables without aggregation: each replica's
+      # copy follows its own slice of the batch, and checkpoints and exports hold the first
+      # replica's. Copying those to every replica makes the monitor (inference mode, so it uses
+      # the moving statistics) measure the checkpointed network. Training never reads the moving
+      # statistics, so the copy changes nothing else.
+      sync_to_first_replica(self.moco.query_encoder)
+    return eval_lib.knn_eval(self.moco.query_encoder, *sources, image_size=cfg.image_size,
+                             k=cfg.knn_k, t=cfg.knn_t, batch_size=batch_size, strategy=strategy,
+                             train_per_class=cfg.knn_train_per_class,
+                             test_per_class=cfg.knn_test_per_class, seed=cfg.seed,
+                             raw_pixels=raw_pixels)
 
   # ---- checkpoints and preemption
   def _save(self, step: int) -> None:
@@ -520,12 +586,21 @@ class Trainer:
     random_init_path = os.path.join(cfg.model_dir, ckpt_lib.KNN_RANDOM_INIT_FILE)
     knn_random = None
     wants_knn = cfg.knn_eval and self.train_source.has_labels
+    knn_cost = self.knn_monitor_cost() if wants_knn or self.knn_every else None
+    if knn_cost is not None and cfg.verbose and self.chief:
+      print(f"kNN monitor: {knn_cost['images']:,} images per pass ({knn_cost['train_images']:,} "
+            f"train, {knn_cost['test_images']:,} held out), about "
+            f"{100 * knn_cost['epoch_fraction']:.2g}% of an epoch each (a forward pass of one "
+            "view ~ 1/3 of a training step per image); seconds per pass follow once the step's "
+            "speed is measured. Bound it with --knn_train_per_class/--knn_test_per_class.",
+            flush=True)
     if wants_knn and start_step == 0:
-      knn_random = self.knn_eval()
+      knn_random = self.knn_eval(raw_pixels=None)
       if knn_random is not None and self.chief:
         ckpt_lib.write_json_atomic(random_init_path, knn_random)
         if cfg.verbose:
-          print(f"kNN top-1 at random init: {knn_random['top1']:.2f}%", flush=True)
+          print(f"kNN top-1 at random init: {knn_random['top1']:.2f}%"
+                f"{eval_lib.baselines_text(knn_random, _knn_details(knn_random))}", flush=True)
     elif tf.io.gfile.exists(random_init_path):
       knn_random = ckpt_lib.read_json(random_init_path)
 
@@ -591,16 +666,25 @@ class Trainer:
           self._save(step)
         if preemption_handler is not None and cfg.strategy == "tpu":
           preemption_handler.save_checkpoint_if_preempted()
+        if knn_cost is not None and step - start_step > 2 * cfg.steps_per_loop \
+            and "seconds" not in knn_cost:
+          # The first blocks include tracing and warm-up; from the third the speed is the step's.
+          knn_cost["seconds"] = knn_cost["images"] / (3.0 * ips)
+          if cfg.verbose and self.chief:
+            progress.newline()
+            print(f"kNN monitor: about {knn_cost['seconds']:.0f} s per pass at {ips:.0f} "
+                  "training images/s.", flush=True)
         if self.knn_every and (step % self.knn_every == 0) and step < self.total_steps:
           knn_result = self.knn_eval()
           if knn_result is not None:
             with writer.as_default(step=step):
               tf.summary.scalar("knn_top1", knn_result["top1"])
               tf.summary.scalar("knn_top5", knn_result["top5"])
+              tf.summary.scalar("knn_k", knn_result["k"])
             progress.newline()
             if cfg.verbose and self.chief:
               print(f"kNN top-1 {knn_result['top1']:.2f}% top-5 {knn_result['top5']:.2f}% at "
-                    f"step {step}", flush=True)
+                    f"step {step} ({_knn_details(knn_result)})", flush=True)
     except _ClusterPreempted:
       pass  # every worker has checkpointed at the agreed step (preemption.cluster_step)
     except _CLUSTER_ERRORS as e:
@@ -638,7 +722,13 @@ class Trainer:
     # ---- end of training: final kNN, export, summary
     self._close_preemption_handler(preemption_handler)
     self._save(step)
-    knn_result = self.knn_eval() if wants_knn else knn_result
+    if wants_knn:
+      # The raw-pixel baseline comes with the random-init pass; a run that started without the
+      # monitor gets it here.
+      knn_result = self.knn_eval(raw_pixels=None if not knn_random or (
+          "raw_pixels_top1" not in knn_random) else False)
+    raw_pixels = next((r["raw_pixels_top1"] for r in (knn_random, knn_result)
+                       if r and "raw_pixels_top1" in r), None)
     export_path = None
     if cfg.export_format != "none" and self.chief:
       export_path = self._export()
@@ -651,6 +741,12 @@ class Trainer:
         "knn_top1": knn_result["top1"] if knn_result else None,
         "knn_top5": knn_result["top5"] if knn_result else None,
         "knn_top1_random_init": knn_random["top1"] if knn_random else None,
+        "knn_top1_raw_pixels": raw_pixels,
+        "knn_k": knn_result["k"] if knn_result else None,
+        "knn_t": cfg.knn_t,
+        "knn_num_train": knn_result["num_train"] if knn_result else None,
+        "knn_num_test": knn_result["num_test"] if knn_result else None,
+        "knn_seconds": knn_result["seconds"] if knn_result else None,
         **self._skip_counts(),
         "export": export_path,
         "dataset": cfg.dataset,
@@ -662,12 +758,14 @@ class Trainer:
       with writer.as_default(step=step):
         if knn_result:
           tf.summary.scalar("knn_top1", knn_result["top1"])
+          tf.summary.scalar("knn_k", knn_result["k"])
       writer.flush()
     if cfg.verbose and self.chief:
       if knn_result:
-        base = f" (random init: {knn_random['top1']:.2f}%)" if knn_random else ""
-        print(f"Final kNN top-1 on the held-out split: {knn_result['top1']:.2f}%{base}",
-              flush=True)
+        baselines = dict(knn_result, random_init_top1=knn_random["top1"] if knn_random else None,
+                         raw_pixels_top1=raw_pixels)
+        print(f"Final kNN top-1 on the held-out split: {knn_result['top1']:.2f}%"
+              f"{eval_lib.baselines_text(baselines, _knn_details(knn_result))}", flush=True)
       print(f"Summary: {os.path.join(cfg.model_dir, 'summary.json')}", flush=True)
       if self.train_source.has_labels:
         print(f"Linear probe: python -m tfmochi.evaluate --model_dir={cfg.model_dir} "
