@@ -25,6 +25,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from tfmochi import augment
 from tfmochi import distribute
 from tfmochi import head as head_lib
 from tfmochi import mixing
@@ -162,7 +163,8 @@ class MoCo(tf.Module):
     """One MoCo/MoCHi step for this replica's batch. Call inside `strategy.run` (or plainly).
 
     Args:
-      batch: {"view1": [b, H, W, 3] query views, "view2": key views, optional "id" [b] and
+      batch: {"view1": [b, H, W, 3] query views (uint8, normalised here, or already normalised
+        floats), "view2": key views, optional "id" [b] and
         "label" [b] int64 (-1 unknown)}.
       optimizer: a Keras optimizer built on `query_encoder.trainable_variables` (inside the
         strategy scope, before tracing), optionally a LossScaleOptimizer for float16.
@@ -176,6 +178,7 @@ class MoCo(tf.Module):
       mean ("loss", "acc1", "acc5", "hardest_negative", "synthetic_logit", "removed_same_class",
       "finite" (loss and gradients), "finite_loss", "momentum").
     """
+    batch = augment.normalize_views(batch)  # uint8 views from the input pipeline, on the device
     cfg = self.config
     num_replicas, replica_id = distribute.replica_context_info()
     b = tf.shape(batch["view1"])[0]

@@ -241,7 +241,9 @@ class Trainer:
     _set_precision(cfg.mixed_precision)
     # ---- data first: a missing data set must fail in seconds, before any device set-up
     self.train_source = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir,
-                                      seed=cfg.seed)
+                                      seed=cfg.seed,
+                                      validate="decode" if cfg.validate_images else "none",
+                                      tfrecord_label_offset=cfg.tfrecord_label_offset)
     if cfg.label_mode != "none" and not self.train_source.has_labels:
       raise config_lib.ConfigError(
           f"--label_mode={cfg.label_mode} needs labels, and the data set {cfg.dataset!r} has none. "
@@ -390,7 +392,8 @@ class Trainer:
     """Weighted kNN top-1/top-5 on the held-out split with the query backbone's pooled features."""
     cfg = self.config
     try:
-      test_source = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, seed=cfg.seed)
+      test_source = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, seed=cfg.seed,
+                                  tfrecord_label_offset=cfg.tfrecord_label_offset)
     except data_lib.DataError as e:
       logging.warning("kNN monitor skipped: %s", e)
       return None
@@ -630,6 +633,7 @@ class Trainer:
         "knn_top5": knn_result["top5"] if knn_result else None,
         "knn_top1_random_init": knn_random["top1"] if knn_random else None,
         "skipped_steps": int(self.skipped.numpy()),
+        "skipped_images": self.train_source.skipped_while_reading,
         "export": export_path,
         "dataset": cfg.dataset,
         "arch": cfg.arch,
