@@ -1,7 +1,9 @@
 """MoCo v1/v2 image augmentations: per-image, stateless-seeded, tf.image / tf.nn only.
 
 Every function takes one image `[H, W, C]` (uint8 in [0, 255] or float in [0, 1], C = 3 or 1;
-grayscale is tiled to RGB) and returns float32. Randomness is *stateless*: every draw comes from
+grayscale is tiled to RGB) and returns float32, except the input pipeline's `two_views_uint8`
+(uint8 views before normalisation, optionally decoding encoded bytes with the crop fused into the
+JPEG decode) and `to_model_input`, which normalises such views at the start of the step. Randomness is *stateless*: every draw comes from
 `tf.random.stateless_*` with a seed derived from the caller's `seed` (an int tensor of shape
 [2]), so a given (image, seed) always yields the same view, eagerly, in `tf.function` and inside
 `tf.data.Dataset.map`. That is what makes a training run resumable and reproducible: the data
@@ -17,7 +19,8 @@ The recipes follow facebookresearch/moco (ALGORITHMS.md §1.4, §1.6) with torch
 Known differences from torchvision/PIL (all small):
   * Resizing is TF bilinear with `antialias=True` (PIL's bilinear filter also widens its support
     when downsampling), so pixels differ by interpolation round-off, not by method.
-  * PIL works on uint8 between ops; here everything stays float32 in [0, 1] (no re-quantisation).
+  * PIL works on uint8 between ops; here everything stays float32 in [0, 1] and the pipeline's
+    views are rounded to uint8 once, at the end (`two_views_uint8`).
   * PIL's GaussianBlur approximates the Gaussian with three box blurs; here it is an exact
     (truncated at the fixed radius ceil(3 * sigma_max)) Gaussian kernel, edges replicated as PIL.
   * Hue is shifted in float HSV (`tf.image.adjust_hue`); PIL rounds H to uint8 (1/256 steps).

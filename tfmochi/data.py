@@ -10,6 +10,19 @@
                  relabelled 0..99 in sorted-wnid order (= torchvision ImageFolder on the subset).
   folder         images in `data_dir/<class>/...`, or with split folders
                  `data_dir/train/<class>/...` + `data_dir/{val|validation|test}/<class>/...`.
+                 Start-up only lists the files (tf.io.gfile: gs:// works); an image that cannot
+                 be decoded is skipped and counted while reading (`SkipLog`, summary.json
+                 "skipped_images"); `validate="decode"` (--validate_images) checks every file once
+                 at start-up instead.
+  tfrecord       ImageNet-layout TFRecords (tf.train.Example with `image/encoded` JPEG bytes and
+                 `image/class/label`, as the TensorFlow ImageNet conversion scripts write them and
+                 TPU reference models read them). `data_dir` is a folder holding `train-*` and
+                 `validation-*` files, or a glob of the train files (`gs://bucket/train-*`), whose
+                 held-out split is the same glob with the last "train" of its file-name part
+                 replaced by "validation". Labels are `image/class/label - tfrecord_label_offset`
+                 (default 1: ImageNet's 1..1000 -> 0..999; a smaller label fails at load or while
+                 reading). Each input pipeline reads every P-th file (P = input pipelines = hosts),
+                 16 files interleaved in parallel; undecodable records are skipped and counted.
   anything else  a tensorflow-datasets name (cifar10, stl10, ...) read from `data_dir` (gs:// ok).
 
 Nothing is ever downloaded implicitly: a data set that is not prepared stops at once with a
@@ -31,7 +44,20 @@ Data-position contract (what makes resume exact):
   * so batch k is a pure function of (seed, k, topology = global batch, replicas, input
     pipelines); `start_step=k` starts at epoch k // steps_per_epoch and skips the first
     (k % steps_per_epoch) steps' examples of that epoch *before* decoding. In-memory sources (quickstart, folder) skip by slicing the permutation
-    (free); tfds sources read, without decoding, the skipped records of the current epoch.
+    (free); tfds and tfrecord sources read, without decoding, the skipped records of the current
+    epoch (at ImageNet scale at most one epoch's share of the encoded bytes per host, I/O only).
+  * tfrecord: per epoch the pipeline's file order is a seeded permutation, 16 files are
+    interleaved one record at a time and records pass a 10,000-record seeded shuffle buffer. The
+    batches are a pure function of (seed, step, topology) only with --deterministic (tf.data then
+    keeps the interleave order); without it, a resumed epoch skips the right *number* of records
+    but not the same ones, so within that one epoch some images repeat and others are missed -
+    what TPU reference pipelines accept (they restart the input at a checkpoint without any skip).
+  * An undecodable image (folder, tfrecord) is dropped and the batch takes the stream's next
+    example: exact resume then assumes the same files decode (it holds whenever none is bad;
+    --validate_images lists bad folder files once).
+  * Views are uint8 (`augment.two_views_uint8`): JPEG bytes are decoded per view with the crop
+    fused into the decode (`augment.decode_random_resized_crop`); the step normalises them on the
+    device (`augment.to_model_input`). `eval_dataset` yields normalised float32 as before.
 """
 
 from __future__ import annotations
@@ -581,20 +607,30 @@ def _unreadable(path: str, e: Exception) -> DataError:
       "needs roles/storage.objectViewer on the bucket; `gcloud storage ls <path>` must work).")
 
 
+def _records(path: str):
+  """Serialized records of one file, read without TensorFlow ops.
+
+  Sources are loaded before the distribution strategy exists, and `--cpu_replicas` can only split
+  the CPU before the first op runs, so start-up reads files through the record reader that
+  tf.io.gfile uses (tf_record_iterator), not through tf.data.
+  """
+  try:
+    yield from tf.compat.v1.io.tf_record_iterator(path)
+  except tf.errors.DataLossError as e:
+    raise _tfrecord_error(f"{path} is not a TFRecord file (or is corrupt): "
+                          f"{str(e.message).splitlines()[0][:150]}") from e
+  except tf.errors.OpError as e:
+    raise _unreadable(path, e) from e
+
+
 def _first_records(files: list[str], n: int) -> list[bytes]:
   """Up to n serialized records from the first non-empty files (fails as a DataError)."""
   out: list[bytes] = []
   for path in files[:8]:
-    try:
-      for record in tf.data.TFRecordDataset(path).take(n - len(out)):
-        out.append(record.numpy())
-    except tf.errors.DataLossError as e:
-      raise _tfrecord_error(f"{path} is not a TFRecord file (or is corrupt): "
-                            f"{str(e.message).splitlines()[0][:150]}") from e
-    except tf.errors.OpError as e:
-      raise _unreadable(path, e) from e
-    if len(out) >= n:
-      break
+    for record in _records(path):
+      out.append(record)
+      if len(out) >= n:
+        return out
   return out
 
 
@@ -606,28 +642,26 @@ def _parse_example(record: bytes, path: str) -> dict:
   return example.features.feature
 
 
+def _label(features, default: int) -> int:
+  values = features[TFRECORD_LABEL_KEY].int64_list.value if TFRECORD_LABEL_KEY in features else ()
+  return int(values[0]) if values else default
+
+
 def _tfrecord_count(files: list[str], label_offset: int) -> tuple[int, int, int]:
-  """(records, smallest label, largest label) of the files: one parallel pass over them."""
+  """(records, smallest label, largest label) of the files: one pass, files read in parallel."""
   logging.warning("tfmochi.data: counting the records of %d TFRecord files (one pass; ImageNet's "
                   "standard 1024/128 shards are known and not counted).", len(files))
-  spec = {TFRECORD_LABEL_KEY: tf.io.FixedLenFeature([], tf.int64, default_value=label_offset - 1)}
-  ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-      tf.data.TFRecordDataset, cycle_length=_TFRECORD_CYCLE, num_parallel_calls=AUTOTUNE,
-      deterministic=False)
-  ds = ds.batch(1024).map(lambda r: tf.io.parse_example(r, spec)[TFRECORD_LABEL_KEY],
-                          num_parallel_calls=AUTOTUNE, deterministic=False)
-  big = np.iinfo(np.int64).max
-  init = (tf.constant(0, tf.int64), tf.constant(big, tf.int64), tf.constant(-big, tf.int64))
-  try:
-    n, lo, hi = ds.reduce(init, lambda s, y: (s[0] + tf.size(y, tf.int64),
-                                              tf.minimum(s[1], tf.reduce_min(y)),
-                                              tf.maximum(s[2], tf.reduce_max(y))))
-  except tf.errors.DataLossError as e:
-    raise _tfrecord_error(f"a file is not a TFRecord file or is corrupt: "
-                          f"{str(e.message).splitlines()[0][:150]}") from e
-  except tf.errors.OpError as e:
-    raise _unreadable(os.path.dirname(files[0]), e) from e
-  return int(n), int(lo), int(hi)
+
+  def count(path):
+    n, lo, hi = 0, None, None
+    for record in _records(path):
+      y = _label(_parse_example(record, path), label_offset - 1)
+      n, lo, hi = n + 1, y if lo is None else min(lo, y), y if hi is None else max(hi, y)
+    return n, lo, hi
+
+  with concurrent.futures.ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1))) as pool:
+    counts = [c for c in pool.map(count, files) if c[0]]
+  return (sum(c[0] for c in counts), min(c[1] for c in counts), max(c[2] for c in counts))
 
 
 def _standard_imagenet(files: list[str], test: bool) -> int | None:
@@ -666,9 +700,7 @@ def _tfrecord(data_dir: str | None, test: bool, *, label_offset: int) -> DataSou
   if missing:
     raise _tfrecord_error(f"the records of {files[0]} have no {' or '.join(missing)} feature "
                           f"(they have: {', '.join(sorted(features)) or 'none'})")
-  first_labels = [f.int64_list.value[0] for f in
-                  (_parse_example(r, files[0])[TFRECORD_LABEL_KEY] for r in records)
-                  if f.int64_list.value]
+  first_labels = [_label(_parse_example(r, files[0]), label_offset - 1) for r in records]
   num_examples = _standard_imagenet(files, test)
   num_classes = 1000 if num_examples is not None and label_offset == 1 else None
   lo = min(first_labels, default=label_offset)
@@ -677,10 +709,10 @@ def _tfrecord(data_dir: str | None, test: bool, *, label_offset: int) -> DataSou
     num_classes = hi - label_offset + 1
   if lo < label_offset:
     raise _tfrecord_error(
-        f"{pattern} has the label {lo}, below --tfrecord_label_offset={label_offset} (the "
+        f"{pattern} has the label {lo} (or records without one), below "
+        f"--tfrecord_label_offset={label_offset} (the "
         "ImageNet layout's labels run 1..1000 and 0 is unused, hence the default 1); for files "
         "with 0-based labels pass --tfrecord_label_offset=0")
-  files_t = tf.constant(files)
   spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
           TFRECORD_LABEL_KEY: tf.io.FixedLenFeature([], tf.int64, default_value=label_offset - 1)}
 
@@ -707,7 +739,7 @@ def _tfrecord(data_dir: str | None, test: bool, *, label_offset: int) -> DataSou
     if seed is not None:  # a new file order every epoch
       indices = tf.random.experimental.stateless_shuffle(
           indices, tf.stack([seed, tf.constant(0, tf.int64)]))
-    ds = tf.data.Dataset.from_tensor_slices((tf.gather(files_t, indices), indices))
+    ds = tf.data.Dataset.from_tensor_slices((tf.gather(tf.constant(files), indices), indices))
     # deterministic=None: ordered exactly when the pipeline's options ask for it.
     ds = ds.interleave(read_file, cycle_length=min(_TFRECORD_CYCLE, len(files)), block_length=1,
                        num_parallel_calls=AUTOTUNE, deterministic=None)
