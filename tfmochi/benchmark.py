@@ -524,7 +524,8 @@ def jpeg_photo_source(directory: str, num_images: int, seed: int = 0,
 
 
 def bench_input(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
-                source=None, steps_per_call: int = 1, threads: int = 0) -> dict:
+                source=None, steps_per_call: int = 1, threads: int = 0,
+                fused_decode: bool = True) -> dict:
   """Images/s of the pretraining input pipeline (`data.pretrain_dataset`) at config.image_size.
 
   Args:
@@ -535,6 +536,7 @@ def bench_input(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int =
     steps_per_call: batches per timed call.
     threads: size of the pipeline's private thread pool (0: tf.data's default, all cores); the
       result's images_per_sec_per_thread divides by it (per core when the cores are free).
+    fused_decode: JPEG sources: decode each view's crop window (True) or the whole image once.
 
   Returns:
     The JSON-able result (images/s counts each image once, though it yields two views).
@@ -546,7 +548,7 @@ def bench_input(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int =
   ds = data.pretrain_dataset(source, global_batch_size=config.batch_size,
                              image_size=config.image_size, seed=config.seed,
                              recipe=config.augmentation, crop_scale=(config.crop_min_scale, 1.0),
-                             deterministic=config.deterministic)
+                             deterministic=config.deterministic, fused_decode=fused_decode)
   if threads:
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
@@ -564,6 +566,7 @@ def bench_input(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int =
                    "batch_size": config.batch_size, "image_size": config.image_size,
                    "augmentation": config.augmentation, "deterministic": config.deterministic,
                    "steps_per_call": steps_per_call, "threads": threads,
+                   "fused_decode": fused_decode,
                    "cpu_cores": len(os.sched_getaffinity(0))}
   out["images_per_sec_per_thread"] = out["variants"]["input"]["images_per_sec"] / (
       threads or len(os.sched_getaffinity(0)))
@@ -601,6 +604,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("jpeg_dir", "/tmp/tfmochi_bench_jpeg", "--input_source=jpeg: where the "
                       "generated TFRecords are written (reused when present).",
                       flag_values=flag_values)
+  flags.DEFINE_bool("input_fused_decode", True, "--what=input: decode only each view's crop "
+                    "window of a JPEG (as training does); false: the whole image once for both "
+                    "views.", flag_values=flag_values)
   flags.DEFINE_integer("input_threads", 0, "--what=input: threads of the input pipeline (0: "
                        "tf.data's default); the result also gives images/s per thread.",
                        lower_bound=0, flag_values=flag_values)
@@ -618,7 +624,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
         steps_per_call: int = 1, compare_moco: bool = True, compare_keras_conv: bool = False,
-        source=None, input_threads: int = 0) -> dict:
+        source=None, input_threads: int = 0, input_fused_decode: bool = True) -> dict:
   """Runs one benchmark and returns its JSON-able result (with the machine description)."""
   if timed < 5:
     raise ValueError(f"timed must be >= 5 (a median of fewer steps is noise), got {timed}.")
@@ -629,7 +635,8 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
                      compare_moco=compare_moco, compare_keras_conv=compare_keras_conv)
   elif what == "input":
     out = bench_input(config, warmup=warmup, timed=timed, source=source,
-                      steps_per_call=steps_per_call, threads=input_threads)
+                      steps_per_call=steps_per_call, threads=input_threads,
+                      fused_decode=input_fused_decode)
   else:
     raise ValueError(f"what must be one of {', '.join(WHATS)}; got {what!r}.")
   out["warmup_steps"], out["timed_steps"] = warmup, timed
@@ -667,7 +674,8 @@ def main(argv):
                timed=flag_values.timed_steps, steps_per_call=flag_values.steps_per_call,
                compare_moco=flag_values.compare_moco,
                compare_keras_conv=flag_values.compare_keras_conv, source=source,
-               input_threads=flag_values.input_threads)
+               input_threads=flag_values.input_threads,
+               input_fused_decode=flag_values.input_fused_decode)
   line = json.dumps(result, sort_keys=True)
   print(line, flush=True)
   if flag_values.output:

@@ -1066,7 +1066,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
                      hflip: bool = True,
                      input_context: tf.distribute.InputContext | None = None,
                      start_step: int = 0, shuffle_buffer: int | None = None,
-                     deterministic: bool = True,
+                     deterministic: bool = True, fused_decode: bool = True,
                      num_parallel_calls: int = AUTOTUNE) -> tf.data.Dataset:
   """Infinite stream of per-replica MoCo batches, fully determined by (seed, step).
 
@@ -1087,6 +1087,9 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
     shuffle_buffer: tfds sources only (in-memory sources use a full permutation): shuffle
       buffer of encoded examples; default 10,000.
     deterministic: keep the element order under parallel maps (needed for exact resume).
+    fused_decode: sources of encoded images (folder, tfrecord, tfds): each view decodes only its
+      crop window of a JPEG; False decodes the whole image once for both views (the same
+      windows; for benchmarks).
     num_parallel_calls: of the decode + augment map.
 
   Returns:
@@ -1116,7 +1119,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
                      start_epoch=start_epoch, first_skip=steps_in * replicas_per_pipeline * batch,
                      key=shuffle_key, shuffle_buffer=shuffle_buffer)
 
-  encoded = source._reader.encoded  # pylint: disable=protected-access
+  encoded = source._reader.encoded if fused_decode else None  # pylint: disable=protected-access
 
   @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
   def make_views(epoch, ex):
