@@ -113,7 +113,7 @@ class TfdsTest(tf.test.TestCase):
       batch = _batches(data.pretrain_dataset(source, global_batch_size=4, image_size=SIZE,
                                              seed=0), 1)[0]
       self.assertEqual(batch["view1"].shape, (4, SIZE, SIZE, 3))
-      self.assertEqual(batch["view1"].dtype, np.float32)
+      self.assertEqual(batch["view1"].dtype, np.uint8)  # normalised on the device
       evals = _batches(data.eval_dataset(test, batch_size=5, image_size=SIZE), 10)
       self.assertEqual([len(b["id"]) for b in evals], [5, 5, 2])
       self.assertEqual(evals[0]["image"].shape, (5, SIZE, SIZE, 3))
@@ -258,7 +258,7 @@ class ErrorTest(tf.test.TestCase):
       data.load("folder", data_dir=root)
     _write(os.path.join(root, "cat", "bad.jpg"), b"not an image")
     with self.assertRaisesRegex(data.DataError, "none of the 1 image files"):
-      data.load("folder", data_dir=root, holdout_fraction=0.0)
+      data.load("folder", data_dir=root, holdout_fraction=0.0, validate="decode")
     with self.assertRaisesRegex(data.DataError, "'train' and 'test'"):
       data.load("quickstart", "unlabelled")
 
@@ -292,9 +292,9 @@ class FolderTest(tf.test.TestCase):
     _write(os.path.join(self.root, "val", "cat", "v.png"), _png(noise(7, 7)))
     _write(os.path.join(self.root, "val", "dog", "v.jpeg"), _jpeg(noise(7, 9)))
 
-  def test_split_folders_and_bad_files(self):
+  def test_validate_images_decodes_every_file_at_start_up(self):
     with self.assertLogs("absl", level="WARNING") as logs:
-      source = data.load("folder", "train", data_dir=self.root)
+      source = data.load("folder", "train", data_dir=self.root, validate="decode")
     self.assertEqual(source.num_examples, 8)
     self.assertEqual(source.num_skipped, 2)
     self.assertEqual(sorted(os.path.basename(p) for p in source.skipped_files),
@@ -334,10 +334,154 @@ class FolderTest(tf.test.TestCase):
     train_ids = {int(e["id"]) for e in train.dataset.as_numpy_iterator()}
     test_ids = {int(e["id"]) for e in test.dataset.as_numpy_iterator()}
     self.assertEmpty(train_ids & test_ids)
-    # 10 candidates, 2 or 3 held out (stratified 25%), minus the bad files wherever they fell.
-    self.assertEqual(train.num_examples + test.num_examples, 8)
-    self.assertEqual(train.num_skipped + test.num_skipped, 2)
+    # 10 files listed, 2 or 3 held out (stratified 25%); the 2 bad files, wherever they fell,
+    # are dropped and counted when read.
+    self.assertEqual(train.num_examples + test.num_examples, 10)
     self.assertEqual(len(train_ids) + len(test_ids), 8)
+    self.assertEqual(train.skipped_while_reading + test.skipped_while_reading, 2)
+
+  def test_listing_only_then_skip_and_count_while_training(self):
+    # The default lists the files (through tf.io.gfile: a ram:// folder stands in for gs://)
+    # without reading them; the pipeline drops and counts the two undecodable ones.
+    ram = "ram://tfmochi-test-folder"
+    for path in tf.io.gfile.glob(os.path.join(self.root, "train", "*", "*")):
+      if not tf.io.gfile.isdir(path):
+        tf.io.gfile.makedirs(os.path.dirname(path.replace(self.root, ram)))
+        tf.io.gfile.copy(path, path.replace(self.root, ram), overwrite=True)
+    self.addCleanup(tf.io.gfile.rmtree, ram)
+    source = data.load("folder", "train", data_dir=ram, holdout_fraction=0.0)
+    self.assertEqual((source.num_examples, source.num_skipped), (9, 0))  # nested.bmp not copied
+    with self.assertLogs("absl", level="WARNING") as logs:
+      self.assertLen(list(source.dataset), 7)
+    self.assertEqual(source.skipped_while_reading, 2)
+    self.assertIn("corrupt.jpg", "".join(logs.output))
+    self.assertIn("2 skipped so far", "".join(logs.output))
+    # Training batches stay full: a dropped image's place goes to the stream's next example.
+    batches = _batches(data.pretrain_dataset(source, global_batch_size=9, image_size=SIZE,
+                                             seed=0), 2)
+    self.assertEqual(batches[0]["view1"].dtype, np.uint8)
+    self.assertGreaterEqual(source.skipped_while_reading, 4)
+    ids = set(batches[0]["id"])
+    self.assertNotIn(6, ids)  # dog/corrupt.jpg
+
+
+def _photos(n: int, height: int = 18, width: int = 24) -> list[np.ndarray]:
+  """n small real photos: crops of scikit-learn's two sample photographs, resized."""
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  photos = load_sample_images().images
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(n):
+    y, x = rng.integers(0, 300), rng.integers(0, 480)
+    crop = photos[i % 2][y:y + 96, x:x + 128]
+    out.append(tf.cast(tf.image.resize(crop, [height, width]), tf.uint8).numpy())
+  return out
+
+
+def _tf_example(encoded: bytes | None = None, label: int | None = None, **extra) -> bytes:
+  feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+             for k, v in extra.items()}
+  if encoded is not None:
+    feature[data.TFRECORD_IMAGE_KEY] = tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[encoded]))
+  if label is not None:
+    feature[data.TFRECORD_LABEL_KEY] = tf.train.Feature(
+        int64_list=tf.train.Int64List(value=[label]))
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _write_tfrecord(path: str, records: list[bytes]) -> None:
+  with tf.io.TFRecordWriter(path) as writer:
+    for r in records:
+      writer.write(r)
+
+
+class TFRecordTest(tf.test.TestCase):
+  """ImageNet-layout TFRecords of real JPEG bytes: labels 1..3 (0 unused), two train files."""
+
+  def setUp(self):
+    super().setUp()
+    self.root = _tempdir(self)
+    jpegs = [tf.io.encode_jpeg(p, quality=90).numpy() for p in _photos(12)]
+    layout = {"train-00000-of-00002": 5, "train-00001-of-00002": 4,
+              "validation-00000-of-00001": 3}
+    k = 0
+    for name, n in layout.items():
+      _write_tfrecord(os.path.join(self.root, name),
+                      [_tf_example(jpegs[k + i], 1 + (k + i) % 3) for i in range(n)])
+      k += n
+
+  def test_splits_labels_ids_shards_and_resume(self):
+    source = data.load("tfrecord", "train", data_dir=self.root)
+    by_glob = data.load("tfrecord", "train", data_dir=os.path.join(self.root, "train-*"))
+    self.assertEqual((source.num_examples, source.num_classes, source.has_labels), (9, 3, True))
+    examples = [(int(e["id"]), int(e["label"]), e["image"].shape) for e in source.dataset]
+    self.assertEqual(examples, [(int(e["id"]), int(e["label"]), e["image"].shape)
+                                for e in by_glob.dataset])
+    # ids: file index << 32 | record index; labels 1..3 -> 0..2.
+    self.assertEqual(sorted(i for i, _, _ in examples),
+                     [0, 1, 2, 3, 4] + [(1 << 32) + r for r in range(4)])
+    self.assertEqual(sorted(y for _, y, _ in examples), [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    self.assertEqual({s for _, _, s in examples}, {(18, 24, 3)})
+    for held_out in (data.load("tfrecord", "test", data_dir=self.root),
+                     data.load("tfrecord", "test", data_dir=os.path.join(self.root, "train-*"))):
+      self.assertEqual(held_out.num_examples, 3)
+      self.assertEqual([int(e["label"]) for e in held_out.dataset], [0, 1, 2])
+    kwargs = dict(global_batch_size=4, image_size=8, seed=0)
+    full = _batches(data.pretrain_dataset(source, **kwargs), 5)
+    self.assertEqual(full[0]["view1"].dtype, np.uint8)
+    _assert_same_batches(self, full[3:], _batches(
+        data.pretrain_dataset(source, start_step=3, **kwargs), 2))
+    # Two input pipelines read one file each (files per host); three read all records once.
+    for pipelines in (2, 3):
+      shards = [[int(e["id"]) for e in source.raw(pipelines, i)] for i in range(pipelines)]
+      self.assertCountEqual(sum(shards, []), [i for i, _, _ in examples])
+      if pipelines == 2:
+        self.assertEqual([{i >> 32 for i in shard} for shard in shards], [{0}, {1}])
+
+  def test_bad_input_gets_one_clear_message(self):
+    with self.assertRaisesRegex(data.DataError, "no files match .*nothing-\\*"):
+      data.load("tfrecord", "train", data_dir=os.path.join(self.root, "nothing-*"))
+    with self.assertRaisesRegex(data.DataError, "no 'train' to replace"):
+      data.load("tfrecord", "test", data_dir=os.path.join(self.root, "*-of-00002"))
+    other = _tempdir(self)
+    _write_tfrecord(os.path.join(other, "train-0"), [_tf_example(label=1, image=b"x")])
+    with self.assertRaisesRegex(data.DataError, "no image/encoded feature .*have: image, "
+                                "image/class/label"):
+      data.load("tfrecord", "train", data_dir=other)
+    _write(os.path.join(other, "train-0"), b"this is not a TFRecord file at all")
+    with self.assertRaisesRegex(data.DataError, "not a TFRecord file"):
+      data.load("tfrecord", "train", data_dir=other)
+    jpeg = tf.io.encode_jpeg(_photos(1)[0]).numpy()
+    _write_tfrecord(os.path.join(other, "train-0"), [_tf_example(jpeg, y) for y in (0, 1, 2)])
+    with self.assertRaisesRegex(data.DataError, "label 0 .*below --tfrecord_label_offset=1"):
+      data.load("tfrecord", "train", data_dir=other)
+    zero_based = data.load("tfrecord", "train", data_dir=other, tfrecord_label_offset=0)
+    self.assertEqual(sorted(int(e["label"]) for e in zero_based.dataset), [0, 1, 2])
+    # A bucket this machine may not read (gs:// stand-in: the listing raises PermissionDenied).
+    real_glob = tf.io.gfile.glob
+
+    def denied(pattern):
+      if pattern.startswith("gs://"):
+        raise tf.errors.PermissionDeniedError(None, None, "403 storage.objects.list denied")
+      return real_glob(pattern)
+
+    tf.io.gfile.glob = denied
+    self.addCleanup(setattr, tf.io.gfile, "glob", real_glob)
+    with self.assertRaisesRegex(data.DataError, "Cannot read gs://no-access/train-\\*.*"
+                                "403.*roles/storage.objectViewer"):
+      data.load("tfrecord", "train", data_dir="gs://no-access/train-*")
+
+  def test_undecodable_record_is_skipped_and_counted(self):
+    path = os.path.join(self.root, "train-00001-of-00002")
+    jpeg = tf.io.encode_jpeg(_photos(1)[0]).numpy()
+    _write_tfrecord(path, [_tf_example(jpeg, 1), _tf_example(b"\xff\xd8\xff broken", 2),
+                           _tf_example(jpeg[:40], 3)])
+    source = data.load("tfrecord", "train", data_dir=self.root)
+    with self.assertLogs("absl", level="WARNING") as logs:
+      self.assertLen(list(source.dataset), 6)
+    self.assertEqual(source.skipped_while_reading, 2)
+    self.assertIn("record 1 of " + path, "".join(logs.output))
 
 
 class PretrainPipelineTest(tf.test.TestCase):

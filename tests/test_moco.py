@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from tfmochi import augment
 from tfmochi import distribute
 from tfmochi import head as head_lib
 from tfmochi import mixing
@@ -116,6 +117,23 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(moco.queue.keys[:4], k, atol=1e-5)
     self.assertAllEqual(moco.queue.keys[4:], queue_before[4:])
     self.assertEqual(int(moco.queue.ptr), 4)
+
+  def test_uint8_views_are_normalised_in_the_step(self):
+    """The input pipeline's uint8 views and their normalised floats give the same step."""
+    rng = np.random.default_rng(0)
+    views = {k: rng.integers(0, 256, (GLOBAL_BATCH, 4, 4, 3), dtype=np.uint8)
+             for k in ("view1", "view2")}
+    results = []
+    for batch in (dict(views), {k: augment.to_model_input(tf.constant(v)).numpy()
+                                for k, v in views.items()}):
+      moco = moco_lib.MoCo(_encoder(1), _encoder(2), _config(), GLOBAL_BATCH)
+      optimizer = keras.optimizers.SGD(0.1)
+      optimizer.build(moco.query_encoder.trainable_variables)
+      metrics = moco.train_step(dict(batch, id=np.arange(GLOBAL_BATCH, dtype=np.int64)),
+                                optimizer, tf.constant(0, tf.int64))
+      results.append((float(metrics["loss"]), moco.queue.keys.numpy()))
+    self.assertAllClose(results[0][0], results[1][0], atol=1e-6)
+    self.assertAllClose(results[0][1], results[1][1], atol=1e-6)
 
   def test_mochi_warmup_and_metrics(self):
     moco = moco_lib.MoCo(_encoder(1), _encoder(2), _config(), GLOBAL_BATCH)

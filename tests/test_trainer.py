@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfmochi import augment
 from tfmochi import checkpoints
 from tfmochi import config as config_lib
 from tfmochi import evaluate
@@ -125,7 +126,7 @@ class TrainerTest(tf.test.TestCase):
     def poisoned(self_, batch):
       batch = dict(batch)
       nan_or_one = tf.where(tf.equal(self_.step, bad_step), float("nan"), 1.0)
-      batch["view1"] = batch["view1"] * nan_or_one
+      batch["view1"] = augment.to_model_input(batch["view1"]) * nan_or_one  # uint8 -> float
       return original(self_, batch)
 
     trainer.Trainer._replica_step = poisoned

@@ -873,7 +873,8 @@ def analyze_run(model_dir: str, output_dir: str, *, checkpoint_path: str | None 
   dataset = dataset or config.dataset
   data_dir = config.data_dir if data_dir is None else data_dir
   if source is None:
-    source = data_lib.load(dataset, split, data_dir=data_dir, seed=config.seed)
+    source = data_lib.load(dataset, split, data_dir=data_dir, seed=config.seed,
+                           tfrecord_label_offset=config.tfrecord_label_offset)
   if not source.has_labels:
     raise AnalyzeError(f"{source.name}/{source.split} has no labels; the analysis needs them "
                        "(false negatives are same-class negatives). Use a labelled data set.")

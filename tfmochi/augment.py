@@ -1,7 +1,9 @@
 """MoCo v1/v2 image augmentations: per-image, stateless-seeded, tf.image / tf.nn only.
 
 Every function takes one image `[H, W, C]` (uint8 in [0, 255] or float in [0, 1], C = 3 or 1;
-grayscale is tiled to RGB) and returns float32. Randomness is *stateless*: every draw comes from
+grayscale is tiled to RGB) and returns float32, except the input pipeline's `two_views_uint8`
+(uint8 views before normalisation, optionally decoding encoded bytes with the crop fused into the
+JPEG decode) and `to_model_input`, which normalises such views at the start of the step. Randomness is *stateless*: every draw comes from
 `tf.random.stateless_*` with a seed derived from the caller's `seed` (an int tensor of shape
 [2]), so a given (image, seed) always yields the same view, eagerly, in `tf.function` and inside
 `tf.data.Dataset.map`. That is what makes a training run resumable and reproducible: the data
@@ -17,7 +19,8 @@ The recipes follow facebookresearch/moco (ALGORITHMS.md §1.4, §1.6) with torch
 Known differences from torchvision/PIL (all small):
   * Resizing is TF bilinear with `antialias=True` (PIL's bilinear filter also widens its support
     when downsampling), so pixels differ by interpolation round-off, not by method.
-  * PIL works on uint8 between ops; here everything stays float32 in [0, 1] (no re-quantisation).
+  * PIL works on uint8 between ops; here everything stays float32 in [0, 1] and the pipeline's
+    views are rounded to uint8 once, at the end (`two_views_uint8`).
   * PIL's GaussianBlur approximates the Gaussian with three box blurs; here it is an exact
     (truncated at the fixed radius ceil(3 * sigma_max)) Gaussian kernel, edges replicated as PIL.
   * Hue is shifted in float HSV (`tf.image.adjust_hue`); PIL rounds H to uint8 (1/256 steps).
@@ -170,14 +173,63 @@ def random_resized_crop(image: tf.Tensor, size: int, seed: SeedLike,
   Returns:
     float32 [S, S, 3] in [0, 1].
   """
-  image = to_rgb(image)
+  return _resize_crop(_random_crop(to_rgb(image), _as_seed(seed), scale, ratio), size)
+
+
+def _random_crop(image: tf.Tensor, seed: tf.Tensor, scale, ratio) -> tf.Tensor:
+  """The random resized crop's window of a decoded [H, W, 3] image, not resized."""
   shape = tf.shape(image)
-  top, left, ch, cw = _rrc_window(shape[0], shape[1], _as_seed(seed), scale, ratio)
-  crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, 3]))
-  out = _resize(to_float(crop), size, size)
-  out = tf.clip_by_value(out, 0.0, 1.0)
+  top, left, ch, cw = _rrc_window(shape[0], shape[1], seed, scale, ratio)
+  return tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, 3]))
+
+
+def _resize_crop(crop: tf.Tensor, size: int) -> tf.Tensor:
+  """[h, w, 3] crop -> float32 [S, S, 3] in [0, 1]."""
+  out = tf.clip_by_value(_resize(to_float(crop), size, size), 0.0, 1.0)
   out.set_shape([size, size, 3])
   return out
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3] (first frame of a GIF; gray tiled)."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def decode_random_resized_crop(encoded: tf.Tensor, size: int, seed: SeedLike,
+                               scale: tuple[float, float] = (0.2, 1.0),
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """`random_resized_crop(decode_image(encoded), ...)` with JPEG decoding fused into the crop.
+
+  For a JPEG the window is drawn from the size in its header (`extract_jpeg_shape`) with the
+  same stateless draws as `random_resized_crop`, and only that window is decoded
+  (`decode_and_crop_jpeg`, as TPU ResNet input pipelines do): a 0.2-area crop skips most of the
+  entropy decoding and colour conversion of the image. Other formats are decoded whole and
+  cropped. The window is identical; the pixels of a fused crop may differ from the decoded-then-
+  cropped ones by JPEG round-off where the window cuts through 8x8/16x16 blocks (chroma
+  upsampling at the crop's edge) - a few grey levels at most, measured in tests/test_augment.py.
+
+  Args:
+    encoded: scalar string, the encoded image file.
+    size: output side S.
+    seed: [2] int seed (the same seed as for `random_resized_crop` gives the same window).
+    scale, ratio: as `random_resized_crop`.
+
+  Returns:
+    float32 [S, S, 3] in [0, 1]. Raises InvalidArgumentError if `encoded` cannot be decoded.
+  """
+  seed = _as_seed(seed)
+
+  def fused():
+    shape = tf.image.extract_jpeg_shape(encoded)
+    top, left, ch, cw = _rrc_window(shape[0], shape[1], seed, scale, ratio)
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, ch, cw]), channels=3)
+
+  crop = tf.cond(tf.io.is_jpeg(encoded), fused,
+                 lambda: _random_crop(decode_image(encoded), seed, scale, ratio))
+  crop.set_shape([None, None, 3])
+  return _resize_crop(crop, size)
 
 
 def random_flip(image: tf.Tensor, seed: SeedLike, p: float = 0.5) -> tf.Tensor:
@@ -361,33 +413,62 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 # recipes
 
 
-def moco_v2_view(image: tf.Tensor, size: int, seed: SeedLike,
-                 crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> tf.Tensor:
-  """One MoCo v2 (`--aug-plus`) view. Returns float32 [S, S, 3], normalised."""
+# A recipe's photometric part runs on the crop: `crop(sub_seed)` gives the random resized crop
+# (float32 [S, S, 3] in [0, 1]) and the recipe returns its view in [0, 1], before `normalize`.
+# Passing the crop as a function lets the input pipeline fuse it with JPEG decoding
+# (`decode_random_resized_crop`) while every other draw stays the same.
+Crop = Callable[[tf.Tensor], tf.Tensor]
+
+
+def _moco_v2(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
   s_crop, s_jitter, s_gray, s_blur, s_flip = _split(seed, 5)
-  x = random_resized_crop(image, size, s_crop, scale=crop_scale)
+  x = crop(s_crop)
   x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
   x = random_grayscale(x, 0.2, s_gray)
   x = random_blur(x, 0.5, s_blur)
-  if hflip:
-    x = random_flip(x, s_flip)
-  x = normalize(x)
-  x.set_shape([size, size, 3])
-  return x
+  return random_flip(x, s_flip) if hflip else x
+
+
+def _moco_v1(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
+  s_crop, s_gray, s_jitter, s_flip = _split(seed, 4)
+  x = crop(s_crop)
+  x = random_grayscale(x, 0.2, s_gray)
+  x = color_jitter(x, 0.4, 0.4, 0.4, 0.4, s_jitter)
+  return random_flip(x, s_flip) if hflip else x
+
+
+def _small_image(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
+  s_crop, s_jitter, s_gray, s_flip = _split(seed, 4)
+  x = crop(s_crop)
+  x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
+  x = random_grayscale(x, 0.2, s_gray)
+  return random_flip(x, s_flip) if hflip else x
+
+
+_RECIPES = {"mocov2": _moco_v2, "mocov1": _moco_v1, "small": _small_image}
+
+
+def _normalized_view(recipe: str):
+  def view(image: tf.Tensor, size: int, seed: SeedLike,
+           crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> tf.Tensor:
+    x = _RECIPES[recipe](lambda s: random_resized_crop(image, size, s, scale=crop_scale), seed,
+                         hflip)
+    x = normalize(x)
+    x.set_shape([size, size, 3])
+    return x
+  return view
+
+
+def moco_v2_view(image: tf.Tensor, size: int, seed: SeedLike,
+                 crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> tf.Tensor:
+  """One MoCo v2 (`--aug-plus`) view. Returns float32 [S, S, 3], normalised."""
+  return _normalized_view("mocov2")(image, size, seed, crop_scale, hflip)
 
 
 def moco_v1_view(image: tf.Tensor, size: int, seed: SeedLike,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> tf.Tensor:
   """One MoCo v1 (InstDisc-style) view. Returns float32 [S, S, 3], normalised."""
-  s_crop, s_gray, s_jitter, s_flip = _split(seed, 4)
-  x = random_resized_crop(image, size, s_crop, scale=crop_scale)
-  x = random_grayscale(x, 0.2, s_gray)
-  x = color_jitter(x, 0.4, 0.4, 0.4, 0.4, s_jitter)
-  if hflip:
-    x = random_flip(x, s_flip)
-  x = normalize(x)
-  x.set_shape([size, size, 3])
-  return x
+  return _normalized_view("mocov1")(image, size, seed, crop_scale, hflip)
 
 
 def small_image_view(image: tf.Tensor, size: int, seed: SeedLike,
@@ -397,15 +478,7 @@ def small_image_view(image: tf.Tensor, size: int, seed: SeedLike,
   A blur of σ up to 2 px destroys a 16–32 px image, so the small-image recipes drop it; the rest is
   MoCo v2. Returns float32 [S, S, 3], normalised.
   """
-  s_crop, s_jitter, s_gray, s_flip = _split(seed, 4)
-  x = random_resized_crop(image, size, s_crop, scale=crop_scale)
-  x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
-  x = random_grayscale(x, 0.2, s_gray)
-  if hflip:
-    x = random_flip(x, s_flip)
-  x = normalize(x)
-  x.set_shape([size, size, 3])
-  return x
+  return _normalized_view("small")(image, size, seed, crop_scale, hflip)
 
 
 AUGMENTATIONS: dict[str, Callable[[tf.Tensor, int, SeedLike], tf.Tensor]] = {
@@ -413,6 +486,14 @@ AUGMENTATIONS: dict[str, Callable[[tf.Tensor, int, SeedLike], tf.Tensor]] = {
     "mocov1": moco_v1_view,
     "small": small_image_view,
 }
+
+
+def _recipe(recipe: str):
+  try:
+    return _RECIPES[recipe]
+  except KeyError:
+    raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
+                     f"{sorted(AUGMENTATIONS)}.") from None
 
 
 def two_views(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2",
@@ -432,14 +513,74 @@ def two_views(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2
   Returns:
     (view_q, view_k), each float32 [S, S, 3].
   """
-  try:
-    view = AUGMENTATIONS[recipe]
-  except KeyError:
-    raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
-                     f"{sorted(AUGMENTATIONS)}.") from None
+  _recipe(recipe)
+  view = AUGMENTATIONS[recipe]
   s_q, s_k = _split(seed, 2)
   return (view(image, size, s_q, crop_scale, hflip),
           view(image, size, s_k, crop_scale, hflip))
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """float [..., 3] in [0, 1] -> uint8, rounded to the nearest level (as PIL stores pixels)."""
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def two_views_uint8(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2",
+                    crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True, *,
+                    encoded: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+  """`two_views` as uint8 before `normalize`: what the input pipeline sends to the device.
+
+  The same draws as `two_views`; `to_model_input` of a view equals the `two_views` view up to
+  the rounding to 1/255 (a quarter of the JPEG noise; torchvision's PIL pipeline also rounds to
+  uint8 after every op). A quarter of the bytes of float32 on the host-to-device link and in the
+  prefetch buffers, and the normalisation runs on the accelerator.
+
+  Args:
+    image: uint8 or float [H, W, 3|1], or with encoded=True a scalar string of encoded image
+      bytes, decoded here with the crop fused into JPEG decoding (`decode_random_resized_crop`).
+    size, seed, recipe, crop_scale, hflip: as `two_views`.
+    encoded: `image` is an encoded file.
+
+  Returns:
+    (view_q, view_k), each uint8 [S, S, 3].
+  """
+  fn = _recipe(recipe)
+  if encoded:
+    crop = lambda s: decode_random_resized_crop(image, size, s, scale=crop_scale)  # noqa: E731
+  else:
+    image = to_rgb(image)
+    crop = lambda s: random_resized_crop(image, size, s, scale=crop_scale)  # noqa: E731
+  views = []
+  for s in _split(seed, 2):
+    view = to_uint8(fn(crop, s, hflip))
+    view.set_shape([size, size, 3])
+    views.append(view)
+  return views[0], views[1]
+
+
+def to_model_input(images: tf.Tensor) -> tf.Tensor:
+  """Images as the encoders take them: uint8 views are normalised here, floats pass unchanged.
+
+  The pretraining pipeline sends uint8 views (`two_views_uint8`); this runs at the start of the
+  step, on the device. Float inputs are taken to be normalised already (`two_views`,
+  `eval_dataset`, tests), so either convention reaches the encoders as ImageNet-normalised
+  float32.
+
+  Args:
+    images: [..., 3] uint8 in [0, 255], or an already normalised float tensor.
+
+  Returns:
+    float32 (or the input float dtype) [..., 3].
+  """
+  if images.dtype != tf.uint8:
+    return images
+  return (tf.cast(images, tf.float32) * (1.0 / 255.0) - tf.constant(IMAGENET_MEAN)) / tf.constant(
+      IMAGENET_STD)
+
+
+def normalize_views(batch: dict) -> dict:
+  """`to_model_input` of a MoCo batch's "view1" and "view2"; the other entries unchanged."""
+  return dict(batch, view1=to_model_input(batch["view1"]), view2=to_model_input(batch["view2"]))
 
 
 def linear_train_view(image: tf.Tensor, size: int, seed: SeedLike, *,

@@ -11,8 +11,10 @@ Each run prints ONE JSON line on stdout (and appends it to `--output` if given):
                 trainer does. With MoCHi on and `--compare_moco`, the same step without MoCHi is
                 timed in the same process, interleaved.
   --what=input  the MoCo v2 augmentation pipeline (`data.pretrain_dataset`) on an in-memory source
-                of random `--source_size`² uint8 images (or the `--dataset` itself with
-                `--input_source=dataset`), in images/s at `--image_size`.
+                of random `--source_size`² uint8 images, on `--source_images` real 500x375 JPEG
+                photos in TFRecords (`--input_source=jpeg`: decoding included, fused with the
+                crops), or on the `--dataset` itself (`--input_source=dataset`), in images/s at
+                `--image_size` (two views per image), and per thread with `--input_threads`.
 
 The model, data and objective come from the training flags (`tfmochi.config.define_flags`:
 `--arch --image_size --batch_size --queue_size --embedding_dim --mochi_num_hard --mochi_num_mix
@@ -483,8 +485,48 @@ def synthetic_source(num_images: int, size: int, seed: int = 0):
   return data.from_numpy(images, rng.integers(0, 10, size=num_images), name="synthetic")
 
 
+def jpeg_photo_source(directory: str, num_images: int, seed: int = 0,
+                      height: int = 375, width: int = 500):
+  """`num_images` real JPEG photos of height x width in ImageNet-layout TFRecords under
+  `directory` (written once, reused), read back as `data.load("tfrecord")`.
+
+  The photos are random crops of scikit-learn's two sample photographs (427 x 640, shipped with
+  scikit-learn), resized to ImageNet's typical 500 x 375 and encoded at quality 90 (ImageNet's
+  own JPEGs average about 110 kB at ~400 x 350), so decoding costs what it costs on real data.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  from tfmochi import data  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, f"train-00000-of-00001-{num_images}x{height}x{width}-s{seed}")
+  if not tf.io.gfile.exists(path):
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    tf.io.gfile.makedirs(directory)
+    with tf.io.TFRecordWriter(path + ".tmp") as writer:
+      for i in range(num_images):
+        photo = photos[i % len(photos)]
+        h = int(rng.integers(photo.shape[0] // 2, photo.shape[0] + 1))
+        w = min(photo.shape[1], int(round(h * width / height)))
+        top = int(rng.integers(0, photo.shape[0] - h + 1))
+        left = int(rng.integers(0, photo.shape[1] - w + 1))
+        crop = tf.image.resize(photo[top:top + h, left:left + w], [height, width],
+                               antialias=True)
+        crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+        image = tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
+        example = tf.train.Example(features=tf.train.Features(feature={
+            data.TFRECORD_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(
+                value=[tf.io.encode_jpeg(image, quality=90).numpy()])),
+            data.TFRECORD_LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(
+                value=[1 + i % 10]))}))
+        writer.write(example.SerializeToString())
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  return data.load("tfrecord", "train", data_dir=path)
+
+
 def bench_input(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
-                source=None, steps_per_call: int = 1) -> dict:
+                source=None, steps_per_call: int = 1, threads: int = 0,
+                fused_decode: bool = True) -> dict:
   """Images/s of the pretraining input pipeline (`data.pretrain_dataset`) at config.image_size.
 
   Args:
@@ -493,17 +535,25 @@ def bench_input(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int =
     timed: timed calls, each fetching `steps_per_call` batches.
     source: a `data.DataSource` (default: `synthetic_source(512, 256)`).
     steps_per_call: batches per timed call.
+    threads: size of the pipeline's private thread pool (0: tf.data's default, all cores); the
+      result's images_per_sec_per_thread divides by it (per core when the cores are free).
+    fused_decode: JPEG sources: decode each view's crop window (True) or the whole image once.
 
   Returns:
     The JSON-able result (images/s counts each image once, though it yields two views).
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfmochi import data  # pylint: disable=g-import-not-at-top
 
   source = source if source is not None else synthetic_source(512, 256, config.seed)
   ds = data.pretrain_dataset(source, global_batch_size=config.batch_size,
                              image_size=config.image_size, seed=config.seed,
                              recipe=config.augmentation, crop_scale=(config.crop_min_scale, 1.0),
-                             deterministic=config.deterministic)
+                             deterministic=config.deterministic, fused_decode=fused_decode)
+  if threads:
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    ds = ds.with_options(options)
   iterator = iter(ds)
 
   def fetch():  # an eager iterator hands out finished batches: nothing left to wait for
@@ -516,7 +566,11 @@ def bench_input(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int =
   out["config"] = {"source": source.name, "source_examples": source.num_examples,
                    "batch_size": config.batch_size, "image_size": config.image_size,
                    "augmentation": config.augmentation, "deterministic": config.deterministic,
-                   "steps_per_call": steps_per_call}
+                   "steps_per_call": steps_per_call, "threads": threads,
+                   "fused_decode": fused_decode,
+                   "cpu_cores": len(os.sched_getaffinity(0))}
+  out["images_per_sec_per_thread"] = out["variants"]["input"]["images_per_sec"] / (
+      threads or len(os.sched_getaffinity(0)))
   return out
 
 
@@ -543,9 +597,20 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     flag_values=flag_values)
   flags.DEFINE_integer("steps_per_call", 1, "Steps (or input batches) per timed call.",
                        lower_bound=1, flag_values=flag_values)
-  flags.DEFINE_enum("input_source", "synthetic", ("synthetic", "dataset"),
-                    "--what=input: random uint8 images in memory, or --dataset itself.",
+  flags.DEFINE_enum("input_source", "synthetic", ("synthetic", "dataset", "jpeg"),
+                    "--what=input: random uint8 images in memory, --dataset itself, or "
+                    "--source_images real 500x375 JPEG photos in TFRecords (decoded per view "
+                    "with the crop fused into the decode, as in training from TFRecords).",
                     flag_values=flag_values)
+  flags.DEFINE_string("jpeg_dir", "/tmp/tfmochi_bench_jpeg", "--input_source=jpeg: where the "
+                      "generated TFRecords are written (reused when present).",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("input_fused_decode", True, "--what=input: decode only each view's crop "
+                    "window of a JPEG (as training does); false: the whole image once for both "
+                    "views.", flag_values=flag_values)
+  flags.DEFINE_integer("input_threads", 0, "--what=input: threads of the input pipeline (0: "
+                       "tf.data's default); the result also gives images/s per thread.",
+                       lower_bound=0, flag_values=flag_values)
   flags.DEFINE_integer("source_size", 256, "--what=input: side of the synthetic source images.",
                        lower_bound=8, flag_values=flag_values)
   flags.DEFINE_integer("source_images", 512, "--what=input: number of synthetic source images.",
@@ -560,7 +625,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
         steps_per_call: int = 1, compare_moco: bool = True, compare_keras_conv: bool = False,
-        source=None) -> dict:
+        source=None, input_threads: int = 0, input_fused_decode: bool = True) -> dict:
   """Runs one benchmark and returns its JSON-able result (with the machine description)."""
   if timed < 5:
     raise ValueError(f"timed must be >= 5 (a median of fewer steps is noise), got {timed}.")
@@ -571,7 +636,8 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
                      compare_moco=compare_moco, compare_keras_conv=compare_keras_conv)
   elif what == "input":
     out = bench_input(config, warmup=warmup, timed=timed, source=source,
-                      steps_per_call=steps_per_call)
+                      steps_per_call=steps_per_call, threads=input_threads,
+                      fused_decode=input_fused_decode)
   else:
     raise ValueError(f"what must be one of {', '.join(WHATS)}; got {what!r}.")
   out["warmup_steps"], out["timed_steps"] = warmup, timed
@@ -599,13 +665,18 @@ def main(argv):
   if flag_values.what == "input":
     if flag_values.input_source == "dataset":
       from tfmochi import data  # pylint: disable=g-import-not-at-top
-      source = data.load(config.dataset, "train", data_dir=config.data_dir, seed=config.seed)
+      source = data.load(config.dataset, "train", data_dir=config.data_dir, seed=config.seed,
+                         tfrecord_label_offset=config.tfrecord_label_offset)
+    elif flag_values.input_source == "jpeg":
+      source = jpeg_photo_source(flag_values.jpeg_dir, flag_values.source_images, config.seed)
     else:
       source = synthetic_source(flag_values.source_images, flag_values.source_size, config.seed)
   result = run(flag_values.what, config, warmup=flag_values.warmup_steps,
                timed=flag_values.timed_steps, steps_per_call=flag_values.steps_per_call,
                compare_moco=flag_values.compare_moco,
-               compare_keras_conv=flag_values.compare_keras_conv, source=source)
+               compare_keras_conv=flag_values.compare_keras_conv, source=source,
+               input_threads=flag_values.input_threads,
+               input_fused_decode=flag_values.input_fused_decode)
   line = json.dumps(result, sort_keys=True)
   print(line, flush=True)
   if flag_values.output:

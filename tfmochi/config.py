@@ -51,6 +51,8 @@ class TrainConfig:
   augmentation: str = "small"
   crop_min_scale: float = 0.5
   hflip: bool = False
+  validate_images: bool = False
+  tfrecord_label_offset: int = 1
   # model
   arch: str = "resnet18"
   small_stem: bool = True
@@ -169,6 +171,8 @@ class TrainConfig:
          "TensorBoard logs and the exported backbone.")
     need(0.0 < self.crop_min_scale <= 1.0,
          f"--crop_min_scale must be in (0, 1], got {self.crop_min_scale}.")
+    need(self.tfrecord_label_offset >= 0,
+         f"--tfrecord_label_offset must be >= 0, got {self.tfrecord_label_offset}.")
     need(self.image_size >= 8, f"--image_size must be >= 8 pixels, got {self.image_size}.")
     need(self.batch_size >= 1, f"--batch_size (global) must be >= 1, got {self.batch_size}.")
     need(self.embedding_dim >= 1, f"--embedding_dim must be >= 1, got {self.embedding_dim}.")
@@ -232,8 +236,19 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 _HELP = {
     "dataset": "Data set: quickstart (offline digits), imagenet2012, imagenet100, folder "
-               "(--data_dir/<class>/*.jpg) or any tensorflow-datasets name.",
-    "data_dir": "tfds data directory (may be gs://), or the image folder for --dataset=folder.",
+               "(--data_dir/<class>/*.jpg), tfrecord (ImageNet-layout TFRecords) or any "
+               "tensorflow-datasets name.",
+    "data_dir": "tfds data directory (may be gs://); the image folder for --dataset=folder; for "
+                "--dataset=tfrecord a folder holding train-* and validation-* TFRecord files, or "
+                "a glob of the train files (gs://bucket/train-*; the held-out files are the glob "
+                "with its last 'train' replaced by 'validation').",
+    "validate_images": "--dataset=folder: decode every image once at start-up and leave out (and "
+                       "list) the ones that cannot be decoded. Off: files are only listed at "
+                       "start-up and an undecodable image is skipped, logged and counted "
+                       "(summary.json skipped_images) when it is read.",
+    "tfrecord_label_offset": "--dataset=tfrecord: subtracted from image/class/label. 1 for the "
+                             "ImageNet layout (labels 1..1000, 0 unused); 0 for 0-based labels. "
+                             "A label below it stops the run with a message.",
     "model_dir": "Where checkpoints, TensorBoard logs, summary.json and exports go (may be gs://). "
                  "A run restarted with the same --model_dir resumes.",
     "image_size": "Training crop size in pixels (224 for ImageNet).",

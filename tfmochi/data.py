@@ -10,6 +10,19 @@
                  relabelled 0..99 in sorted-wnid order (= torchvision ImageFolder on the subset).
   folder         images in `data_dir/<class>/...`, or with split folders
                  `data_dir/train/<class>/...` + `data_dir/{val|validation|test}/<class>/...`.
+                 Start-up only lists the files (tf.io.gfile: gs:// works); an image that cannot
+                 be decoded is skipped and counted while reading (`SkipLog`, summary.json
+                 "skipped_images"); `validate="decode"` (--validate_images) checks every file once
+                 at start-up instead.
+  tfrecord       ImageNet-layout TFRecords (tf.train.Example with `image/encoded` JPEG bytes and
+                 `image/class/label`, as the TensorFlow ImageNet conversion scripts write them and
+                 TPU reference models read them). `data_dir` is a folder holding `train-*` and
+                 `validation-*` files, or a glob of the train files (`gs://bucket/train-*`), whose
+                 held-out split is the same glob with the last "train" of its file-name part
+                 replaced by "validation". Labels are `image/class/label - tfrecord_label_offset`
+                 (default 1: ImageNet's 1..1000 -> 0..999; a smaller label fails at load or while
+                 reading). Each input pipeline reads every P-th file (P = input pipelines = hosts),
+                 16 files interleaved in parallel; undecodable records are skipped and counted.
   anything else  a tensorflow-datasets name (cifar10, stl10, ...) read from `data_dir` (gs:// ok).
 
 Nothing is ever downloaded implicitly: a data set that is not prepared stops at once with a
@@ -31,7 +44,20 @@ Data-position contract (what makes resume exact):
   * so batch k is a pure function of (seed, k, topology = global batch, replicas, input
     pipelines); `start_step=k` starts at epoch k // steps_per_epoch and skips the first
     (k % steps_per_epoch) steps' examples of that epoch *before* decoding. In-memory sources (quickstart, folder) skip by slicing the permutation
-    (free); tfds sources read, without decoding, the skipped records of the current epoch.
+    (free); tfds and tfrecord sources read, without decoding, the skipped records of the current
+    epoch (at ImageNet scale at most one epoch's share of the encoded bytes per host, I/O only).
+  * tfrecord: per epoch the pipeline's file order is a seeded permutation, 16 files are
+    interleaved one record at a time and records pass a 10,000-record seeded shuffle buffer. The
+    batches are a pure function of (seed, step, topology) only with --deterministic (tf.data then
+    keeps the interleave order); without it, a resumed epoch skips the right *number* of records
+    but not the same ones, so within that one epoch some images repeat and others are missed -
+    what TPU reference pipelines accept (they restart the input at a checkpoint without any skip).
+  * An undecodable image (folder, tfrecord) is dropped and the batch takes the stream's next
+    example: exact resume then assumes the same files decode (it holds whenever none is bad;
+    --validate_images lists bad folder files once).
+  * Views are uint8 (`augment.two_views_uint8`): JPEG bytes are decoded per view with the crop
+    fused into the decode (`augment.decode_random_resized_crop`); the step normalises them on the
+    device (`augment.to_model_input`). `eval_dataset` yields normalised float32 as before.
 """
 
 from __future__ import annotations
@@ -42,6 +68,7 @@ import difflib
 import importlib.resources
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 
 from absl import logging
@@ -51,7 +78,7 @@ import tensorflow as tf
 from tfmochi import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
-BUILTIN_DATASETS = ("quickstart", "imagenet2012", "imagenet100", "folder")
+BUILTIN_DATASETS = ("quickstart", "imagenet2012", "imagenet100", "folder", "tfrecord")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _HELD_OUT_DIRS = ("val", "validation", "test")
 _TEST_SPLITS = ("test", "validation", "val")
@@ -72,6 +99,35 @@ class DataError(ValueError):
 # DataSource
 
 
+class SkipLog:
+  """Counts the images an input pipeline could not decode and dropped (thread-safe).
+
+  Undecodable files are found while training, not at start-up (listing 1.28M files is fast,
+  decoding them is hours): each is dropped from the stream, logged as a warning (the first
+  `_MAX_LISTED_SKIPS` by name, then every 100th) and counted here. `count` is what this process's
+  pipelines dropped since it started (a resumed run starts again from 0).
+  """
+
+  def __init__(self, describe: Callable[[int], str]):
+    self._describe = describe
+    self._lock = threading.Lock()
+    self.count = 0
+    self.examples: list[str] = []
+
+  def record(self, sample_id) -> bool:
+    """Called from the pipeline (tf.py_function) for a dropped sample; returns False."""
+    what = self._describe(int(sample_id))
+    with self._lock:
+      self.count += 1
+      n = self.count
+      if len(self.examples) < _MAX_LISTED_SKIPS:
+        self.examples.append(what)
+    if n <= _MAX_LISTED_SKIPS or n % 100 == 0:
+      logging.warning("tfmochi.data: skipped an image that cannot be decoded: %s (%d skipped so "
+                      "far; run once with --validate_images to list them all)", what, n)
+    return False
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Reader:
   """How a source produces raw examples and decodes them (internal).
@@ -79,12 +135,17 @@ class _Reader:
   Exactly one of `records` (random access: numpy arrays raw/label/id) or `open_stream`
   ((num_shards, index) -> tf.data.Dataset of raw dicts in a deterministic order) is set.
   `decode` maps a raw image (uint8 array or encoded bytes or a file path) to uint8 [H, W, 3].
+  `encoded`, if set, maps a raw image to its encoded file bytes (the pretraining views then
+  decode only their crop windows). `open_shuffled` ((num_shards, index, seed) -> raw dicts) is a
+  stream whose file order is shuffled by `seed` (TFRecords), used per epoch instead of
+  `open_stream`. With `skips` set, images that fail to decode are dropped and counted there.
   """
   decode: Callable[[tf.Tensor], tf.Tensor]
   records: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
   open_stream: Callable[[int, int], tf.data.Dataset] | None = None
-  # Folders validated only by header: a file that fails to decode later is dropped (not counted).
-  guard_errors: bool = False
+  encoded: Callable[[tf.Tensor], tf.Tensor] | None = None
+  open_shuffled: Callable[[int, int, tf.Tensor], tf.data.Dataset] | None = None
+  skips: SkipLog | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,8 +158,11 @@ class DataSource:
     num_examples: number of examples in the split (after skipping bad files).
     num_classes: number of classes, None for unlabelled data sets.
     has_labels: False when every label is -1.
-    num_skipped: image files that could not be decoded and were left out (folders only).
+    num_skipped: image files found undecodable at start-up and left out (folders with
+      validate="decode", i.e. --validate_images).
     skipped_files: their paths.
+    skipped_while_reading: images the input pipelines of this process dropped because they could
+      not be decoded (folders and TFRecords; see SkipLog), 0 for the other sources.
   """
   name: str
   split: str
@@ -124,8 +188,13 @@ class DataSource:
 
   def shard(self, num_shards: int = 1, index: int = 0) -> tf.data.Dataset:
     """Decoded examples of one shard, in a fixed order (each shard is read by one pipeline)."""
-    ds = self.raw(num_shards, index).map(self.decode, num_parallel_calls=AUTOTUNE)
-    return ds.ignore_errors(log_warning=True) if self._reader.guard_errors else ds
+    return _map_skipping_bad(self, self.raw(num_shards, index), self.decode,
+                             _placeholder(image=(0, 0, tf.uint8)), num_parallel_calls=AUTOTUNE,
+                             deterministic=True)
+
+  @property
+  def skipped_while_reading(self) -> int:
+    return self._reader.skips.count if self._reader.skips is not None else 0
 
   def for_input_context(self, input_context: tf.distribute.InputContext | None
                         ) -> tf.data.Dataset:
@@ -150,6 +219,48 @@ def _shard_records(records, num_shards: int, index: int):
   return tuple(a[index::num_shards] for a in records)
 
 
+def _map_skipping_bad(source: DataSource, ds: tf.data.Dataset, fn: Callable, placeholder: dict,
+                      *, num_parallel_calls: int, deterministic: bool | None
+                      ) -> tf.data.Dataset:
+  """`ds.map(fn)`, except that an element where `fn` fails (an undecodable image) is dropped
+  and counted in the source's SkipLog. Plain `ds.map(fn)` for sources without one.
+
+  Each element is mapped inside a one-element dataset with `ignore_errors`, followed by a
+  placeholder marked not-ok, and the first of the two is kept: a validity flag without raising.
+  (A nested `Dataset.reduce` per element would do the same but costs ~1 s per element; this
+  interleave costs ~0.5 ms, measured on a shared machine, against tens of ms to decode and
+  augment a 224 px pair of views.) With block_length 1 each element yields exactly one output,
+  so the order is the input order whenever the pipeline is deterministic. `placeholder` has
+  fn's output structure and dtypes (shapes compatible with fn's); it never leaves this function.
+  """
+  skips = source._reader.skips  # pylint: disable=protected-access
+  if skips is None:
+    return ds.map(fn, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+  @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
+  def attempt(*args):
+    sample_id = args[-1]["id"]  # every caller's last argument is the raw example
+    tried = tf.data.Dataset.from_tensors(args).map(lambda *a: (True, fn(*a))).ignore_errors()
+    fallback = tf.data.Dataset.from_tensors((False, placeholder))
+    return tried.concatenate(fallback).take(1).map(lambda ok, out: (ok, out, sample_id))
+
+  @tf.autograph.experimental.do_not_convert
+  def keep(ok, out, sample_id):
+    del out
+    return tf.cond(ok, lambda: tf.constant(True),
+                   lambda: tf.reshape(tf.py_function(skips.record, [sample_id], tf.bool), []))
+
+  ds = ds.interleave(attempt, cycle_length=AUTOTUNE, block_length=1,
+                     num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+  return ds.filter(keep).map(lambda ok, out, sample_id: out)
+
+
+def _placeholder(**images: tuple[int, int, tf.DType]) -> dict[str, tf.Tensor]:
+  """Zero images {name: [h, w, 3]} plus "label" and "id": a stand-in example."""
+  out = {k: tf.zeros([h, w, 3], dtype) for k, (h, w, dtype) in images.items()}
+  return dict(out, label=tf.constant(-1, tf.int64), id=tf.constant(-1, tf.int64))
+
+
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Training steps per epoch: full global batches only (MoCo drops the last partial batch)."""
   if global_batch_size < 1:
@@ -162,25 +273,31 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 
 
 def load(name: str, split: str = "train", data_dir: str | None = None, *, seed: int = 0,
-         holdout_fraction: float = 0.1, validate: str = "decode", download: bool = False,
-         num_workers: int | None = None) -> DataSource:
+         holdout_fraction: float = 0.1, validate: str = "none", download: bool = False,
+         num_workers: int | None = None, tfrecord_label_offset: int = 1) -> DataSource:
   """Resolves a data set name and split to a DataSource. Fails fast with a DataError.
 
   Args:
-    name: "quickstart", "imagenet2012", "imagenet100", "folder" or a tensorflow-datasets name.
+    name: "quickstart", "imagenet2012", "imagenet100", "folder", "tfrecord" or a
+      tensorflow-datasets name.
     split: "train" or "test" ("validation"/"val" are aliases of "test"; for ImageNet the held-out
       split is tfds' "validation"). tfds sources also accept any tfds split expression.
-    data_dir: tfds data directory (may be gs://; None = tfds default) or, for "folder", the
-      image folder.
+    data_dir: tfds data directory (may be gs://; None = tfds default); for "folder", the
+      image folder; for "tfrecord", a folder of train-*/validation-* files or a glob of the train
+      files (see _tfrecord_pattern).
     seed: seed of the held-out split tfmochi makes when a data set has none (quickstart, folder
       without split folders). Use the same value for "train" and "test".
     holdout_fraction: share of a folder held out as "test" when it has no split folders.
-    validate: folder images: "decode" (default: every file is decoded once here; bad files are
-      skipped and counted), "header" (only the file signature is checked here; a file that
-      fails to decode later is dropped by tf.data, not counted) or "none".
+    validate: folder images: "none" (default: the files are only listed here, through
+      tf.io.gfile, so gs:// works and 1.28M files take minutes, not hours; an image that fails
+      to decode is dropped while reading and counted, see SkipLog), "decode" (every file is
+      decoded once here and bad files are left out and listed: --validate_images) or "header"
+      (only the file signature is read here).
     download: allow tfds to download and prepare a missing data set (needs internet; never for
       ImageNet, whose archives must be downloaded by hand).
     num_workers: threads for validating folder images (default: 4 x CPUs, at most 32).
+    tfrecord_label_offset: "tfrecord" only: subtracted from every `image/class/label` (1 for the
+      ImageNet layout, whose labels run 1..1000; 0 for files with 0-based labels).
 
   Returns:
     A DataSource.
@@ -196,6 +313,10 @@ def load(name: str, split: str = "train", data_dir: str | None = None, *, seed: 
   if name == "folder":
     return _folder(data_dir, test, seed=seed, holdout_fraction=holdout_fraction,
                    validate=validate, num_workers=num_workers)
+  if name == "tfrecord":
+    if split not in ("train",) + _TEST_SPLITS:
+      raise DataError(f"Data set 'tfrecord' has the splits 'train' and 'test'; got {split!r}.")
+    return _tfrecord(data_dir, test, label_offset=tfrecord_label_offset)
   if name == "imagenet100":
     return _tfds_source("imagenet2012", split, data_dir, download=download,
                         wnids=imagenet100_wnids(), display_name="imagenet100")
@@ -353,9 +474,7 @@ def _folder_error(data_dir: str, problem: str) -> DataError:
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
+  return augment.decode_image(tf.io.read_file(path))
 
 
 def _folder(data_dir: str | None, test: bool, *, seed: int, holdout_fraction: float,
@@ -428,12 +547,214 @@ def _folder(data_dir: str | None, test: bool, *, seed: int, holdout_fraction: fl
   if len(paths) == 0:
     raise _folder_error(data_dir, f"none of the {len(skipped)} image files in {root} can be "
                         "decoded")
-  reader = _Reader(decode=_decode_file,
-                   records=(paths.astype(str), labels, ids),
-                   guard_errors=validate != "decode")
+  path_of = dict(zip(ids.tolist(), paths.tolist()))
+  reader = _Reader(decode=_decode_file, records=(paths.astype(str), labels, ids),
+                   encoded=tf.io.read_file,
+                   skips=SkipLog(lambda i: path_of.get(i, f"id {i}")))
   return DataSource(name="folder", split="test" if test else "train", num_examples=len(paths),
                     num_classes=len(classes), has_labels=True, num_skipped=len(skipped),
                     skipped_files=tuple(p for p, _ in skipped), _reader=reader)
+
+
+# ----------------------------------------------------------------------------------------------
+# TFRecord files in the ImageNet layout
+
+# Feature keys of the TensorFlow ImageNet conversion scripts (build_imagenet_data.py), read by
+# the TPU reference models: one tf.train.Example per image.
+TFRECORD_IMAGE_KEY = "image/encoded"
+TFRECORD_LABEL_KEY = "image/class/label"
+# Standard ImageNet-1k shard counts of those scripts, and the split sizes they hold.
+_IMAGENET_TFRECORD_SHARDS = {"train": (1024, 1_281_167), "validation": (128, 50_000)}
+_TFRECORD_CYCLE = 16  # files read at once per input pipeline
+_FILE_ID_SHIFT = 32  # id = file index << 32 | record index within the file
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _tfrecord_error(problem: str) -> DataError:
+  return DataError(
+      f"--dataset=tfrecord: {problem}. Pass --data_dir=<folder> with train-* and validation-* "
+      "TFRecord files (gs:// works), or a glob of the train files (gs://bucket/train-*; the "
+      "held-out split is the same glob with 'train' replaced by 'validation'). Records are "
+      f"tf.train.Examples with {TFRECORD_IMAGE_KEY} (JPEG bytes) and {TFRECORD_LABEL_KEY} "
+      "(int64), as the TensorFlow ImageNet conversion scripts write them.")
+
+
+def _tfrecord_pattern(data_dir: str, test: bool) -> str:
+  """The glob of a split's files: <dir>/train-* | <dir>/validation-*, or the given glob (train)
+  and the glob with its last 'train' (in the file-name part) replaced by 'validation' (test)."""
+  if not _GLOB_CHARS.search(data_dir):
+    try:
+      is_dir = tf.io.gfile.isdir(data_dir)
+    except tf.errors.OpError as e:
+      raise _unreadable(data_dir, e) from e
+    if is_dir:
+      return os.path.join(data_dir, "validation-*" if test else "train-*")
+  if not test:
+    return data_dir
+  head, tail = os.path.split(data_dir)
+  if "train" not in tail:
+    raise _tfrecord_error(f"cannot name the held-out files of {data_dir}: its file-name part has "
+                          "no 'train' to replace by 'validation'")
+  i = tail.rindex("train")
+  return os.path.join(head, tail[:i] + "validation" + tail[i + len("train"):])
+
+
+def _unreadable(path: str, e: Exception) -> DataError:
+  reason = str(getattr(e, "message", e)).strip().splitlines()[0][:200] if str(e) else ""
+  return DataError(
+      f"Cannot read {path} ({type(e).__name__}: {reason}). Check that the path and bucket exist "
+      "and that this machine's credentials may read them (for gs://: the VM's service account "
+      "needs roles/storage.objectViewer on the bucket; `gcloud storage ls <path>` must work).")
+
+
+def _records(path: str):
+  """Serialized records of one file, read without TensorFlow ops.
+
+  Sources are loaded before the distribution strategy exists, and `--cpu_replicas` can only split
+  the CPU before the first op runs, so start-up reads files through the record reader that
+  tf.io.gfile uses (tf_record_iterator), not through tf.data.
+  """
+  try:
+    yield from tf.compat.v1.io.tf_record_iterator(path)
+  except tf.errors.DataLossError as e:
+    raise _tfrecord_error(f"{path} is not a TFRecord file (or is corrupt): "
+                          f"{str(e.message).splitlines()[0][:150]}") from e
+  except tf.errors.OpError as e:
+    raise _unreadable(path, e) from e
+
+
+def _first_records(files: list[str], n: int) -> list[bytes]:
+  """Up to n serialized records from the first non-empty files (fails as a DataError)."""
+  out: list[bytes] = []
+  for path in files[:8]:
+    for record in _records(path):
+      out.append(record)
+      if len(out) >= n:
+        return out
+  return out
+
+
+def _parse_example(record: bytes, path: str) -> dict:
+  try:
+    example = tf.train.Example.FromString(record)
+  except Exception as e:  # pylint: disable=broad-except  (protobuf DecodeError)
+    raise _tfrecord_error(f"the records of {path} are not tf.train.Example protos ({e})") from e
+  return example.features.feature
+
+
+def _label(features, default: int) -> int:
+  values = features[TFRECORD_LABEL_KEY].int64_list.value if TFRECORD_LABEL_KEY in features else ()
+  return int(values[0]) if values else default
+
+
+def _tfrecord_count(files: list[str], label_offset: int) -> tuple[int, int, int]:
+  """(records, smallest label, largest label) of the files: one pass, files read in parallel."""
+  logging.warning("tfmochi.data: counting the records of %d TFRecord files (one pass; ImageNet's "
+                  "standard 1024/128 shards are known and not counted).", len(files))
+
+  def count(path):
+    n, lo, hi = 0, None, None
+    for record in _records(path):
+      y = _label(_parse_example(record, path), label_offset - 1)
+      n, lo, hi = n + 1, y if lo is None else min(lo, y), y if hi is None else max(hi, y)
+    return n, lo, hi
+
+  with concurrent.futures.ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1))) as pool:
+    counts = [c for c in pool.map(count, files) if c[0]]
+  return (sum(c[0] for c in counts), min(c[1] for c in counts), max(c[2] for c in counts))
+
+
+def _standard_imagenet(files: list[str], test: bool) -> int | None:
+  """The split size if `files` are exactly the standard ImageNet-1k shards, else None."""
+  split = "validation" if test else "train"
+  shards, size = _IMAGENET_TFRECORD_SHARDS[split]
+  names = {os.path.basename(f) for f in files}
+  expected = {f"{split}-{i:05d}-of-{shards:05d}" for i in range(shards)}
+  return size if names == expected else None
+
+
+def _tfrecord(data_dir: str | None, test: bool, *, label_offset: int) -> DataSource:
+  """TFRecords in the ImageNet layout (see `_tfrecord_pattern` for where the splits are).
+
+  Labels are `image/class/label - label_offset` (ImageNet: 1..1000 -> 0..999). ids are
+  (file index in the sorted listing) << 32 | (record index in the file): unique and stable.
+  Split size: known for the standard 1024 train / 128 validation ImageNet shards, counted with
+  one pass otherwise (which also checks every label against the offset). Each input pipeline
+  reads every P-th file (P pipelines), or, with fewer files than pipelines, every file and keeps
+  every P-th record.
+  """
+  if not data_dir:
+    raise _tfrecord_error("--data_dir is required")
+  pattern = _tfrecord_pattern(data_dir, test)
+  try:
+    files = sorted(tf.io.gfile.glob(pattern))
+  except tf.errors.OpError as e:
+    raise _unreadable(pattern, e) from e
+  if not files:
+    raise _tfrecord_error(f"no files match {pattern}")
+  records = _first_records(files, 256)
+  if not records:
+    raise _tfrecord_error(f"the files matching {pattern} hold no records")
+  features = _parse_example(records[0], files[0])
+  missing = [k for k in (TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY) if k not in features]
+  if missing:
+    raise _tfrecord_error(f"the records of {files[0]} have no {' or '.join(missing)} feature "
+                          f"(they have: {', '.join(sorted(features)) or 'none'})")
+  first_labels = [_label(_parse_example(r, files[0]), label_offset - 1) for r in records]
+  num_examples = _standard_imagenet(files, test)
+  num_classes = 1000 if num_examples is not None and label_offset == 1 else None
+  lo = min(first_labels, default=label_offset)
+  if num_examples is None:
+    num_examples, lo, hi = _tfrecord_count(files, label_offset)
+    num_classes = hi - label_offset + 1
+  if lo < label_offset:
+    raise _tfrecord_error(
+        f"{pattern} has the label {lo} (or records without one), below "
+        f"--tfrecord_label_offset={label_offset} (the "
+        "ImageNet layout's labels run 1..1000 and 0 is unused, hence the default 1); for files "
+        "with 0-based labels pass --tfrecord_label_offset=0")
+  spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+          TFRECORD_LABEL_KEY: tf.io.FixedLenFeature([], tf.int64, default_value=label_offset - 1)}
+
+  def read_file(path, file_index):
+    @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
+    def parse(position, record):
+      ex = tf.io.parse_single_example(record, spec)
+      label = ex[TFRECORD_LABEL_KEY] - label_offset
+      check = tf.debugging.assert_non_negative(
+          label, message=f"--dataset=tfrecord: a record has a label below "
+                         f"--tfrecord_label_offset={label_offset} (or none)")
+      with tf.control_dependencies([check]):
+        label = tf.identity(label)
+      return {"raw": ex[TFRECORD_IMAGE_KEY], "label": label,
+              "id": tf.bitwise.left_shift(file_index, _FILE_ID_SHIFT) + position}
+
+    return tf.data.TFRecordDataset(path, buffer_size=8 << 20).enumerate().map(parse)
+
+  def open_files(num_shards: int, index: int, seed: tf.Tensor | None) -> tf.data.Dataset:
+    indices = tf.range(len(files), dtype=tf.int64)
+    by_file = len(files) >= num_shards
+    if by_file:
+      indices = indices[index::num_shards]
+    if seed is not None:  # a new file order every epoch
+      indices = tf.random.experimental.stateless_shuffle(
+          indices, tf.stack([seed, tf.constant(0, tf.int64)]))
+    ds = tf.data.Dataset.from_tensor_slices((tf.gather(tf.constant(files), indices), indices))
+    # deterministic=None: ordered exactly when the pipeline's options ask for it.
+    ds = ds.interleave(read_file, cycle_length=min(_TFRECORD_CYCLE, len(files)), block_length=1,
+                       num_parallel_calls=AUTOTUNE, deterministic=None)
+    return ds if by_file else ds.shard(num_shards, index)
+
+  def describe(sample_id: int) -> str:
+    f, r = sample_id >> _FILE_ID_SHIFT, sample_id & ((1 << _FILE_ID_SHIFT) - 1)
+    return f"record {r} of {files[f]}" if 0 <= f < len(files) else f"id {sample_id}"
+
+  return DataSource(
+      name="tfrecord", split="test" if test else "train", num_examples=num_examples,
+      num_classes=num_classes, has_labels=True,
+      _reader=_Reader(decode=augment.decode_image, encoded=_identity,
+                      open_stream=lambda n, i: open_files(n, i, None),
+                      open_shuffled=open_files, skips=SkipLog(describe)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,7 +939,17 @@ def _tfds_source(name: str, split: str, data_dir: str | None, *, download: bool,
     raise DataError(f"Split {tfds_split!r} of {display_name!r} is empty.")
   return DataSource(name=display_name, split=split, num_examples=num_examples,
                     num_classes=num_classes, has_labels=has_labels,
-                    _reader=_Reader(decode=decode, open_stream=open_stream))
+                    _reader=_Reader(decode=decode, open_stream=open_stream,
+                                    encoded=_identity if _is_uint8(image_feature) else None))
+
+
+def _identity(x):
+  return x
+
+
+def _is_uint8(image_feature) -> bool:
+  """A tfds Image feature stored as encoded uint8 files (PNG/JPEG), decodable by decode_image."""
+  return getattr(image_feature, "np_dtype", None) == np.uint8
 
 
 def _tfds_num_examples(builder, tfds_split: str, probe: tf.data.Dataset,
@@ -714,7 +1045,10 @@ def _epoch_stream(source: DataSource, num_shards: int, index: int, per_epoch: in
   def epoch_examples(epoch):
     shuffle_seed = tf.random.stateless_uniform([], _fold(key, epoch), minval=None, maxval=None,
                                                dtype=tf.int64)
-    ds = base.shuffle(buffer, seed=shuffle_seed).repeat().take(per_epoch).skip(skip_of(epoch))
+    # TFRecords: the file order too is drawn per epoch, then records are shuffled in a buffer.
+    ds = (reader.open_shuffled(num_shards, index, shuffle_seed)
+          if reader.open_shuffled is not None else base)
+    ds = ds.shuffle(buffer, seed=shuffle_seed).repeat().take(per_epoch).skip(skip_of(epoch))
     return ds.map(lambda ex: (epoch, ex))
 
   return tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
@@ -732,7 +1066,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
                      hflip: bool = True,
                      input_context: tf.distribute.InputContext | None = None,
                      start_step: int = 0, shuffle_buffer: int | None = None,
-                     deterministic: bool = True,
+                     deterministic: bool = True, fused_decode: bool = True,
                      num_parallel_calls: int = AUTOTUNE) -> tf.data.Dataset:
   """Infinite stream of per-replica MoCo batches, fully determined by (seed, step).
 
@@ -753,11 +1087,17 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
     shuffle_buffer: tfds sources only (in-memory sources use a full permutation): shuffle
       buffer of encoded examples; default 10,000.
     deterministic: keep the element order under parallel maps (needed for exact resume).
+    fused_decode: sources of encoded images (folder, tfrecord, tfds): each view decodes only its
+      crop window of a JPEG; False decodes the whole image once for both views (the same
+      windows; for benchmarks).
     num_parallel_calls: of the decode + augment map.
 
   Returns:
-    tf.data.Dataset of {"view1": float32 [b, S, S, 3], "view2": same, "label": int64 [b],
-    "id": int64 [b]} with b = the per-replica batch (B without a context).
+    tf.data.Dataset of {"view1": uint8 [b, S, S, 3], "view2": same, "label": int64 [b],
+    "id": int64 [b]} with b = the per-replica batch (B without a context). The views are the
+    augmented images before normalisation, rounded to uint8 (`augment.two_views_uint8`): a
+    quarter of float32's bytes to the device; the step normalises them there
+    (`augment.to_model_input`, called at the top of `MoCo.train_step`).
   """
   if recipe not in augment.AUGMENTATIONS:
     raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
@@ -779,17 +1119,20 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
                      start_epoch=start_epoch, first_skip=steps_in * replicas_per_pipeline * batch,
                      key=shuffle_key, shuffle_buffer=shuffle_buffer)
 
+  encoded = source._reader.encoded if fused_decode else None  # pylint: disable=protected-access
+
   @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
   def make_views(epoch, ex):
-    example = source.decode(ex)
-    view1, view2 = augment.two_views(example["image"], image_size,
-                                     _fold(augment_key, epoch, example["id"]), recipe,
-                                     crop_scale, hflip)
-    return {"view1": view1, "view2": view2, "label": example["label"], "id": example["id"]}
+    # Encoded files: each view decodes only its crop window (decode_and_crop_jpeg).
+    image = encoded(ex["raw"]) if encoded is not None else source.decode(ex)["image"]
+    view1, view2 = augment.two_views_uint8(image, image_size, _fold(augment_key, epoch, ex["id"]),
+                                           recipe, crop_scale, hflip,
+                                           encoded=encoded is not None)
+    return {"view1": view1, "view2": view2, "label": ex["label"], "id": ex["id"]}
 
-  ds = ds.map(make_views, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-  if source._reader.guard_errors:  # pylint: disable=protected-access
-    ds = ds.ignore_errors(log_warning=True)
+  view = (image_size, image_size, tf.uint8)
+  ds = _map_skipping_bad(source, ds, make_views, _placeholder(view1=view, view2=view),
+                         num_parallel_calls=num_parallel_calls, deterministic=deterministic)
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.prefetch(AUTOTUNE)
   return ds.with_options(_options(deterministic))
@@ -838,8 +1181,8 @@ def eval_dataset(source: DataSource, *, batch_size: int, image_size: int,
       image = augment.center_view(example["image"], image_size)
     return {"image": image, "label": example["label"], "id": example["id"]}
 
-  ds = ds.map(transform, num_parallel_calls=num_parallel_calls)
-  if source._reader.guard_errors:  # pylint: disable=protected-access
-    ds = ds.ignore_errors(log_warning=True)
+  ds = _map_skipping_bad(source, ds, transform,
+                         _placeholder(image=(image_size, image_size, tf.float32)),
+                         num_parallel_calls=num_parallel_calls, deterministic=True)
   return ds.batch(batch_size).prefetch(AUTOTUNE)
 

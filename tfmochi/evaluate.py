@@ -744,8 +744,11 @@ def load_sources(config, settings: EvalSettings) -> tuple[data_lib.DataSource,
   dataset = settings.dataset or config.dataset
   data_dir = settings.data_dir if settings.data_dir is not None else config.data_dir
   seed = config.seed if settings.seed is None else settings.seed
-  train = data_lib.load(dataset, "train", data_dir=data_dir, seed=seed)
-  test = data_lib.load(dataset, "test", data_dir=data_dir, seed=seed)
+  offset = getattr(config, "tfrecord_label_offset", 1)
+  train = data_lib.load(dataset, "train", data_dir=data_dir, seed=seed,
+                        tfrecord_label_offset=offset)
+  test = data_lib.load(dataset, "test", data_dir=data_dir, seed=seed,
+                       tfrecord_label_offset=offset)
   what = "kNN evaluation" if settings.mode == "knn" else "The linear probe"
   require_labels(train, what)
   require_labels(test, what)

@@ -29,6 +29,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from tfmochi import augment
 from tfmochi import distribute
 from tfmochi import head as head_lib
 from tfmochi import mixing
@@ -173,7 +174,8 @@ class MoCo(tf.Module):
     and never writes the queue; whether training goes on is the caller's choice (`finite`).
 
     Args:
-      batch: {"view1": [b, H, W, 3] query views, "view2": key views, optional "id" [b] and
+      batch: {"view1": [b, H, W, 3] query views (uint8, normalised here, or already normalised
+        floats), "view2": key views, optional "id" [b] and
         "label" [b] int64 (-1 unknown)}.
       optimizer: a `tfmochi.optimizer.SGD` built on `query_encoder.trainable_variables` (inside
         the strategy scope); its learning rate is taken at `step`.
@@ -195,6 +197,7 @@ class MoCo(tf.Module):
       "finite" (1 unless the global loss or gradient is non-finite; a loss-scale overflow is
       not), "finite_loss", "loss_scale_skip", "lr", "momentum").
     """
+    batch = augment.normalize_views(batch)  # uint8 views from the input pipeline, on the device
     cfg = self.config
     num_replicas, replica_id = distribute.replica_context_info()
     b = tf.shape(batch["view1"])[0]

@@ -260,7 +260,9 @@ class Trainer:
     _set_precision(cfg.mixed_precision)
     # ---- data first: a missing data set must fail in seconds, before any device set-up
     self.train_source = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir,
-                                      seed=cfg.seed)
+                                      seed=cfg.seed,
+                                      validate="decode" if cfg.validate_images else "none",
+                                      tfrecord_label_offset=cfg.tfrecord_label_offset)
     if cfg.label_mode != "none" and not self.train_source.has_labels:
       raise config_lib.ConfigError(
           f"--label_mode={cfg.label_mode} needs labels, and the data set {cfg.dataset!r} has none. "
@@ -427,7 +429,7 @@ class Trainer:
     if self._knn_test_source is None:
       try:
         self._knn_test_source = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir,
-                                              seed=cfg.seed)
+            seed=cfg.seed, tfrecord_label_offset=cfg.tfrecord_label_offset)
       except data_lib.DataError as e:
         logging.warning("kNN monitor skipped: %s", e)
         return None
@@ -748,6 +750,7 @@ class Trainer:
         "knn_num_test": knn_result["num_test"] if knn_result else None,
         "knn_seconds": knn_result["seconds"] if knn_result else None,
         **self._skip_counts(),
+        "skipped_images": self.train_source.skipped_while_reading,
         "export": export_path,
         "dataset": cfg.dataset,
         "arch": cfg.arch,
