@@ -169,3 +169,162 @@ class KeyEncoderBatchNormTest(tf.test.TestCase):
     before = bn.moving_mean.numpy().copy()
     moco.encode_keys(_batches(1)[0]["view2"] + 3.0, tf.constant(0))
     self.assertNotAllClose(bn.moving_mean, before)
+
+
+# -------------------------------------------------------------------------------------------------
+# The replica step under XLA (--jit_compile; what a TPU compiles).
+
+_JIT_BATCH = 4
+
+
+def _conv_encoder(seed, bn_mode="standard"):
+  """A two-convolution encoder of tfmochi's own layers: `models.Conv2D` on both of its custom
+  input-gradient paths (3x3 "same", 1x1 stride 2), the run's BN kind, pooling and a dense
+  projection: the layer types of resnet10_tiny, at a fraction of its XLA compile time (about 40 s
+  per variant here, which a dozen objectives cannot afford)."""
+  from tfmochi import models  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([
+      keras.Input((8, 8, 3)),
+      models.Conv2D(8, 3, padding="same", use_bias=False),
+      models.make_batch_norm("bn", bn_mode, bn_splits=2),
+      keras.layers.ReLU(),
+      models.Conv2D(8, 1, strides=2, padding="valid", use_bias=False),
+      keras.layers.GlobalAveragePooling2D(),
+      keras.layers.Dense(8)])
+
+
+def _jit_config(bn_mode="shuffle", mochi=True, **head_kw):
+  head = head_lib.HeadConfig(temperature=0.2, mask_duplicates=True,
+                             mochi=mixing.MochiConfig(4, 3, 2) if mochi else
+                             mixing.MochiConfig(0, 0, 0), **head_kw)
+  return moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9, bn_mode=bn_mode,
+                             weight_decay=1e-2, mochi_warmup_steps=1, seed=3, head=head)
+
+
+def _jit_batches(n):
+  rng = np.random.default_rng(1)
+  return [{"view1": tf.constant(rng.normal(size=(_JIT_BATCH, 8, 8, 3)), tf.float32),
+           "view2": tf.constant(rng.normal(size=(_JIT_BATCH, 8, 8, 3)), tf.float32),
+           "id": tf.constant(np.arange(_JIT_BATCH) + _JIT_BATCH * i, tf.int64),
+           "label": tf.constant(np.arange(_JIT_BATCH) % 2, tf.int64)} for i in range(n)]
+
+
+def _run_step(config, encoder_bn, jit, batches):
+  """Trains len(batches) steps through the trainer's replica-step wrapper; returns the model, the
+  optimizer, the per-step metrics and the step function."""
+  moco = moco_lib.MoCo(_conv_encoder(1, encoder_bn), _conv_encoder(2, encoder_bn), config,
+                       _JIT_BATCH)
+  optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+  optimizer.build(moco.query_encoder.trainable_variables)
+  step = tf.Variable(0, dtype=tf.int64, trainable=False)
+  fn = distribute.replica_step_function(lambda b: moco.train_step(b, optimizer, step), jit,
+                                        tf.distribute.get_strategy())
+  metrics = []
+  for batch in batches:
+    metrics.append({k: float(v) for k, v in fn(batch).items()})
+    step.assign_add(1)
+  return moco, optimizer, metrics, fn
+
+
+# Every objective a config can select, in four steps to compile (XLA compile time dominates the
+# cost of these tests): each option appears at least once, every step with MoCHi crosses the
+# warm-up (step 0 plain, step 1 mixed). On one device "shuffle" BN is the plain key encoder (its
+# cross-replica index arithmetic is compiled separately below, at R = 8).
+_OBJECTIVES = {
+    "moco_v2": (dict(mochi=False), "standard", "float32"),
+    "mochi_debiased": (dict(loss="debiased"), "standard", "float32"),
+    "mochi_hard_drop_oracle_split_bn": (
+        dict(loss="hard", drop_hardest=25.0, label_mode="oracle", bn_mode="split"), "split",
+        "float32"),
+    "mochi_supcon_keep_sync_bn_bfloat16": (
+        dict(label_mode="supcon", keep_hardest=50.0, bn_mode="sync"), "sync", "bfloat16"),
+}
+
+
+def _dynamic_shapes(hlo: str) -> list[str]:
+  """The HLO instructions with a dynamic dimension: XLA writes a bounded one as "f32[<=8]".
+
+  (TF's TopK lowering emits `set-dimension-size` to its constant k: its result stays static.)
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  return [line.strip()[:200] for line in hlo.splitlines() if re.search(r"\[[^\]]*<=", line)]
+
+
+class JitStepTest(tf.test.TestCase, parameterized.TestCase):
+  """The XLA-compiled replica step equals the plain one.
+
+  How "no op outside XLA" is proven: `replica_step_function` wraps the step in
+  `tf.function(jit_compile=True)`, which compiles the whole function as one XLA cluster and raises
+  (InvalidArgumentError "Detected unsupported operations") instead of running any op it cannot
+  compile with TensorFlow's kernels; a passing call is therefore entirely XLA. "No dynamic shapes":
+  XLA needs a compile-time constant for every shape, and the HLO of the step has no bounded-dynamic
+  dimension ("<=") and no get/set-dimension-size op.
+  """
+
+  @parameterized.named_parameters(*[(name, name) for name in _OBJECTIVES])
+  def test_jit_step_equals_plain_step(self, name):
+    kw, encoder_bn, precision = _OBJECTIVES[name]
+    kw = dict(kw)
+    bn_mode = kw.pop("bn_mode", "shuffle")
+    mochi = kw.pop("mochi", True)
+    config = _jit_config(bn_mode=bn_mode, mochi=mochi, **kw)
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16"
+                                            else "float32")
+    self.addCleanup(keras.mixed_precision.set_global_policy, policy)
+    batches = _jit_batches(2)
+    plain, plain_opt, plain_metrics, _ = _run_step(config, encoder_bn, False, batches)
+    jit, jit_opt, jit_metrics, fn = _run_step(config, encoder_bn, True, batches)
+    self.assertEqual(fn.experimental_get_tracing_count(), 1)
+    # bfloat16 keeps ~3 significant digits, and XLA rounds in other places than TF's kernels.
+    tol = 2e-2 if precision == "bfloat16" else 2e-4
+    for p, j in zip(plain_metrics, jit_metrics):
+      self.assertAllClose(p, j, atol=5 * tol, rtol=5 * tol)
+    if mochi:  # the warm-up flipped between the two steps, without a retrace
+      self.assertEqual(jit_metrics[0]["synthetic_logit"], 0.0)
+      self.assertNotEqual(jit_metrics[1]["synthetic_logit"], 0.0)
+    for a, b in zip(plain.query_encoder.weights + plain.key_encoder.weights
+                    + plain_opt.variables, jit.query_encoder.weights + jit.key_encoder.weights
+                    + jit_opt.variables):
+      self.assertAllClose(a, b, atol=tol, rtol=tol, msg=a.path if hasattr(a, "path") else a.name)
+    self.assertAllClose(plain.queue.keys, jit.queue.keys, atol=tol)
+    for a, b in ((plain.queue.ids, jit.queue.ids), (plain.queue.labels, jit.queue.labels),
+                 (plain.queue.ptr, jit.queue.ptr)):
+      self.assertAllEqual(a, b)
+    self.assertEqual(int(jit.queue.ptr), 2 * _JIT_BATCH)
+    if name == "mochi_hard_drop_oracle_split_bn":
+      hlo = fn.experimental_get_compiler_ir(batches[0])(stage="hlo")
+      self.assertEmpty(_dynamic_shapes(hlo))
+
+  def test_shuffle_bn_indices_compiled_at_eight_replicas(self):
+    """The TPU stand-in for shuffle BN across replicas: its index arithmetic, compiled with the
+    replica id and count as tensors (R = 8), equals the plain computation on every replica, and
+    the all-gather / un-shuffle it drives returns each replica its own keys."""
+    r, b = 8, 3
+
+    @tf.function(jit_compile=True)
+    def compiled(step, replica_id, num_replicas):
+      return moco_lib.shuffle_bn_indices(3, step, replica_id, num_replicas, b)
+
+    x = np.random.default_rng(0).normal(size=(r * b, 5)).astype(np.float32)
+    encode = lambda rows: np.tanh(rows * 2.0)  # any row-wise encoder  # noqa: E731
+    for step in (0, 7):
+      mine, back = [], []
+      for replica in range(r):
+        m, k = compiled(tf.constant(step, tf.int64), tf.constant(replica), tf.constant(r))
+        pm, pk = moco_lib.shuffle_bn_indices(3, tf.constant(step, tf.int64), replica, r, b)
+        self.assertAllEqual(m, pm)
+        self.assertAllEqual(k, pk)
+        mine.append(m.numpy())
+        back.append(k.numpy())
+      perm = np.concatenate(mine)
+      self.assertAllEqual(np.sort(perm), np.arange(r * b))  # a permutation of the global batch
+      self.assertNotAllEqual(perm, np.arange(r * b))
+      all_k = np.concatenate([encode(x[m]) for m in mine])  # all_gather of the permuted keys
+      for replica in range(r):
+        self.assertAllClose(all_k[back[replica]], encode(x[replica * b:(replica + 1) * b]))
+    self.assertEqual(compiled.experimental_get_tracing_count(), 1)
+    hlo = compiled.experimental_get_compiler_ir(
+        tf.constant(0, tf.int64), tf.constant(5), tf.constant(r))(stage="hlo")
+    self.assertEmpty(_dynamic_shapes(hlo))
