@@ -1,4 +1,7 @@
-"""Tests of tfmochi.moco: one MoCo/MoCHi step; 2 replicas == 1 replica for the same global batch."""
+"""Tests of tfmochi.moco: one MoCo/MoCHi step; R replicas == 1 replica for the same global batch;
+the step compiled by XLA == the plain step."""
+
+import dataclasses
 
 import keras
 import numpy as np
@@ -26,12 +29,12 @@ def _config(**head_kw):
                              weight_decay=1e-2, mochi_warmup_steps=1, seed=3, head=head)
 
 
-def _batches(n):
+def _batches(n, global_batch=GLOBAL_BATCH):
   rng = np.random.default_rng(0)
-  return [{"view1": rng.normal(size=(GLOBAL_BATCH, 4, 4, 3)).astype(np.float32),
-           "view2": rng.normal(size=(GLOBAL_BATCH, 4, 4, 3)).astype(np.float32),
-           "id": np.arange(GLOBAL_BATCH, dtype=np.int64) + GLOBAL_BATCH * i,
-           "label": np.arange(GLOBAL_BATCH, dtype=np.int64) % 2} for i in range(n)]
+  return [{"view1": rng.normal(size=(global_batch, 4, 4, 3)).astype(np.float32),
+           "view2": rng.normal(size=(global_batch, 4, 4, 3)).astype(np.float32),
+           "id": np.arange(global_batch, dtype=np.int64) + global_batch * i,
+           "label": np.arange(global_batch, dtype=np.int64) % 2} for i in range(n)]
 
 
 def _copies(var):
@@ -41,8 +44,9 @@ def _copies(var):
 
 
 def _run(strategy, batches, config):
+  global_batch = len(batches[0]["id"])
   with strategy.scope():
-    moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
+    moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, global_batch)
     optimizer = keras.optimizers.SGD(0.5, momentum=0.9)
     optimizer.build(moco.query_encoder.trainable_variables)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -56,7 +60,7 @@ def _run(strategy, batches, config):
   losses = []
   for batch in batches:
     r = strategy.num_replicas_in_sync
-    per = GLOBAL_BATCH // r
+    per = global_batch // r
     dist = strategy.experimental_distribute_values_from_function(
         lambda ctx: {k: v[ctx.replica_id_in_sync_group * per:(ctx.replica_id_in_sync_group + 1)
                           * per] for k, v in batch.items()})
@@ -73,23 +77,36 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     # Only the momentum update moves the key encoder; its BN must stay in batch-statistics mode.
     self.assertTrue(moco.key_encoder.trainable)
 
-  def test_two_replicas_equal_one_replica(self):
-    batches = _batches(4)
-    one, losses1 = _run(tf.distribute.get_strategy(), batches, _config())
-    two, losses2 = _run(distribute.mirrored_strategy(["/cpu:0", "/cpu:1"]), batches, _config())
-    self.assertAllClose(losses1, losses2, atol=1e-5)
+  @parameterized.named_parameters(("two_replicas", 2), ("eight_replicas", 8))
+  def test_r_replicas_equal_one_replica(self, r):
+    """R replicas (R = 8: an 8-GPU node; logical CPUs from tests/conftest.py) train exactly as one
+    device on the same global batch, shuffle BN's permutation across replicas included."""
+    global_batch = 4 if r == 2 else 8
+    batches = _batches(16 // global_batch, global_batch)  # the queue (K = 16) fills up once
+    config = _config()
+    if r == 8:  # MoCHi's synthesis is an XLA function compiled once per device: 2 are enough
+      config = dataclasses.replace(config, head=dataclasses.replace(
+          config.head, mochi=mixing.MochiConfig(0, 0, 0)))
+    self.assertEqual(config.bn_mode, "shuffle")
+    one, losses1 = _run(tf.distribute.get_strategy(), batches, config)
+    many, losses_r = _run(distribute.mirrored_strategy([f"/cpu:{i}" for i in range(r)]), batches,
+                          config)
+    self.assertAllClose(losses1, losses_r, atol=1e-5)
     # Replica copies are identical...
-    for var in (two.queue.keys, two.queue.ptr, two.queue.ids, *two.key_encoder.weights):
+    for var in (many.queue.keys, many.queue.ptr, many.queue.ids, many.queue.labels,
+                *many.key_encoder.weights):
       copies = _copies(var)
-      self.assertLen(copies, 2)
-      self.assertAllEqual(copies[0], copies[1])
+      self.assertLen(copies, r)
+      for copy in copies[1:]:
+        self.assertAllEqual(copies[0], copy)
     # ...and equal to the single-replica run.
-    self.assertAllClose(one.queue.keys, _copies(two.queue.keys)[0], atol=1e-5)
-    self.assertEqual(int(one.queue.ptr), int(_copies(two.queue.ptr)[0]))
-    self.assertEqual(int(one.queue.ptr), 0)  # 4 steps x 4 keys = K
+    self.assertAllClose(one.queue.keys, _copies(many.queue.keys)[0], atol=1e-5)
+    self.assertEqual(int(one.queue.ptr), int(_copies(many.queue.ptr)[0]))
+    self.assertEqual(int(one.queue.ptr), 0)  # the steps wrote K = 16 keys
     self.assertAllEqual(one.queue.ids, np.arange(16))
+    self.assertAllEqual(one.queue.labels, _copies(many.queue.labels)[0])
     for a, b in zip(one.key_encoder.weights + one.query_encoder.weights,
-                    two.key_encoder.weights + two.query_encoder.weights):
+                    many.key_encoder.weights + many.query_encoder.weights):
       self.assertAllClose(a, _copies(b)[0], atol=1e-5)
 
   def test_step_matches_a_numpy_reference(self):

@@ -146,8 +146,9 @@ def hardest_indices(l_neg: tf.Tensor, num_hard: int, method: str = "auto",
       XLA-compiled function) or "auto" ("chunked" when it applies, the host has no GPU/TPU and
       the caller is not being compiled by XLA; else "top_k"), or "approx": N distinct indices
       from `tf.math.approx_max_k(recall_target)`. On a TPU that is a partial reduction (no
-      sort) whose expected recall of the true top-N is about `recall_target`: the missed entries
-      are replaced by the best of the rest, i.e. slightly easier negatives. On CPUs and GPUs
+      sort) whose expected recall of the true top-N is about `recall_target`: it keeps the
+      largest logit of each of its bins, so a missed entry's place goes to a lower-ranked one,
+      i.e. an easier negative for the synthetic points mixed from it. On CPUs and GPUs
       TensorFlow has no approximate kernel: its op and XLA:CPU both compute the exact top-N
       (XLA:CPU by sorting each whole row, slower than "top_k"; docs/BENCHMARKS.md).
     recall_target: for "approx", in (0, 1].
