@@ -40,11 +40,9 @@ class BenchmarkTest(tf.test.TestCase):
     # N capped at K.
     config = config_lib.TrainConfig(**dict(_TINY, mochi_num_hard=0, mochi_num_mix=0,
                                             mochi_num_query_mix=0))
-    result = benchmark.run("head", config, warmup=1, timed=5, compare_topn=True)
-    _check_result(self, result, "head",
-                  ["moco", "mochi", "mochi_xla_exact", "mochi_xla_approx"])
+    result = benchmark.run("head", config, warmup=1, timed=5)
+    _check_result(self, result, "head", ["moco", "mochi"])
     self.assertEqual(result["config"]["mochi"], [16, 1024, 512])
-    self.assertGreater(result["ratio_xla_approx_over_exact"], 0)
 
   def test_step(self):
     # Plain MoCo only: tracing a ResNet training step is what costs time here (the MoCo-vs-MoCHi

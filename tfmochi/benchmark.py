@@ -4,12 +4,15 @@ Each run prints ONE JSON line on stdout (and appends it to `--output` if given):
 
   --what=head   the contrastive head alone: queue logits, top-N, synthesis, loss and the gradient
                 w.r.t. q (a `tf.function` with a GradientTape over q; the queue is a tensor), for
-                MoCo (no MoCHi) and MoCHi(N, s, s') in the same process, interleaved.
+                MoCo (no MoCHi) and MoCHi(N, s, s') in the same process, interleaved. With
+                `--compare_topn`, also the MoCHi head compiled whole by XLA with the exact and
+                the approximate top-N (`--mochi_topn`).
   --what=step   a full MoCo v2 training step (synthetic random images, no input pipeline): the
                 `MoCo` object, an SGD optimizer built before tracing and a `tf.function` running
                 `moco.train_step` through `strategy.run` for `--steps_per_call` steps, as the
                 trainer does. With MoCHi on and `--compare_moco`, the same step without MoCHi is
-                timed in the same process, interleaved.
+                timed in the same process, interleaved; `--compare_jit` adds the step compiled
+                by XLA (`--jit_compile=true`).
   --what=input  the MoCo v2 augmentation pipeline (`data.pretrain_dataset`) on an in-memory source
                 of random `--source_size`² uint8 images (or the `--dataset` itself with
                 `--input_source=dataset`), in images/s at `--image_size`.

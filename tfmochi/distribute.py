@@ -179,8 +179,8 @@ def resolve_jit_compile(setting: str | bool, strategy: tf.distribute.Strategy) -
       raise ValueError(
           f"--jit_compile=true cannot compile a step over {strategy.num_replicas_in_sync} CPU "
           "replicas: XLA compiles for one device and cannot reach the variables of the other "
-          "logical CPUs. Use one device (--strategy=default) with --jit_compile=true, or "
-          "--jit_compile=false (or auto) with --strategy=mirrored.")
+          "CPU replicas. Use one device (--strategy=default) with --jit_compile=true, or "
+          "--jit_compile=false (or auto) with several replicas.")
   return on
 
 

@@ -487,7 +487,8 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
       a run draws the same synthetic negatives on 1 or R replicas. None draws B rows.
     return_features: also build the explicit h, h' features ([B, s + s', D]).
     jit_compile: compile with XLA (True), never (False), or call the plain Python function
-      (None; e.g. when already inside an XLA cluster).
+      (None). Inside a function XLA already compiles (`--jit_compile`, TPU) the plain function
+      is always used: it becomes part of that computation.
 
   Returns:
     A `Synthesis` (logits [B, s + s'] plus the indices and coefficients that were drawn).

@@ -15,7 +15,9 @@ The per-replica loss is divided by the *global* batch size (not the local one): 
 gradients across replicas, so the sum of per-replica losses must be the global mean.
 
 Everything random (MoCHi's draws, the shuffle-BN permutation) is a stateless function of
-(seed, step), so a step is reproducible and identical on 1 or R replicas for the same global batch.
+(seed, step), so a step is reproducible and identical on 1 or R replicas for the same global batch,
+and with or without XLA (`distribute.replica_step_function`, `--jit_compile`): the step has static
+shapes and only ops XLA compiles.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ class MoCo(tf.Module):
     (seed, step), so no broadcast is needed), each replica encodes its slice of the permuted
     batch, and the keys are all-gathered again and un-permuted (only two gathers per step, as in
     MoCo). On one device, "split" permutes the batch before the split-BN encoder so that the BN
-    groups of the keys differ from those of the queries; "shuffle" on one device is a no-op.
+    groups of the keys differ from those of the queries; "shuffle" on one device is a no-op. The
+    indices come from `shuffle_bn_indices`, whose shapes are static under XLA.
     """
     num_replicas, replica_id = distribute.replica_context_info()
     shuffle = self.config.bn_mode in ("shuffle", "split") and (
