@@ -227,16 +227,20 @@ def _jit_batches(n):
            "label": tf.constant(np.arange(_JIT_BATCH) % 2, tf.int64)} for i in range(n)]
 
 
-def _run_step(config, encoder_bn, jit, batches):
+def _run_step(config, encoder_bn, jit, batches, skip_nonfinite=False):
   """Trains len(batches) steps through the trainer's replica-step wrapper; returns the model, the
   optimizer, the per-step metrics and the step function."""
   moco = moco_lib.MoCo(_conv_encoder(1, encoder_bn), _conv_encoder(2, encoder_bn), config,
                        _JIT_BATCH)
   optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+  if skip_nonfinite:  # as the trainer's --nonfinite=skip: a loss-scale optimizer that never scales
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=1.0,
+                                                    dynamic_growth_steps=2**31 - 1)
   optimizer.build(moco.query_encoder.trainable_variables)
   step = tf.Variable(0, dtype=tf.int64, trainable=False)
-  fn = distribute.replica_step_function(lambda b: moco.train_step(b, optimizer, step), jit,
-                                        tf.distribute.get_strategy())
+  fn = distribute.replica_step_function(
+      lambda b: moco.train_step(b, optimizer, step, skip_nonfinite=skip_nonfinite), jit,
+      tf.distribute.get_strategy())
   metrics = []
   for batch in batches:
     metrics.append({k: float(v) for k, v in fn(batch).items()})
@@ -246,10 +250,10 @@ def _run_step(config, encoder_bn, jit, batches):
 
 # Every objective a config can select, in four steps to compile (XLA compile time dominates the
 # cost of these tests): each option appears at least once, every step with MoCHi crosses the
-# warm-up (step 0 plain, step 1 mixed). On one device "shuffle" BN is the plain key encoder (its
+# warm-up (step 0 plain, step 1 mixed). MoCo v2 runs with --nonfinite=skip and a third, NaN batch. On one device "shuffle" BN is the plain key encoder (its
 # cross-replica index arithmetic is compiled separately below, at R = 8).
 _OBJECTIVES = {
-    "moco_v2": (dict(mochi=False), "standard", "float32"),
+    "moco_v2": (dict(mochi=False, skip_nonfinite=True), "standard", "float32"),
     "mochi_debiased": (dict(loss="debiased"), "standard", "float32"),
     "mochi_hard_drop_oracle_split_bn": (
         dict(loss="hard", drop_hardest=25.0, label_mode="oracle", bn_mode="split"), "split",
@@ -285,15 +289,21 @@ class JitStepTest(tf.test.TestCase, parameterized.TestCase):
     kw = dict(kw)
     bn_mode = kw.pop("bn_mode", "shuffle")
     mochi = kw.pop("mochi", True)
+    skip = kw.pop("skip_nonfinite", False)
     config = _jit_config(bn_mode=bn_mode, mochi=mochi, **kw)
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16"
                                             else "float32")
     self.addCleanup(keras.mixed_precision.set_global_policy, policy)
     batches = _jit_batches(2)
-    plain, plain_opt, plain_metrics, _ = _run_step(config, encoder_bn, False, batches)
-    jit, jit_opt, jit_metrics, fn = _run_step(config, encoder_bn, True, batches)
+    if skip:
+      batches.append(dict(batches[0], view1=batches[0]["view1"] * np.nan))
+    plain, plain_opt, plain_metrics, _ = _run_step(config, encoder_bn, False, batches, skip)
+    jit, jit_opt, jit_metrics, fn = _run_step(config, encoder_bn, True, batches, skip)
     self.assertEqual(fn.experimental_get_tracing_count(), 1)
+    if skip:  # the NaN step is skipped alike: nothing written (compared below)
+      self.assertEqual([m["finite"] for m in jit_metrics], [1.0, 1.0, 0.0])
+      plain_metrics, jit_metrics = plain_metrics[:2], jit_metrics[:2]
     # bfloat16 keeps ~3 significant digits, and XLA rounds in other places than TF's kernels.
     tol = 2e-2 if precision == "bfloat16" else 2e-4
     for p, j in zip(plain_metrics, jit_metrics):

@@ -138,9 +138,11 @@ class NegativeQueue(tf.Module):
     """
     if enabled is not True:  # a skipped step writes the rows' current values back
       keep = tf.convert_to_tensor(enabled, tf.bool)
-      keys = tf.where(keep, keys, tf.gather_nd(self.keys, rows))
-      ids = tf.where(keep, ids, tf.gather_nd(self.ids, rows))
-      labels = tf.where(keep, labels, tf.gather_nd(self.labels, rows))
+      # Gathers from the values, not the variables: XLA has no kernel for a gather that reads a
+      # resource (ResourceGatherNd), and the step may be XLA-compiled (--jit_compile).
+      keys = tf.where(keep, keys, tf.gather_nd(self.keys.read_value(), rows))
+      ids = tf.where(keep, ids, tf.gather_nd(self.ids.read_value(), rows))
+      labels = tf.where(keep, labels, tf.gather_nd(self.labels.read_value(), rows))
       n = tf.where(keep, n, tf.zeros_like(n))
     return tf.group(
         self.keys.scatter_nd_update(rows, keys), self.ids.scatter_nd_update(rows, ids),
