@@ -1,8 +1,10 @@
 """Test-session set-up shared by every test module.
 
-The CPU is split into two logical devices before TensorFlow initialises its runtime, so that
-multi-replica tests can run `distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])` in the same
-process as single-device tests (which keep using "/cpu:0"). This must happen before any op runs,
+The CPU is split into eight logical devices before TensorFlow initialises its runtime, so that
+multi-replica tests can run `distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])` (or all eight: an
+8-GPU node) in the same process as single-device tests (which keep using "/cpu:0"). Nothing picks
+"every device" by default: strategies name their devices, and `MirroredStrategy()` without GPUs
+uses the CPU only once. This must happen before any op runs,
 hence a conftest (imported by pytest before the test modules).
 """
 import os
@@ -13,7 +15,7 @@ import tensorflow as tf  # noqa: E402
 
 from tfmochi import distribute as _distribute  # noqa: E402
 
-_distribute.configure_cpu_replicas(2)
+_distribute.configure_cpu_replicas(8)
 
 # tf.test.TestCase helpers (create_tempdir, get_temp_dir) read absl flags; pytest never parses
 # them, so mark them parsed with their defaults.

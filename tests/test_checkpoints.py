@@ -3,12 +3,16 @@
 import dataclasses
 import json
 import os
+from unittest import mock
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tfmochi import checkpoints
 from tfmochi import config as config_lib
+from tfmochi import distribute
+from tfmochi import models
 from tfmochi import trainer as trainer_lib
 
 
@@ -76,6 +80,23 @@ class RandomInitEncoderTest(tf.test.TestCase):
   def test_needs_a_run_directory(self):
     with self.assertRaisesRegex(checkpoints.CheckpointError, "config.json"):
       checkpoints.random_init_encoder(self.create_tempdir().full_path)
+
+
+class BuildRunEncoderTest(tf.test.TestCase):
+
+  def test_fast_grad_follows_the_run_setting(self):
+    def fast_convs(**kw):
+      config = config_lib.TrainConfig(arch="resnet10_tiny", export_format="none", **kw)
+      encoder = checkpoints.build_run_encoder(config, "query_encoder")
+      convs = [l for l in encoder.backbone.layers if isinstance(l, keras.layers.Conv2D)]
+      self.assertNotEmpty(convs)
+      return {isinstance(l, models.Conv2D) for l in convs}
+
+    self.assertEqual(fast_convs(), {True})  # auto on a host without GPU/TPU: on
+    self.assertEqual(fast_convs(fast_grad="false"), {False})
+    with mock.patch.object(distribute, "accelerator_visible", return_value=True):
+      self.assertEqual(fast_convs(), {False})  # auto with a GPU/TPU: cuDNN's / XLA's kernels
+      self.assertEqual(fast_convs(fast_grad="true"), {True})
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
                  "mochi_num_mix mochi_num_query_mix mochi_beta_max mochi_warmup_epochs bn_mode "
                  "strategy tpu cpu_replicas mixed_precision seed deterministic "
                  "knn_every_epochs knn_k knn_train_per_class knn_test_per_class label_mode "
-                 "labeled_fraction").split():
+                 "labeled_fraction jit_compile fast_grad mochi_topn mochi_topn_recall").split():
       self.assertIn(name, fv)
       self.assertTrue(fv[name].help, name)
 
@@ -90,6 +90,12 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
       (["--label_mode=oracle", "--labeled_fraction=0"], "no labels"),
       (["--drop_hardest=5", "--keep_hardest=5"], "exclusive"),
       (["--moco_momentum=1.5"], r"--moco_momentum \(m\)"),
+      (["--jit_compile=yes"], "--jit_compile must be one of auto, true, false"),
+      (["--fast_grad=on"], "--fast_grad must be one of auto, true, false"),
+      (["--strategy=tpu", "--tpu=local", "--jit_compile=false"], "a TPU compiles every step"),
+      (["--mochi_topn=fast"], "--mochi_topn must be one of exact, approx"),
+      (["--mochi_topn_recall=0", "--mochi_num_hard=8", "--mochi_num_mix=2"],
+       r"--mochi_topn_recall must be in \(0, 1\]"),
   )
   def test_invalid_values_name_the_flag(self, argv, pattern):
     with self.assertRaisesRegex(config_lib.ConfigError, pattern):

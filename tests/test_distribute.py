@@ -55,10 +55,10 @@ class MakeStrategyTest(tf.test.TestCase):
       distribute.configure_cpu_replicas(0)
 
   def test_more_cpu_replicas_than_configured_is_refused(self):
-    # conftest split the CPU into 2 before the runtime started; 3 cannot be had any more.
+    # conftest split the CPU into 8 before the runtime started; 9 cannot be had any more.
     self.assertEqual(distribute.configure_cpu_replicas(2), ["/cpu:0", "/cpu:1"])
     with self.assertRaisesRegex(RuntimeError, "already initialised"):
-      distribute.configure_cpu_replicas(3)
+      distribute.configure_cpu_replicas(9)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Tests of tfmochi.moco: one MoCo/MoCHi step; 2 replicas == 1 replica for the same global batch."""
+"""Tests of tfmochi.moco: one MoCo/MoCHi step; R replicas == 1 replica for the same global batch;
+the step compiled by XLA == the plain step."""
+
+import dataclasses
 
 import keras
 import numpy as np
@@ -28,12 +31,12 @@ def _config(**head_kw):
                              weight_decay=1e-2, mochi_warmup_steps=1, seed=3, head=head)
 
 
-def _batches(n):
+def _batches(n, global_batch=GLOBAL_BATCH):
   rng = np.random.default_rng(0)
-  return [{"view1": rng.normal(size=(GLOBAL_BATCH, 4, 4, 3)).astype(np.float32),
-           "view2": rng.normal(size=(GLOBAL_BATCH, 4, 4, 3)).astype(np.float32),
-           "id": np.arange(GLOBAL_BATCH, dtype=np.int64) + GLOBAL_BATCH * i,
-           "label": np.arange(GLOBAL_BATCH, dtype=np.int64) % 2} for i in range(n)]
+  return [{"view1": rng.normal(size=(global_batch, 4, 4, 3)).astype(np.float32),
+           "view2": rng.normal(size=(global_batch, 4, 4, 3)).astype(np.float32),
+           "id": np.arange(global_batch, dtype=np.int64) + global_batch * i,
+           "label": np.arange(global_batch, dtype=np.int64) % 2} for i in range(n)]
 
 
 def _copies(var):
@@ -43,8 +46,9 @@ def _copies(var):
 
 
 def _run(strategy, batches, config):
+  global_batch = len(batches[0]["id"])
   with strategy.scope():
-    moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
+    moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, global_batch)
     optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.5, momentum=0.9)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
 
@@ -57,7 +61,7 @@ def _run(strategy, batches, config):
   losses = []
   for batch in batches:
     r = strategy.num_replicas_in_sync
-    per = GLOBAL_BATCH // r
+    per = global_batch // r
     dist = strategy.experimental_distribute_values_from_function(
         lambda ctx: {k: v[ctx.replica_id_in_sync_group * per:(ctx.replica_id_in_sync_group + 1)
                           * per] for k, v in batch.items()})
@@ -74,23 +78,36 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     # Only the momentum update moves the key encoder; its BN must stay in batch-statistics mode.
     self.assertTrue(moco.key_encoder.trainable)
 
-  def test_two_replicas_equal_one_replica(self):
-    batches = _batches(4)
-    one, losses1 = _run(tf.distribute.get_strategy(), batches, _config())
-    two, losses2 = _run(distribute.mirrored_strategy(["/cpu:0", "/cpu:1"]), batches, _config())
-    self.assertAllClose(losses1, losses2, atol=1e-5)
+  @parameterized.named_parameters(("two_replicas", 2), ("eight_replicas", 8))
+  def test_r_replicas_equal_one_replica(self, r):
+    """R replicas (R = 8: an 8-GPU node; logical CPUs from tests/conftest.py) train exactly as one
+    device on the same global batch, shuffle BN's permutation across replicas included."""
+    global_batch = 4 if r == 2 else 8
+    batches = _batches(16 // global_batch, global_batch)  # the queue (K = 16) fills up once
+    config = _config()
+    if r == 8:  # MoCHi's synthesis is an XLA function compiled once per device: 2 are enough
+      config = dataclasses.replace(config, head=dataclasses.replace(
+          config.head, mochi=mixing.MochiConfig(0, 0, 0)))
+    self.assertEqual(config.bn_mode, "shuffle")
+    one, losses1 = _run(tf.distribute.get_strategy(), batches, config)
+    many, losses_r = _run(distribute.mirrored_strategy([f"/cpu:{i}" for i in range(r)]), batches,
+                          config)
+    self.assertAllClose(losses1, losses_r, atol=1e-5)
     # Replica copies are identical...
-    for var in (two.queue.keys, two.queue.ptr, two.queue.ids, *two.key_encoder.weights):
+    for var in (many.queue.keys, many.queue.ptr, many.queue.ids, many.queue.labels,
+                *many.key_encoder.weights):
       copies = _copies(var)
-      self.assertLen(copies, 2)
-      self.assertAllEqual(copies[0], copies[1])
+      self.assertLen(copies, r)
+      for copy in copies[1:]:
+        self.assertAllEqual(copies[0], copy)
     # ...and equal to the single-replica run.
-    self.assertAllClose(one.queue.keys, _copies(two.queue.keys)[0], atol=1e-5)
-    self.assertEqual(int(one.queue.ptr), int(_copies(two.queue.ptr)[0]))
-    self.assertEqual(int(one.queue.ptr), 0)  # 4 steps x 4 keys = K
+    self.assertAllClose(one.queue.keys, _copies(many.queue.keys)[0], atol=1e-5)
+    self.assertEqual(int(one.queue.ptr), int(_copies(many.queue.ptr)[0]))
+    self.assertEqual(int(one.queue.ptr), 0)  # the steps wrote K = 16 keys
     self.assertAllEqual(one.queue.ids, np.arange(16))
+    self.assertAllEqual(one.queue.labels, _copies(many.queue.labels)[0])
     for a, b in zip(one.key_encoder.weights + one.query_encoder.weights,
-                    two.key_encoder.weights + two.query_encoder.weights):
+                    many.key_encoder.weights + many.query_encoder.weights):
       self.assertAllClose(a, _copies(b)[0], atol=1e-5)
 
   def test_step_matches_a_numpy_reference(self):
@@ -127,8 +144,7 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     for batch in (dict(views), {k: augment.to_model_input(tf.constant(v)).numpy()
                                 for k, v in views.items()}):
       moco = moco_lib.MoCo(_encoder(1), _encoder(2), _config(), GLOBAL_BATCH)
-      optimizer = keras.optimizers.SGD(0.1)
-      optimizer.build(moco.query_encoder.trainable_variables)
+      optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.1, momentum=0.0)
       metrics = moco.train_step(dict(batch, id=np.arange(GLOBAL_BATCH, dtype=np.int64)),
                                 optimizer, tf.constant(0, tf.int64))
       results.append((float(metrics["loss"]), moco.queue.keys.numpy()))
@@ -289,3 +305,181 @@ class KeyEncoderBatchNormTest(tf.test.TestCase):
     before = bn.moving_mean.numpy().copy()
     moco.encode_keys(_batches(1)[0]["view2"] + 3.0, tf.constant(0))
     self.assertNotAllClose(bn.moving_mean, before)
+
+
+# -------------------------------------------------------------------------------------------------
+# The replica step under XLA (--jit_compile; what a TPU compiles).
+
+_JIT_BATCH = 4
+
+
+def _conv_encoder(seed, bn_mode="standard"):
+  """A two-convolution encoder of tfmochi's own layers: `models.Conv2D` on both of its custom
+  input-gradient paths (3x3 "same", 1x1 stride 2), the run's BN kind, pooling and a dense
+  projection: the layer types of resnet10_tiny, at a fraction of its XLA compile time (about 40 s
+  per variant here, which a dozen objectives cannot afford)."""
+  from tfmochi import models  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([
+      keras.Input((8, 8, 3)),
+      models.Conv2D(8, 3, padding="same", use_bias=False),
+      models.make_batch_norm("bn", bn_mode, bn_splits=2),
+      keras.layers.ReLU(),
+      models.Conv2D(8, 1, strides=2, padding="valid", use_bias=False),
+      keras.layers.GlobalAveragePooling2D(),
+      keras.layers.Dense(8)])
+
+
+def _jit_config(bn_mode="shuffle", mochi=True, **head_kw):
+  head = head_lib.HeadConfig(temperature=0.2, mask_duplicates=True,
+                             mochi=mixing.MochiConfig(4, 3, 2) if mochi else
+                             mixing.MochiConfig(0, 0, 0), **head_kw)
+  return moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9, bn_mode=bn_mode,
+                             weight_decay=1e-2, mochi_warmup_steps=1, seed=3, head=head)
+
+
+def _jit_batches(n):
+  rng = np.random.default_rng(1)
+  return [{"view1": tf.constant(rng.normal(size=(_JIT_BATCH, 8, 8, 3)), tf.float32),
+           "view2": tf.constant(rng.normal(size=(_JIT_BATCH, 8, 8, 3)), tf.float32),
+           "id": tf.constant(np.arange(_JIT_BATCH) + _JIT_BATCH * i, tf.int64),
+           "label": tf.constant(np.arange(_JIT_BATCH) % 2, tf.int64)} for i in range(n)]
+
+
+def _run_step(config, encoder_bn, jit, batches, skip_nonfinite=False, float16=False):
+  """Trains len(batches) steps through the trainer's replica-step wrapper; returns the model, the
+  optimizer (and loss scale), the per-step metrics and the step function."""
+  moco = moco_lib.MoCo(_conv_encoder(1, encoder_bn), _conv_encoder(2, encoder_bn), config,
+                       _JIT_BATCH)
+  optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.05, momentum=0.9)
+  # float16 as the trainer runs it: dynamic loss scaling, here from a scale that overflows.
+  loss_scale = optimizer_lib.DynamicLossScale(2.0**18) if float16 else None
+  step = tf.Variable(0, dtype=tf.int64, trainable=False)
+  fn = distribute.replica_step_function(
+      lambda b: moco.train_step(b, optimizer, step, skip_nonfinite=skip_nonfinite,
+                                loss_scale=loss_scale), jit,
+      tf.distribute.get_strategy())
+  metrics = []
+  for batch in batches:
+    metrics.append({k: float(v) for k, v in fn(batch).items()})
+    step.assign_add(1)
+  state = list(optimizer.variables) + (list(loss_scale.variables) if float16 else [])
+  return moco, state, metrics, fn
+
+
+# Every objective a config can select, in four steps to compile (XLA compile time dominates the
+# cost of these tests): each option appears at least once, every step with MoCHi crosses the
+# warm-up (step 0 plain, step 1 mixed). MoCo v2 runs with --nonfinite=skip and a third, NaN
+# batch; MoCHi + debiased in float16 with a loss scale that overflows (skipped, halved) before it
+# fits. On one device "shuffle" BN is the plain key encoder (its cross-replica index arithmetic is
+# compiled separately below, at R = 8).
+_OBJECTIVES = {
+    "moco_v2": (dict(mochi=False, skip_nonfinite=True), "standard", "float32"),
+    "mochi_debiased_float16": (dict(loss="debiased"), "standard", "float16"),
+    "mochi_hard_drop_oracle_split_bn": (
+        dict(loss="hard", drop_hardest=25.0, label_mode="oracle", bn_mode="split"), "split",
+        "float32"),
+    "mochi_supcon_keep_sync_bn_bfloat16": (
+        dict(label_mode="supcon", keep_hardest=50.0, bn_mode="sync"), "sync", "bfloat16"),
+}
+
+
+def _dynamic_shapes(hlo: str) -> list[str]:
+  """The HLO instructions with a dynamic dimension: XLA writes a bounded one as "f32[<=8]".
+
+  (TF's TopK lowering emits `set-dimension-size` to its constant k: its result stays static.)
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  return [line.strip()[:200] for line in hlo.splitlines() if re.search(r"\[[^\]]*<=", line)]
+
+
+class JitStepTest(tf.test.TestCase, parameterized.TestCase):
+  """The XLA-compiled replica step equals the plain one.
+
+  How "no op outside XLA" is proven: `replica_step_function` wraps the step in
+  `tf.function(jit_compile=True)`, which compiles the whole function as one XLA cluster and raises
+  (InvalidArgumentError "Detected unsupported operations") instead of running any op it cannot
+  compile with TensorFlow's kernels; a passing call is therefore entirely XLA. "No dynamic shapes":
+  XLA needs a compile-time constant for every shape, and the HLO of the step has no bounded-dynamic
+  dimension ("<=") and no get/set-dimension-size op.
+  """
+
+  @parameterized.named_parameters(*[(name, name) for name in _OBJECTIVES])
+  def test_jit_step_equals_plain_step(self, name):
+    kw, encoder_bn, precision = _OBJECTIVES[name]
+    kw = dict(kw)
+    bn_mode = kw.pop("bn_mode", "shuffle")
+    mochi = kw.pop("mochi", True)
+    skip = kw.pop("skip_nonfinite", False)
+    config = _jit_config(bn_mode=bn_mode, mochi=mochi, **kw)
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(
+        "float32" if precision == "float32" else f"mixed_{precision}")
+    self.addCleanup(keras.mixed_precision.set_global_policy, policy)
+    batches = _jit_batches(6 if precision == "float16" else 2)
+    if skip:
+      batches.append(dict(batches[0], view1=batches[0]["view1"] * np.nan))
+    f16 = precision == "float16"
+    plain, plain_opt, plain_metrics, _ = _run_step(config, encoder_bn, False, batches, skip, f16)
+    jit, jit_opt, jit_metrics, fn = _run_step(config, encoder_bn, True, batches, skip, f16)
+    self.assertEqual(fn.experimental_get_tracing_count(), 1)
+    if skip:  # the NaN step is skipped alike: nothing written (compared below)
+      self.assertEqual([m["finite"] for m in jit_metrics], [1.0, 1.0, 0.0])
+      plain_metrics, jit_metrics = plain_metrics[:2], jit_metrics[:2]
+    # bfloat16 keeps ~3 significant digits, and XLA rounds in other places than TF's kernels.
+    tol = 2e-4 if precision == "float32" else 2e-2
+    for p, j in zip(plain_metrics, jit_metrics):
+      self.assertAllClose(p, j, atol=5 * tol, rtol=5 * tol)
+    if f16:  # the first step overflows the scale: skipped alike, then training goes on
+      self.assertEqual([m["loss_scale_skip"] for m in plain_metrics],
+                       [m["loss_scale_skip"] for m in jit_metrics])
+      skips = [m["loss_scale_skip"] for m in jit_metrics]
+      self.assertEqual((skips[0], skips[-1]), (1.0, 0.0))  # the scale halved until it fit
+    if mochi:  # the warm-up flipped after the first step, without a retrace
+      self.assertEqual(jit_metrics[0]["synthetic_logit"], 0.0)
+      self.assertNotEqual(jit_metrics[-1]["synthetic_logit"], 0.0)
+    for a, b in zip(plain.query_encoder.weights + plain.key_encoder.weights
+                    + plain_opt, jit.query_encoder.weights + jit.key_encoder.weights
+                    + jit_opt):
+      self.assertAllClose(a, b, atol=tol, rtol=tol, msg=a.path if hasattr(a, "path") else a.name)
+    self.assertAllClose(plain.queue.keys, jit.queue.keys, atol=tol)
+    for a, b in ((plain.queue.ids, jit.queue.ids), (plain.queue.labels, jit.queue.labels),
+                 (plain.queue.ptr, jit.queue.ptr)):
+      self.assertAllEqual(a, b)
+    applied = sum(m["finite"] == 1.0 and not m.get("loss_scale_skip") for m in jit_metrics)
+    self.assertEqual(int(jit.queue.ptr), applied * _JIT_BATCH)
+    if name == "mochi_hard_drop_oracle_split_bn":
+      hlo = fn.experimental_get_compiler_ir(batches[0])(stage="hlo")
+      self.assertEmpty(_dynamic_shapes(hlo))
+
+  def test_shuffle_bn_indices_compiled_at_eight_replicas(self):
+    """The TPU stand-in for shuffle BN across replicas: its index arithmetic, compiled with the
+    replica id and count as tensors (R = 8), equals the plain computation on every replica, and
+    the all-gather / un-shuffle it drives returns each replica its own keys."""
+    r, b = 8, 3
+
+    @tf.function(jit_compile=True)
+    def compiled(step, replica_id, num_replicas):
+      return moco_lib.shuffle_bn_indices(3, step, replica_id, num_replicas, b)
+
+    x = np.random.default_rng(0).normal(size=(r * b, 5)).astype(np.float32)
+    encode = lambda rows: np.tanh(rows * 2.0)  # any row-wise encoder  # noqa: E731
+    for step in (0, 7):
+      mine, back = [], []
+      for replica in range(r):
+        m, k = compiled(tf.constant(step, tf.int64), tf.constant(replica), tf.constant(r))
+        pm, pk = moco_lib.shuffle_bn_indices(3, tf.constant(step, tf.int64), replica, r, b)
+        self.assertAllEqual(m, pm)
+        self.assertAllEqual(k, pk)
+        mine.append(m.numpy())
+        back.append(k.numpy())
+      perm = np.concatenate(mine)
+      self.assertAllEqual(np.sort(perm), np.arange(r * b))  # a permutation of the global batch
+      self.assertNotAllEqual(perm, np.arange(r * b))
+      all_k = np.concatenate([encode(x[m]) for m in mine])  # all_gather of the permuted keys
+      for replica in range(r):
+        self.assertAllClose(all_k[back[replica]], encode(x[replica * b:(replica + 1) * b]))
+    self.assertEqual(compiled.experimental_get_tracing_count(), 1)
+    hlo = compiled.experimental_get_compiler_ir(
+        tf.constant(0, tf.int64), tf.constant(5), tf.constant(r))(stage="hlo")
+    self.assertEmpty(_dynamic_shapes(hlo))

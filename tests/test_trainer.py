@@ -50,6 +50,10 @@ class TrainerTest(tf.test.TestCase):
     self.assertTrue(os.listdir(os.path.join(model_dir, "train")))  # TensorBoard events
     run_config = checkpoints.load_run_config(model_dir)
     self.assertEqual(run_config.mochi_num_hard, 8)
+    # --jit_compile and --fast_grad: the flags as given, and what "auto" became on this CPU host.
+    written = json.load(open(os.path.join(model_dir, checkpoints.CONFIG_FILE)))
+    self.assertEqual((written["jit_compile"], written["fast_grad"]), ("auto", "auto"))
+    self.assertEqual(written["resolved"], {"jit_compile": False, "fast_grad": True})
 
   def test_resume_continues_from_the_checkpoint(self):
     model_dir = self.create_tempdir().full_path
@@ -99,6 +103,11 @@ class TrainerTest(tf.test.TestCase):
     self.assertNotIn("raw_pixels_top1", monitor)  # computed once per run, with random init
     cost = t.knn_monitor_cost()
     self.assertEqual((cost["images"], cost["epoch_fraction"]), (150, 150 / (3 * 1497)))
+
+  def test_jit_compile_over_several_cpu_replicas_is_refused(self):
+    model_dir = self.create_tempdir().full_path
+    with self.assertRaisesRegex(config_lib.ConfigError, "cannot compile a step over 2 CPU"):
+      trainer.Trainer(tiny(model_dir, strategy="mirrored", cpu_replicas=2, jit_compile="true"))
 
   def test_imagenet_path_under_mock_data(self):
     model_dir = self.create_tempdir().full_path

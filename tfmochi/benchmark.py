@@ -4,12 +4,15 @@ Each run prints ONE JSON line on stdout (and appends it to `--output` if given):
 
   --what=head   the contrastive head alone: queue logits, top-N, synthesis, loss and the gradient
                 w.r.t. q (a `tf.function` with a GradientTape over q; the queue is a tensor), for
-                MoCo (no MoCHi) and MoCHi(N, s, s') in the same process, interleaved.
+                MoCo (no MoCHi) and MoCHi(N, s, s') in the same process, interleaved. With
+                `--compare_topn`, also the MoCHi head compiled whole by XLA with the exact and
+                the approximate top-N (`--mochi_topn`).
   --what=step   a full MoCo v2 training step (synthetic random images, no input pipeline): the
                 `MoCo` object, an SGD optimizer built before tracing and a `tf.function` running
                 `moco.train_step` through `strategy.run` for `--steps_per_call` steps, as the
                 trainer does. With MoCHi on and `--compare_moco`, the same step without MoCHi is
-                timed in the same process, interleaved.
+                timed in the same process, interleaved; `--compare_jit` adds the step compiled
+                by XLA (`--jit_compile=true`).
   --what=input  the MoCo v2 augmentation pipeline (`data.pretrain_dataset`) on an in-memory source
                 of random `--source_size`² uint8 images, on `--source_images` real 500x375 JPEG
                 photos in TFRecords (`--input_source=jpeg`: decoding included, fused with the
@@ -264,9 +267,15 @@ def _compare(results: dict, images_per_step: int) -> dict:
     out["rss_increase_mochi_minus_moco_mb"] = mochi["rss_increase_mb"] - moco["rss_increase_mb"]
     out["tf_increase_mochi_minus_moco_mb"] = mochi["tf_increase_mb"] - moco["tf_increase_mb"]
   for name in results:
-    if name.endswith("_keras_conv") and name[:-len("_keras_conv")] in results:
-      fast = out["variants"][name[:-len("_keras_conv")]]["median_seconds_per_step"]
-      out["ratio_keras_conv_over_fast"] = out["variants"][name]["median_seconds_per_step"] / fast
+    for suffix, ratio in (("_keras_conv", "ratio_keras_conv_over_fast"),
+                          ("_jit", "ratio_jit_over_plain")):
+      if name.endswith(suffix) and name[:-len(suffix)] in results:
+        base = out["variants"][name[:-len(suffix)]]["median_seconds_per_step"]
+        out[ratio] = out["variants"][name]["median_seconds_per_step"] / base
+  if "mochi_xla_exact" in results and "mochi_xla_approx" in results:
+    v = out["variants"]
+    out["ratio_xla_approx_over_exact"] = (v["mochi_xla_approx"]["median_seconds_per_step"]
+                                          / v["mochi_xla_exact"]["median_seconds_per_step"])
   return out
 
 
@@ -291,15 +300,17 @@ def head_inputs(batch_size: int, queue_size: int, dim: int, seed: int = 0) -> di
   }
 
 
-def make_head_fn(head_config, inputs: dict) -> Callable[[], object]:
+def make_head_fn(head_config, inputs: dict, jit_compile: bool = False) -> Callable[[], object]:
   """A zero-argument callable: one forward + backward (w.r.t. q) of `contrastive_head`.
 
   The inputs are captured as arguments of a `tf.function` (not constants), so nothing is folded.
+  `jit_compile` compiles the whole head with XLA (as `--jit_compile` or a TPU does: the top-N is
+  then XLA's TopK, or its ApproxTopK with `--mochi_topn=approx`).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfmochi import head as head_lib  # pylint: disable=g-import-not-at-top
 
-  @tf.function
+  @tf.function(jit_compile=jit_compile)
   def step(q, k, queue, query_ids, queue_ids, query_labels, queue_labels):
     with tf.GradientTape() as tape:
       tape.watch(q)
@@ -312,14 +323,19 @@ def make_head_fn(head_config, inputs: dict) -> Callable[[], object]:
   return lambda: step(**inputs)
 
 
-def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5) -> dict:
+def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
+               compare_topn: bool = False) -> dict:
   """Times the contrastive head for MoCo and MoCHi, interleaved, in this process.
 
   Args:
     config: B = batch_size, K = queue_size, D = embedding_dim, the objective (temperature, loss,
-      masks) and MoCHi's (N, s, s'); when N = 0 the paper's (1024, 1024, 512) is used (N <= K).
+      masks) and MoCHi's (N, s, s', --mochi_topn); when N = 0 the paper's (1024, 1024, 512) is
+      used (N <= K).
     warmup: untimed calls per variant.
     timed: timed calls per variant.
+    compare_topn: also time the MoCHi head compiled whole by XLA (XLA:CPU here, the TPU's
+      compiler elsewhere) with the exact top-N ("mochi_xla_exact": TopK) and the approximate one
+      ("mochi_xla_approx": ApproxTopK at --mochi_topn_recall).
 
   Returns:
     The JSON-able result (see `main`).
@@ -330,20 +346,27 @@ def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   mochi = head_config.mochi
   if not mochi.enabled:
     n, s, s2 = PAPER_MOCHI
-    mochi = mixing.MochiConfig(min(n, config.queue_size), s, s2, config.mochi_beta_max)
+    mochi = mixing.MochiConfig(min(n, config.queue_size), s, s2, config.mochi_beta_max,
+                               top_n=config.mochi_topn, top_n_recall=config.mochi_topn_recall)
   inputs = head_inputs(config.batch_size, config.queue_size, config.embedding_dim, config.seed)
   variants = {
       "moco": make_head_fn(dataclasses.replace(head_config, mochi=mixing.MochiConfig(0, 0, 0)),
                            inputs),
       "mochi": make_head_fn(dataclasses.replace(head_config, mochi=mochi), inputs),
   }
+  if compare_topn:
+    for top_n in mixing.TOP_N_METHODS:
+      variants[f"mochi_xla_{top_n}"] = make_head_fn(
+          dataclasses.replace(head_config, mochi=dataclasses.replace(mochi, top_n=top_n)),
+          inputs, jit_compile=True)
   results = run_interleaved(variants, warmup=warmup, timed=timed)
   out = {"what": "head", **_compare(results, config.batch_size)}
   out["config"] = {"batch_size": config.batch_size, "queue_size": config.queue_size,
                    "embedding_dim": config.embedding_dim, "temperature": config.temperature,
                    "loss": config.loss, "mask_duplicates": config.mask_duplicates,
                    "label_mode": config.label_mode,
-                   "mochi": [mochi.num_hard, mochi.num_mix, mochi.num_query_mix]}
+                   "mochi": [mochi.num_hard, mochi.num_mix, mochi.num_query_mix],
+                   "mochi_topn": mochi.top_n, "mochi_topn_recall": mochi.top_n_recall}
   return out
 
 
@@ -368,21 +391,27 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
 
 
 def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
-                       steps_per_call: int = 1, fast_grad: bool = True) -> Callable[[], object]:
+                       steps_per_call: int = 1, fast_grad: bool | None = None,
+                       jit_compile: bool | None = None) -> Callable[[], object]:
   """Builds a MoCo model, its optimizer and a compiled loop of `steps_per_call` training steps.
 
   As the trainer: the model and an SGD optimizer (momentum 0.9, built on the query encoder's
   variables) are created in the strategy's scope before tracing, and a `tf.function` runs
   `moco.train_step` through `strategy.run` inside a `tf.range` loop. `fast_grad=False` builds the
-  encoders with plain `keras.layers.Conv2D` (see `models.Conv2D`).
+  encoders with plain `keras.layers.Conv2D` (see `models.Conv2D`); None resolves --fast_grad.
+  `jit_compile` compiles the replica step with XLA as the trainer does (None: --jit_compile).
 
   Returns:
     A zero-argument callable running `steps_per_call` steps and returning the last loss.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfmochi import checkpoints  # pylint: disable=g-import-not-at-top
+  from tfmochi import distribute  # pylint: disable=g-import-not-at-top
   from tfmochi import moco as moco_lib  # pylint: disable=g-import-not-at-top
   from tfmochi import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+
+  if jit_compile is None:
+    jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
 
   def encoder(name):
     return checkpoints.build_run_encoder(config, name, fast_grad=fast_grad)
@@ -401,6 +430,8 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
 
   def replica_step(b):
     return model.train_step(b, optimizer, step, loss_scale=loss_scale)["loss"]
+
+  replica_step = distribute.replica_step_function(replica_step, jit_compile, strategy)
 
   @tf.function
   def loop(b):
@@ -423,7 +454,7 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
 
 def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
                steps_per_call: int = 1, compare_moco: bool = True,
-               compare_keras_conv: bool = False) -> dict:
+               compare_keras_conv: bool = False, compare_jit: bool = False) -> dict:
   """Times full training steps: the flags' configuration, and plain MoCo next to a MoCHi one.
 
   Args:
@@ -434,6 +465,8 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
     compare_moco: with MoCHi on, also time the same step without MoCHi ("moco").
     compare_keras_conv: also time the first variant with plain `keras.layers.Conv2D` convolutions
       ("<name>_keras_conv"), i.e. without tfmochi's fast input gradients.
+    compare_jit: also time the first variant with the replica step compiled by XLA
+      ("<name>_jit"; the others follow --jit_compile, resolved to off on CPUs).
 
   Returns:
     The JSON-able result.
@@ -459,6 +492,11 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
     variants[f"{first}_keras_conv"] = make_train_step_fn(
         moco_config if first == "moco" else config, strategy, batch, steps_per_call,
         fast_grad=False)
+  if compare_jit:
+    first = next(iter(variants))
+    variants[f"{first}_jit"] = make_train_step_fn(
+        moco_config if first == "moco" else config, strategy, batch, steps_per_call,
+        jit_compile=True)
   results = run_interleaved(variants, warmup=warmup, timed=timed, steps_per_call=steps_per_call)
   out = {"what": "step", **_compare(results, config.batch_size)}
   # A step function traced more than once would be re-traced (slowly) during training too.
@@ -466,7 +504,8 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   out["config"] = {k: getattr(config, k) for k in (
       "arch", "small_stem", "image_size", "batch_size", "queue_size", "embedding_dim", "bn_mode",
       "bn_splits", "mixed_precision", "temperature", "loss", "mask_duplicates", "mochi_num_hard",
-      "mochi_num_mix", "mochi_num_query_mix", "strategy", "cpu_replicas")}
+      "mochi_num_mix", "mochi_num_query_mix", "strategy", "cpu_replicas", "jit_compile",
+      "fast_grad")}
   out["config"]["steps_per_call"] = steps_per_call
   out["config"]["replicas"] = strategy.num_replicas_in_sync
   return out
@@ -595,6 +634,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("compare_keras_conv", False, "--what=step: also time the first variant with "
                     "plain keras Conv2D layers (without tfmochi's fast input gradients).",
                     flag_values=flag_values)
+  flags.DEFINE_bool("compare_jit", False, "--what=step: also time the first variant with the "
+                    "replica step compiled by XLA (--jit_compile=true), interleaved.",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("compare_topn", False, "--what=head: also time the MoCHi head compiled by "
+                    "XLA with the exact and the approximate top-N (--mochi_topn).",
+                    flag_values=flag_values)
   flags.DEFINE_integer("steps_per_call", 1, "Steps (or input batches) per timed call.",
                        lower_bound=1, flag_values=flag_values)
   flags.DEFINE_enum("input_source", "synthetic", ("synthetic", "dataset", "jpeg"),
@@ -625,15 +670,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
         steps_per_call: int = 1, compare_moco: bool = True, compare_keras_conv: bool = False,
-        source=None, input_threads: int = 0, input_fused_decode: bool = True) -> dict:
+        source=None, input_threads: int = 0, input_fused_decode: bool = True,
+        compare_jit: bool = False, compare_topn: bool = False) -> dict:
   """Runs one benchmark and returns its JSON-able result (with the machine description)."""
   if timed < 5:
     raise ValueError(f"timed must be >= 5 (a median of fewer steps is noise), got {timed}.")
   if what == "head":
-    out = bench_head(config, warmup=warmup, timed=timed)
+    out = bench_head(config, warmup=warmup, timed=timed, compare_topn=compare_topn)
   elif what == "step":
     out = bench_step(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call,
-                     compare_moco=compare_moco, compare_keras_conv=compare_keras_conv)
+                     compare_moco=compare_moco, compare_keras_conv=compare_keras_conv,
+                     compare_jit=compare_jit)
   elif what == "input":
     out = bench_input(config, warmup=warmup, timed=timed, source=source,
                       steps_per_call=steps_per_call, threads=input_threads,
@@ -676,7 +723,8 @@ def main(argv):
                compare_moco=flag_values.compare_moco,
                compare_keras_conv=flag_values.compare_keras_conv, source=source,
                input_threads=flag_values.input_threads,
-               input_fused_decode=flag_values.input_fused_decode)
+               input_fused_decode=flag_values.input_fused_decode,
+               compare_jit=flag_values.compare_jit, compare_topn=flag_values.compare_topn)
   line = json.dumps(result, sort_keys=True)
   print(line, flush=True)
   if flag_values.output:

@@ -151,13 +151,17 @@ def encoder_bn_mode(moco_bn_mode: str) -> str:
   return {"split": "split", "sync": "sync"}.get(moco_bn_mode, "standard")
 
 
-def build_run_encoder(config, name: str, fast_grad: bool = True):
+def build_run_encoder(config, name: str, fast_grad: bool | None = None):
   """The encoder a run with TrainConfig `config` trains (query or key: same architecture).
 
   The one place that maps a run's settings to `models.build_encoder`, for the trainer and for
-  everything that rebuilds a run's encoders (export, evaluate, analyze, benchmark).
+  everything that rebuilds a run's encoders (export, evaluate, analyze, benchmark). `fast_grad`
+  None resolves the run's --fast_grad here (the weights are the same either way).
   """
   from tfmochi import models  # local import: keeps this module light for the trainer
+
+  if fast_grad is None:
+    fast_grad = models.resolve_fast_grad(getattr(config, "fast_grad", "auto"))
 
   return models.build_encoder(
       config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,

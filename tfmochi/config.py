@@ -28,6 +28,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet10_tiny")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "bfloat16", "float16")
 AUGMENTATIONS = ("mocov2", "mocov1", "small")
+AUTO_BOOL = ("auto", "true", "false")
 EXPORT_FORMATS = ("saved_model", "hub", "keras", "detectron2", "torchvision", "none")
 
 
@@ -81,6 +82,8 @@ class TrainConfig:
   mochi_num_query_mix: int = 32
   mochi_beta_max: float = 0.5
   mochi_warmup_epochs: float = 2.0
+  mochi_topn: str = "exact"
+  mochi_topn_recall: float = 0.95
   # optimisation
   epochs: float = 9.0
   train_steps: int | None = None
@@ -92,6 +95,8 @@ class TrainConfig:
   strategy: str = "default"
   tpu: str | None = None
   cpu_replicas: int = 1
+  jit_compile: str = "auto"
+  fast_grad: str = "auto"
   mixed_precision: str = "float32"
   initial_loss_scale: float = 32768.0
   tf32: bool = False
@@ -117,7 +122,8 @@ class TrainConfig:
         hard_beta=self.hard_beta, drop_hardest=self.drop_hardest,
         keep_hardest=self.keep_hardest,
         mochi=mixing.MochiConfig(self.mochi_num_hard, self.mochi_num_mix,
-                                 self.mochi_num_query_mix, self.mochi_beta_max),
+                                 self.mochi_num_query_mix, self.mochi_beta_max,
+                                 top_n=self.mochi_topn, top_n_recall=self.mochi_topn_recall),
         mask_duplicates=self.mask_duplicates, label_mode=self.label_mode)
 
   def moco_config(self, steps_per_epoch: int, total_steps: int) -> moco_lib.MoCoConfig:
@@ -166,6 +172,12 @@ class TrainConfig:
     choice("loss", self.loss, losses_lib.LOSSES)
     choice("label_mode", self.label_mode, head_lib.LABEL_MODES)
     choice("nonfinite", self.nonfinite, ("stop", "skip"))
+    choice("jit_compile", self.jit_compile, AUTO_BOOL)
+    choice("fast_grad", self.fast_grad, AUTO_BOOL)
+    choice("mochi_topn", self.mochi_topn, mixing.TOP_N_METHODS)
+    need(self.strategy != "tpu" or self.jit_compile != "false",
+         "--jit_compile=false cannot apply to --strategy=tpu: a TPU compiles every step with XLA. "
+         "Use --jit_compile=auto (or true).")
     choice("export_format", self.export_format, EXPORT_FORMATS)
     need(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, "
          "TensorBoard logs and the exported backbone.")
@@ -221,6 +233,7 @@ class TrainConfig:
       for name in ("queue_size (K)", "moco_momentum (m)", "temperature (T)", "tau_plus",
                    "hard_beta", "drop_hardest", "keep_hardest", "mochi_num_hard (N)",
                    "mochi_num_mix (s)", "mochi_num_query_mix (s')", "mochi_beta_max",
+                   "mochi_topn_recall",
                    "label_mode", "loss"):
         if msg.startswith(name):
           msg = "--" + msg
@@ -289,6 +302,13 @@ _HELP = {
     "mochi_num_query_mix": "MoCHi s': synthetic negatives mixing the query into a hard negative.",
     "mochi_beta_max": "MoCHi beta_max in (0, 0.5]: the query's largest share in s' points.",
     "mochi_warmup_epochs": "Epochs of plain MoCo before MoCHi starts (paper: 10 IN-100, 15 IN-1K).",
+    "mochi_topn": "How MoCHi finds each query's N hardest negatives: exact (top_k, or a faster "
+                  "exact selection on CPUs) or approx (tf.math.approx_max_k: TPU's fast "
+                  "approximate top-k, which returns each true top-N entry with probability "
+                  "about --mochi_topn_recall; on CPUs and GPUs it computes the exact set). "
+                  "README \"MoCHi's top-N\".",
+    "mochi_topn_recall": "--mochi_topn=approx: the recall target of tf.math.approx_max_k, in "
+                         "(0, 1].",
     "epochs": "Training epochs.",
     "train_steps": "Training steps; overrides --epochs.",
     "learning_rate": "Learning rate per 256 images (scaled linearly with --batch_size).",
@@ -298,6 +318,14 @@ _HELP = {
     "strategy": "default (one device), mirrored, multi_worker (TF_CONFIG) or tpu.",
     "tpu": "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).",
     "cpu_replicas": "Split the CPU into N logical devices for --strategy=mirrored (testing).",
+    "jit_compile": "Compile each replica's training step (forward, backward, optimizer update, "
+                   "queue write) with XLA: auto (on under --strategy=tpu, where XLA compiles "
+                   "every step anyway; off on CPUs and GPUs), true or false. On one GPU or "
+                   "--strategy=mirrored GPUs, true is allowed but unmeasured here; on CPUs only "
+                   "one device (XLA cannot reach variables of several logical CPUs).",
+    "fast_grad": "tfmochi's Conv2D with faster exact input gradients for TensorFlow's CPU "
+                 "kernels: auto (on only when no GPU/TPU is visible), true or false. Same "
+                 "weights and checkpoints either way; exports always use plain Keras layers.",
     "mixed_precision": "float32, bfloat16 (TPU/CPU) or float16 (GPU, with loss scaling); the "
                        "head, queue and loss always stay float32.",
     "initial_loss_scale": "float16 only: the first dynamic loss scale (halved at each overflow, "

@@ -149,6 +149,54 @@ def make_strategy(name: str = "default", *, tpu: str | None = None,
   raise ValueError(f"strategy must be one of default, mirrored, multi_worker, tpu; got {name!r}.")
 
 
+def accelerator_visible() -> bool:
+  """True when TensorFlow sees a GPU or a TPU (a TPU VM's TPUs once the TPU system is initialised,
+  i.e. after `make_strategy("tpu")`)."""
+  return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def resolve_jit_compile(setting: str | bool, strategy: tf.distribute.Strategy) -> bool:
+  """--jit_compile=auto|true|false as a bool: auto is on under TPUStrategy only.
+
+  Under TPUStrategy the step is compiled by XLA whatever the setting (the whole replicated loop is
+  one XLA program); on CPUs and GPUs "auto" leaves it to TensorFlow's kernels.
+
+  Raises:
+    ValueError: true with several replicas on CPU devices. XLA compiles a function for one device
+      and cannot read the mirrored variables of the other logical CPUs ("Trying to access resource
+      ... located in device CPU:1 from device CPU:0").
+  """
+  tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+  if isinstance(setting, bool):
+    on = setting
+  elif setting in ("auto", "true", "false"):
+    on = tpu if setting == "auto" else setting == "true"
+  else:
+    raise ValueError(f"jit_compile must be auto, true or false; got {setting!r}.")
+  if on and not tpu and strategy.num_replicas_in_sync > 1:
+    devices = strategy.extended.worker_devices
+    if all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices):
+      raise ValueError(
+          f"--jit_compile=true cannot compile a step over {strategy.num_replicas_in_sync} CPU "
+          "replicas: XLA compiles for one device and cannot reach the variables of the other "
+          "CPU replicas. Use one device (--strategy=default) with --jit_compile=true, or "
+          "--jit_compile=false (or auto) with several replicas.")
+  return on
+
+
+def replica_step_function(fn, jit_compile: bool, strategy: tf.distribute.Strategy):
+  """The per-replica step `strategy.run` should call: `fn` itself, or `fn` compiled by XLA.
+
+  With `jit_compile`, `fn` (forward, backward, optimizer update and queue write: whatever the
+  replica step does) becomes a `tf.function(jit_compile=True)`, which raises when an op cannot be
+  compiled instead of running it outside XLA. Under TPUStrategy `fn` is returned unchanged: the
+  TPU compiles the whole loop, this step included.
+  """
+  if not jit_compile or isinstance(strategy, tf.distribute.TPUStrategy):
+    return fn
+  return tf.function(fn, jit_compile=True)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """True on the worker that writes summaries, exports and summary.json (worker 0)."""
   resolver = getattr(strategy, "cluster_resolver", None)

@@ -43,6 +43,8 @@ _NEG_INF = float("-inf")
 # One explicit RNG algorithm: "auto_select" picks different generators with and without XLA, so the
 # same seed would draw different negatives in eager and compiled code.
 _ALG = tf.random.Algorithm.PHILOX
+# How each query's top-N is found (MochiConfig.top_n); see `hardest_indices`.
+TOP_N_METHODS = ("exact", "approx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +57,18 @@ class MochiConfig:
     num_query_mix: s', synthetic negatives mixed from the query and a hard negative (type 2).
     beta_max: upper bound of β ~ U(0, β_max) for type 2; in (0, 0.5] so the query's share stays
       below the negative's.
+    top_n: "exact" (the N hardest, exactly) or "approx" (`tf.math.approx_max_k`, for TPUs: each
+      true top-N entry is found with probability about `top_n_recall`; the entries it misses are
+      replaced by the next hardest ones, so a few synthetic points mix slightly easier negatives.
+      On CPUs and GPUs TensorFlow computes the exact set instead; see `hardest_indices`).
+    top_n_recall: the recall target of "approx", in (0, 1].
   """
   num_hard: int = 1024
   num_mix: int = 1024
   num_query_mix: int = 512
   beta_max: float = 0.5
+  top_n: str = "exact"
+  top_n_recall: float = 0.95
 
   @property
   def enabled(self) -> bool:
@@ -82,6 +91,11 @@ class MochiConfig:
     if queue_size is not None and self.num_hard > queue_size:
       raise ValueError(f"mochi_num_hard (N) must be in [0, K] = [0, {queue_size}] (it picks the N "
                        f"hardest of the K queue entries), got {self.num_hard}.")
+    if self.top_n not in TOP_N_METHODS:
+      raise ValueError(f"mochi_topn must be one of {', '.join(TOP_N_METHODS)}, got "
+                       f"{self.top_n!r}.")
+    if not (isinstance(self.top_n_recall, (int, float)) and 0.0 < self.top_n_recall <= 1.0):
+      raise ValueError(f"mochi_topn_recall must be in (0, 1], got {self.top_n_recall!r}.")
     if self.num_hard == 0 and (self.num_mix or self.num_query_mix):
       raise ValueError("mochi_num_mix (s) and mochi_num_query_mix (s') need mochi_num_hard (N) > 0 "
                        "to have hard negatives to mix; set N > 0 or s = s' = 0.")
@@ -116,12 +130,13 @@ def step_seed(seed: int | tf.Tensor, step: tf.Tensor, replica_id: int | tf.Tenso
   return tf.random.experimental.stateless_fold_in(base, tf.cast(replica_id, tf.int64), alg=_ALG)
 
 
-def hardest_indices(l_neg: tf.Tensor, num_hard: int, method: str = "auto") -> tf.Tensor:
+def hardest_indices(l_neg: tf.Tensor, num_hard: int, method: str = "auto",
+                    recall_target: float = 0.95) -> tf.Tensor:
   """Queue indices of each row's N largest logits, in ascending index order: [B, K] -> [B, N].
 
   The set is what MoCHi needs; sorting it by index makes the draws that index into it identical
-  whatever order a top-k kernel (TF's, XLA's) happens to return. Every method returns exactly the
-  same indices (int32), ties included (the lower index wins, as with `tf.math.top_k`).
+  whatever order a top-k kernel (TF's, XLA's) happens to return. The exact methods return exactly
+  the same indices (int32), ties included (the lower index wins, as with `tf.math.top_k`).
 
   Args:
     l_neg: [B, K] logits (K static; -inf entries rank last).
@@ -129,11 +144,21 @@ def hardest_indices(l_neg: tf.Tensor, num_hard: int, method: str = "auto") -> tf
     method: "top_k" (`tf.math.top_k` + sort: any device, inside XLA too), "chunked" (a faster
       exact selection for CPUs, see `_chunked_top_n`; needs K >= 8·N and cannot run inside an
       XLA-compiled function) or "auto" ("chunked" when it applies, the host has no GPU/TPU and
-      the caller is not being compiled by XLA; else "top_k").
+      the caller is not being compiled by XLA; else "top_k"), or "approx": N distinct indices
+      from `tf.math.approx_max_k(recall_target)`. On a TPU that is a partial reduction (no
+      sort) whose expected recall of the true top-N is about `recall_target`: it keeps the
+      largest logit of each of its bins, so a missed entry's place goes to a lower-ranked one,
+      i.e. an easier negative for the synthetic points mixed from it. On CPUs and GPUs
+      TensorFlow has no approximate kernel: its op and XLA:CPU both compute the exact top-N
+      (XLA:CPU by sorting each whole row, slower than "top_k"; docs/BENCHMARKS.md).
+    recall_target: for "approx", in (0, 1].
   """
   x = tf.stop_gradient(tf.cast(l_neg, tf.float32))
-  if method not in ("auto", "top_k", "chunked"):
-    raise ValueError(f"method must be auto, top_k or chunked; got {method!r}.")
+  if method not in ("auto", "top_k", "chunked", "approx"):
+    raise ValueError(f"method must be auto, top_k, chunked or approx; got {method!r}.")
+  if method == "approx":
+    found = tf.math.approx_max_k(x, num_hard, recall_target=recall_target).indices
+    return tf.sort(found, axis=-1)
   chunk = _topn_chunk_size(x.shape[-1], num_hard)
   if method == "chunked" and chunk is None:
     raise ValueError(f"method=chunked needs a static K >= 8·N and divisible by a power of 2 >= 2; "
@@ -462,7 +487,8 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
       a run draws the same synthetic negatives on 1 or R replicas. None draws B rows.
     return_features: also build the explicit h, h' features ([B, s + s', D]).
     jit_compile: compile with XLA (True), never (False), or call the plain Python function
-      (None; e.g. when already inside an XLA cluster).
+      (None). Inside a function XLA already compiles (`--jit_compile`, TPU) the plain function
+      is always used: it becomes part of that computation.
 
   Returns:
     A `Synthesis` (logits [B, s + s'] plus the indices and coefficients that were drawn).
@@ -473,14 +499,20 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
   config.validate(queue_size=k)
   enabled = tf.convert_to_tensor(enabled, tf.bool)
   row_offset = tf.convert_to_tensor(row_offset, tf.int32)
-  if jit_compile is None:
-    hard = hardest_indices(l_neg, config.num_hard, method="top_k")  # XLA-safe
+  approx = config.top_n == "approx"
+  # Inside a function that XLA already compiles (--jit_compile, TPU) the plain function joins that
+  # computation: a nested jit_compile function there is compiled with its arguments as
+  # compile-time constants, i.e. recompiled at every step.
+  if jit_compile is None or _inside_xla():
+    hard = hardest_indices(l_neg, config.num_hard, method="approx" if approx else "top_k",
+                           recall_target=config.top_n_recall)  # XLA-safe
     return _synthesize(q, queue, l_neg, seed, enabled, row_offset, hard, config.num_hard,
                        config.num_mix, config.num_query_mix, float(config.beta_max), global_rows,
                        return_features)
   # The top-N runs before (outside) the compiled function: on a CPU host it uses the exact chunked
   # selection, several times faster than a TopK kernel; elsewhere TF's top_k (identical indices).
-  hard = hardest_indices(l_neg, config.num_hard)
+  hard = hardest_indices(l_neg, config.num_hard, method="approx" if approx else "auto",
+                         recall_target=config.top_n_recall)
   fn = _compiled(config.num_hard, config.num_mix, config.num_query_mix, float(config.beta_max),
                  global_rows, bool(return_features), bool(jit_compile))
   return fn(q, queue, l_neg, seed, enabled, row_offset, hard)._replace(hard_indices=hard)

@@ -19,7 +19,9 @@ encoder, its momentum buffers and the queue as they were (and, when asked, the B
 the key encoder too).
 
 Everything random (MoCHi's draws, the shuffle-BN permutation) is a stateless function of
-(seed, step), so a step is reproducible and identical on 1 or R replicas for the same global batch.
+(seed, step), so a step is reproducible and identical on 1 or R replicas for the same global batch,
+and with or without XLA (`distribute.replica_step_function`, `--jit_compile`): the step has static
+shapes and only ops XLA compiles.
 """
 
 from __future__ import annotations
@@ -140,27 +142,22 @@ class MoCo(tf.Module):
     (seed, step), so no broadcast is needed), each replica encodes its slice of the permuted
     batch, and the keys are all-gathered again and un-permuted (only two gathers per step, as in
     MoCo). On one device, "split" permutes the batch before the split-BN encoder so that the BN
-    groups of the keys differ from those of the queries; "shuffle" on one device is a no-op.
+    groups of the keys differ from those of the queries; "shuffle" on one device is a no-op. The
+    indices come from `shuffle_bn_indices`, whose shapes are static under XLA.
     """
     num_replicas, replica_id = distribute.replica_context_info()
-    b = tf.shape(images)[0]
     shuffle = self.config.bn_mode in ("shuffle", "split") and (
         num_replicas > 1 or self.config.bn_mode == "split")
     if not shuffle:
       k = self.key_encoder(images, training=True)
       return tf.stop_gradient(tf.math.l2_normalize(tf.cast(k, tf.float32), axis=-1))
+    b = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
+    mine, back = shuffle_bn_indices(self.config.seed, step, replica_id, num_replicas, b)
     all_images = distribute.all_gather(images)  # [R·b, H, W, 3]
-    n = tf.shape(all_images)[0]
-    perm_seed = tf.stack([tf.constant(self.config.seed, tf.int64), tf.cast(step, tf.int64)])
-    perm_seed = tf.random.experimental.stateless_fold_in(perm_seed, 0x5B, alg="philox")
-    perm = tf.argsort(tf.random.stateless_uniform([n], perm_seed, alg="philox"))
-    start = tf.cast(replica_id, tf.int32) * b
-    mine = tf.gather(all_images, perm[start:start + b])
-    k = self.key_encoder(mine, training=True)
+    k = self.key_encoder(tf.gather(all_images, mine), training=True)
     k = tf.math.l2_normalize(tf.cast(k, tf.float32), axis=-1)
     all_k = distribute.all_gather(k)  # [R·b, D] in permuted order
-    unshuffled = tf.gather(all_k, tf.argsort(perm))
-    return tf.stop_gradient(unshuffled[start:start + b])
+    return tf.stop_gradient(tf.gather(all_k, back))
 
   # ----------------------------------------------------------------------------------------------
   def train_step(self, batch: dict, optimizer: optimizer_lib.SGD, step: tf.Tensor,
@@ -291,6 +288,43 @@ class MoCo(tf.Module):
           tf.reduce_sum(tf.where(present, syn, 0.0)), tf.reduce_sum(tf.cast(present, tf.float32)))
       metrics["synthetic_logit"] = mean_syn / num_replicas
     return metrics
+
+
+def shuffle_bn_indices(seed: int | tf.Tensor, step: tf.Tensor, replica_id: int | tf.Tensor,
+                       num_replicas: int | tf.Tensor, per_replica: int | tf.Tensor
+                       ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Shuffle BN's gather indices for one replica: (mine [b], back [b]) int32.
+
+  A permutation π of the R·b rows of the global batch, a stateless function of (seed, step) and so
+  the same on every replica without a broadcast. Replica r encodes the global rows
+  `mine = π[r·b:(r+1)·b]`, and after all-gathering every replica's keys (in permuted order) takes
+  its own rows back at `back = π⁻¹[r·b:(r+1)·b]`.
+
+  Both slices are rows r of π and π⁻¹ reshaped to [R, b] (a gather, not a slice at an offset
+  computed from the replica id), so under XLA every shape is static: R and b are compile-time
+  constants and only the replica id is data. The permutation sorts random *integers* (with a
+  stable sort): TF's kernels and XLA turn random bits into floats differently, but draw the same
+  integers, so the compiled and the plain step shuffle alike.
+
+  Args:
+    seed: the run seed.
+    step: the global step (scalar int tensor).
+    replica_id: r in [0, R).
+    num_replicas: R (static under XLA).
+    per_replica: b, the per-replica batch (static under XLA).
+  """
+  pair = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
+  pair = tf.random.experimental.stateless_fold_in(pair, 0x5B, alg="philox")
+  n = num_replicas * per_replica
+  draws = tf.random.stateless_uniform([n], pair, minval=None, maxval=None, dtype=tf.int64,
+                                      alg="philox")
+  perm = tf.argsort(draws, stable=True)  # [R·b]
+  inverse = tf.argsort(perm, stable=True)
+  shape = tf.stack([num_replicas, per_replica])
+  r = tf.cast(replica_id, tf.int32)
+  mine = tf.gather(tf.reshape(perm, shape), r)
+  back = tf.gather(tf.reshape(inverse, shape), r)
+  return mine, back
 
 
 def _row_max(x: tf.Tensor) -> tf.Tensor:

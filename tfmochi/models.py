@@ -316,6 +316,21 @@ class Conv2D(keras.layers.Conv2D):
     return _strided_1x1_input_grad_as_matmul(x, kernel, int(self.strides[0]))
 
 
+def resolve_fast_grad(setting: str | bool) -> bool:
+  """--fast_grad=auto|true|false as a bool: auto is on only when no GPU/TPU is visible.
+
+  `Conv2D`'s input gradients were written for (and measured on) TensorFlow's CPU kernels; cuDNN
+  and XLA have good kernels of their own, where the rewrite has never been measured.
+  """
+  if isinstance(setting, bool):
+    return setting
+  if setting not in ("auto", "true", "false"):
+    raise ValueError(f"fast_grad must be auto, true or false; got {setting!r}.")
+  from tfmochi import distribute  # pylint: disable=g-import-not-at-top
+
+  return not distribute.accelerator_visible() if setting == "auto" else setting == "true"
+
+
 def _conv(x, filters: int, kernel: int, stride: int, name: str, fast_grad: bool = True):
   """Bias-free conv with PyTorch padding (k // 2 on each side). [B, H, W, Cin] -> [B, H', W', F]."""
   # A fresh initializer per layer: Keras 3 initializers fix their seed at construction, so a

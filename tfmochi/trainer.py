@@ -25,7 +25,6 @@ import time
 
 from absl import logging
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfmochi import checkpoints as ckpt_lib
@@ -270,6 +269,12 @@ class Trainer:
     self.strategy = distribute.make_strategy(cfg.strategy, tpu=cfg.tpu,
                                              cpu_replicas=cfg.cpu_replicas)
     self.num_replicas = self.strategy.num_replicas_in_sync
+    try:
+      # Resolved after the strategy: "auto" depends on the devices it found (TPU, GPU).
+      self.jit_compile = distribute.resolve_jit_compile(cfg.jit_compile, self.strategy)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    self.fast_grad = models.resolve_fast_grad(cfg.fast_grad)
     if cfg.batch_size % self.num_replicas:
       raise config_lib.ConfigError(
           f"--batch_size {cfg.batch_size} (global) must be divisible by the {self.num_replicas} "
@@ -304,9 +309,10 @@ class Trainer:
                          self.total_steps - 1),
         steps_per_epoch=self.steps_per_epoch if cfg.cosine_per_epoch else None)
     with self.strategy.scope():
-      self.moco = moco_lib.MoCo(ckpt_lib.build_run_encoder(cfg, "query_encoder"),
-                                ckpt_lib.build_run_encoder(cfg, "key_encoder"), moco_config,
-                                cfg.batch_size)
+      self.moco = moco_lib.MoCo(
+          ckpt_lib.build_run_encoder(cfg, "query_encoder", fast_grad=self.fast_grad),
+          ckpt_lib.build_run_encoder(cfg, "key_encoder", fast_grad=self.fast_grad), moco_config,
+          cfg.batch_size)
       # PyTorch's SGD momentum (MoCo's); the learning rate is read at the trainer's step.
       # Coupled weight decay is added by MoCo.train_step (MoCoConfig.weight_decay).
       self.optimizer = optimizer_lib.SGD(self.moco.query_encoder.trainable_variables,
@@ -393,6 +399,7 @@ class Trainer:
   def _make_loop(self):
     names = self._metric_names
     strategy = self.strategy
+    replica_step = distribute.replica_step_function(self._replica_step, self.jit_compile, strategy)
 
     @tf.function
     def loop(iterator, num_steps):
@@ -401,7 +408,7 @@ class Trainer:
       bad_loss = tf.constant(False)
       for _ in tf.range(num_steps):
         batch = next(iterator)
-        per_replica = strategy.run(self._replica_step, args=(batch,))
+        per_replica = strategy.run(replica_step, args=(batch,))
         metrics = {k: strategy.reduce("SUM", per_replica[k], axis=None) for k in names}
         finite = metrics["finite"] > 0.999
         if self.config.nonfinite == "skip":
@@ -581,8 +588,11 @@ class Trainer:
     if self.chief:
       self._metrics = rundir.MetricsLog(os.path.join(cfg.model_dir, ckpt_lib.METRICS_FILE),
                                         start_step)
+      # The flags as given, plus what "auto" resolved to on this machine.
       ckpt_lib.write_json_atomic(os.path.join(cfg.model_dir, ckpt_lib.CONFIG_FILE),
-                                 dataclasses.asdict(cfg))
+                                 dict(dataclasses.asdict(cfg), resolved={
+                                     "jit_compile": self.jit_compile,
+                                     "fast_grad": self.fast_grad}))
     writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train")) \
         if self.chief else tf.summary.create_noop_writer()
     random_init_path = os.path.join(cfg.model_dir, ckpt_lib.KNN_RANDOM_INIT_FILE)
