@@ -1,18 +1,14 @@
 """Tests of tfmochi.rundir: a run directory on an object store, with ram:// standing in for gs://.
 
 TensorFlow's in-memory file system (ram://) goes through the same tf.io.gfile layer as gs://,
-and lives in one process: the end-to-end test trains, interrupts (a SIGTERM to this process),
-resumes, evaluates, exports and analyses in this process.
+and lives in one process. The end-to-end run (train, a SIGTERM to this process, resume, evaluate,
+export, analyze, all in ram://) is tests/test_train.py's TPUStandInTest, on configs/tpu.flags.
 """
 
-import dataclasses
 import json
 import os
-import signal
-import tempfile
 import uuid
 
-import numpy as np
 import tensorflow as tf
 
 from tfmochi import analyze
@@ -233,107 +229,6 @@ class ExportOnObjectStoreTest(tf.test.TestCase):
       tf.io.gfile.copy = original
     with self.assertRaisesRegex(export.ExportError, "no export"):
       export.load_export_info(out)  # the partial upload was removed, never marked complete
-
-
-class RamRunTest(tf.test.TestCase):
-  """train -> SIGTERM -> resume -> evaluate -> export -> analyze, all in ram://."""
-
-  def test_whole_run_in_ram(self):
-    _no_rename_on_ram(self)
-    cwd = os.getcwd()
-    scratch = self.create_tempdir().full_path
-    os.chdir(scratch)  # whatever a path mix-up writes locally would land here
-    self.addCleanup(os.chdir, cwd)
-    stale_exports = set(os.listdir(tempfile.gettempdir()))
-    model_dir = _ram_dir(self)
-    config = config_lib.TrainConfig(
-        dataset="quickstart", model_dir=model_dir, arch="resnet10_tiny", image_size=8,
-        batch_size=16, queue_size=64, embedding_dim=16, train_steps=8, steps_per_loop=2,
-        checkpoint_every_steps=4, mochi_num_hard=0, mochi_num_mix=0, mochi_num_query_mix=0,
-        export_format="none", knn_eval=False,
-        verbose=False)  # plain MoCo: the files, not the objective, are under test
-
-    # 1. Train; a SIGTERM to this process after step 6 (between checkpoints 4 and 8).
-    first = trainer.Trainer(config)
-    log_metrics = first._log_metrics
-
-    def log_then_terminate(record):
-      log_metrics(record)
-      if record["step"] == 6:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    first._log_metrics = log_then_terminate
-    self.assertEqual(first.run(), {"preempted": True, "global_step": 6})
-    self.assertEqual([checkpoints.checkpoint_step(p)
-                      for p in checkpoints.list_checkpoints(model_dir)], [6, 4])
-    self.assertEqual(self._steps(model_dir), [2, 4, 6])  # flushed with the stop's checkpoint
-    self.assertFalse(tf.io.gfile.exists(f"{model_dir}/summary.json"))
-
-    # 2. Resume: continues from ckpt-6 with the same step counter, ends at 8.
-    second = trainer.Trainer(config)
-    summary = second.run()
-    self.assertEqual(summary["global_step"], 8)
-    self.assertEqual(int(second.step.numpy()), 8)
-    self.assertEqual(self._steps(model_dir), [2, 4, 6, 8])
-    self.assertEqual(rundir.read_json(f"{model_dir}/summary.json")["global_step"], 8)
-    self.assertEqual(checkpoints.load_run_config(model_dir), config)
-    self.assertNotEmpty(tf.io.gfile.glob(f"{model_dir}/train/events.out.tfevents.*"))
-
-    # 3. Evaluate (kNN) the newest checkpoint.
-    result = evaluate.evaluate_checkpoint(model_dir, evaluate.EvalSettings(mode="knn"))
-    self.assertEqual(result["checkpoint_step"], 8)
-    on_store = rundir.read_json(evaluate.eval_json_path(model_dir, "knn"))
-    self.assertEqual((on_store["top1"], on_store["checkpoint_step"]), (result["top1"], 8))
-    self.assertGreater(result["top1"], 20.0)  # ten digit classes: chance is 10%
-    self.assertNotEmpty(tf.io.gfile.glob(f"{model_dir}/eval/events.out.tfevents.*"))
-
-    # 4. Analyze into <model_dir>/analysis.
-    analysis = f"{model_dir}/analysis"
-    report = analyze.analyze_run(model_dir, analysis, num_queries=16, queue_size=32,
-                                 batch_size=64)
-    self.assertTrue(rundir.is_complete(analysis, analyze.REPORT_FILE))
-    self.assertEqual(rundir.read_json(f"{analysis}/{analyze.REPORT_FILE}")["checkpoint_step"], 8)
-    for name in report["plots"]:
-      with tf.io.gfile.GFile(f"{analysis}/{name}", "rb") as f:
-        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", msg=name)
-    self.assertIn("report.json", rundir.read_text(f"{analysis}/{analyze.HTML_FILE}"))
-
-    # 5. Export: resnet10_tiny has no torchvision counterpart, so a resnet18 run (8 px) of the
-    # same bucket, its checkpoint written as the trainer writes one, exports a SavedModel.
-    run18 = _ram_dir(self, "run18")
-    config18 = dataclasses.replace(config, model_dir=run18, arch="resnet18",
-                                   export_format="saved_model")
-    rundir.write_json(f"{run18}/{checkpoints.CONFIG_FILE}", dataclasses.asdict(config18))
-    encoder = checkpoints.build_run_encoder(config18, "query_encoder")
-    tf.train.CheckpointManager(
-        tf.train.Checkpoint(step=tf.Variable(8, dtype=tf.int64), query_encoder=encoder),
-        checkpoints.checkpoint_dir(run18), max_to_keep=1).save(checkpoint_number=8)
-    out, info = export.export_run(run18, fmt="saved_model")
-    self.assertEqual((out, info["step"]), (f"{run18}/export/saved_model", 8))
-    self.assertEqual(export.load_export_info(out)["files"], info["files"])
-    for name in info["files"]:
-      self.assertTrue(tf.io.gfile.exists(f"{out}/{name}"), name)
-    images = np.random.default_rng(0).integers(0, 256, [2, 8, 8, 3], dtype=np.uint8)
-    served = tf.saved_model.load(out).signatures["serving_default"](images=tf.constant(images))
-    normalised = (images / 255.0 - export.IMAGENET_MEAN) / export.IMAGENET_STD
-    expected = encoder.backbone(tf.constant(normalised, tf.float32), training=False)["pooled"]
-    self.assertAllClose(served["embedding"], expected, atol=1e-4)
-
-    # Every file is in ram://, none went to the local disk in its stead, no temp file was left.
-    for name in ("config.json", "checkpoints/checkpoint", "checkpoints/ckpt-8.index",
-                 "metrics.jsonl", "summary.json", "eval_knn.json"):
-      self.assertTrue(tf.io.gfile.exists(f"{model_dir}/{name}"), name)
-    self.assertEqual(os.listdir(scratch), [])
-    self.assertEqual({n for n in os.listdir(tempfile.gettempdir())
-                      if n.startswith("tfmochi-export-")} - stale_exports, set())
-    for root in (model_dir, run18):
-      for depth in range(3):
-        self.assertEqual(tf.io.gfile.glob(root + "/*" * depth + "/*.tmp*"), [])
-
-  @staticmethod
-  def _steps(model_dir):
-    text = rundir.read_text(f"{model_dir}/{checkpoints.METRICS_FILE}")
-    return [json.loads(line)["step"] for line in text.splitlines()]
 
 
 if __name__ == "__main__":

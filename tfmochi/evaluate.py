@@ -256,9 +256,11 @@ def _say(progress: Progress | None, message: str) -> None:
 # pixels are a meaningful (and cheap) baseline, as for the 8x8 digits and CIFAR; at 224 px it is
 # near chance and 150,528 values per image.
 RAW_PIXELS_MAX_SIZE = 32
-# Share of a streamed split (tfds, folders read lazily) that `class_balanced_subset` considers:
-# the seeded draw that makes the subset depend on --seed; the stream is read until every class is
-# full, so this share doubles the (undecoded) records read.
+# Share of a streamed split (tfds, TFRecords) that `class_balanced_subset` considers, relative to
+# the share the subset needs (per_class x classes / split): the seeded draw that makes the subset
+# depend on --seed. The stream is read until every class is full, so this factor bounds the
+# (undecoded) records read at about 2x the subset; a split at most twice the subset is considered
+# whole.
 _STREAM_KEEP = 0.5
 
 
@@ -274,10 +276,12 @@ def class_balanced_subset(source: data_lib.DataSource, per_class: int,
   In-memory sources (quickstart, `data.from_numpy`): per class, the `per_class` images of smallest
   `knn.id_hash(seed, id)`, exactly. Streamed sources (tfds, e.g. ImageNet): the split is read in
   its stored order (tfds shuffles examples when it writes them), an image is considered when its
-  seeded hash falls in the lower half (`_STREAM_KEEP`) and kept while its class has fewer than
-  `per_class`; reading stops as soon as every class is full, so a pass decodes only the chosen
-  images and reads (undecoded) about 2 x per_class / (images per class) of the split (a class
-  with fewer than ~2 x per_class images may keep fewer than per_class). Both depend
+  seeded hash falls in the lowest share p = min(1, per_class x classes / (`_STREAM_KEEP` x split))
+  and kept while its class has fewer than `per_class`; reading stops as soon as every class is
+  full, so a pass decodes only the chosen images and reads (undecoded) about 2 x per_class /
+  (images per class) of the split. A split at most twice the subset is considered whole (p = 1:
+  every class keeps min(per_class, its images)); in a larger one a class with fewer than ~2 x
+  per_class images may keep fewer than per_class. Both depend
   only on (seed, ids, stored order): the same subset at every pass, on every host, after a resume.
 
   Returns:
@@ -296,7 +300,8 @@ def class_balanced_subset(source: data_lib.DataSource, per_class: int,
   num_classes = int(source.num_classes or 0)
   if not num_classes:
     return source  # unlabelled: the kNN refuses it with its own message
-  threshold = int(_STREAM_KEEP * (1 << 62))
+  share = min(1.0, per_class * num_classes / (_STREAM_KEEP * max(int(source.num_examples), 1)))
+  threshold = int(share * (1 << 62))
 
   @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
   def considered(ex):
