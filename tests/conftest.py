@@ -23,3 +23,16 @@ from absl import flags as _flags  # noqa: E402
 
 if not _flags.FLAGS.is_parsed():
   _flags.FLAGS.mark_as_parsed()
+
+
+def no_rename_on_object_stores(test) -> None:
+  """gs:// has no atomic rename: for the rest of `test`, any rename of a ram:// path fails it."""
+  original = tf.io.gfile.rename
+
+  def rename(src, dst, overwrite=False):
+    if "://" in src or "://" in dst:
+      raise AssertionError(f"rename on an object store: {src} -> {dst}")
+    return original(src, dst, overwrite)
+
+  tf.io.gfile.rename = rename
+  test.addCleanup(setattr, tf.io.gfile, "rename", original)

@@ -11,6 +11,7 @@ import uuid
 
 import tensorflow as tf
 
+import conftest  # the tests' shared set-up (tests/conftest.py)
 from tfmochi import analyze
 from tfmochi import checkpoints
 from tfmochi import config as config_lib
@@ -27,23 +28,10 @@ def _ram_dir(test, name="run"):
   return f"{root}/{name}"
 
 
-def _no_rename_on_ram(test):
-  """Object stores have no atomic rename: any rename of a ram:// path fails the test."""
-  original = tf.io.gfile.rename
-
-  def rename(src, dst, overwrite=False):
-    if "://" in src or "://" in dst:
-      raise AssertionError(f"rename on an object store: {src} -> {dst}")
-    return original(src, dst, overwrite)
-
-  tf.io.gfile.rename = rename
-  test.addCleanup(setattr, tf.io.gfile, "rename", original)
-
-
 class WholeFilesTest(tf.test.TestCase):
 
   def test_object_store_file_is_one_write_without_rename(self):
-    _no_rename_on_ram(self)
+    conftest.no_rename_on_object_stores(self)
     directory = _ram_dir(self)
     path = f"{directory}/sub/summary.json"
     rundir.write_json(path, {"global_step": 6})
@@ -205,7 +193,7 @@ class ExportOnObjectStoreTest(tf.test.TestCase):
     return models.build_backbone("resnet18", small_stem=True)
 
   def test_interrupted_replacement_is_never_complete(self):
-    _no_rename_on_ram(self)
+    conftest.no_rename_on_object_stores(self)
     out = f"{_ram_dir(self, 'export')}/torchvision"
     backbone = self._backbone()
     export.export_backbone(backbone, out, "torchvision", image_size=8, step=1)
