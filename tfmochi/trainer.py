@@ -455,14 +455,10 @@ class Trainer:
     if sources is None:
       return None
     cfg = self.config
-
-    def images(source, per_class):
-      n = int(source.num_examples)
-      return min(n, per_class * int(source.num_classes)) if per_class and source.num_classes \
-          else n
-
-    train = images(sources[0], cfg.knn_train_per_class)
-    test = images(sources[1], cfg.knn_test_per_class)
+    # The subsets the monitor will use (exact for in-memory sources, an upper bound for streams).
+    train, test = (int(eval_lib.class_balanced_subset(source, per_class, cfg.seed).num_examples)
+                   for source, per_class in zip(sources, (cfg.knn_train_per_class,
+                                                          cfg.knn_test_per_class)))
     return {"train_images": train, "test_images": test, "images": train + test,
             "epoch_fraction": (train + test) / (3.0 * self.train_source.num_examples)}
 
