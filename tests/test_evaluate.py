@@ -29,6 +29,7 @@ from tfmochi import data as data_lib
 from tfmochi import distribute
 from tfmochi import evaluate
 from tfmochi import models
+from tfmochi import rundir
 import test_knn  # noqa: E402  (tests/ is on sys.path under pytest; the NumPy kNN reference)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -475,10 +476,10 @@ class RunTest(tf.test.TestCase):
       self.assertEqual(json.load(f)["random_init_top1"], baseline["top1"])
     # Without evaluate's file, the trainer's knn_random_init.json is the kNN baseline.
     os.remove(evaluate.eval_json_path(model_dir, "knn", random_init=True))
-    ckpt_lib.write_json_atomic(os.path.join(model_dir, "knn_random_init.json"), {"top1": 12.5})
+    rundir.write_json(os.path.join(model_dir, "knn_random_init.json"), {"top1": 12.5})
     self.assertEqual(evaluate.random_init_result(model_dir, "knn")["top1"], 12.5)
     # ... unless the monitor ran on class-balanced subsets (another protocol).
-    ckpt_lib.write_json_atomic(os.path.join(model_dir, "knn_random_init.json"),
+    rundir.write_json(os.path.join(model_dir, "knn_random_init.json"),
                                {"top1": 12.5, "train_per_class": 20, "test_per_class": 10})
     self.assertIsNone(evaluate.random_init_result(model_dir, "knn"))
     self.assertIsNone(evaluate.random_init_result(model_dir, "linear"))
@@ -515,7 +516,7 @@ class RunTest(tf.test.TestCase):
       lines.append(line)
       if line.startswith("side-car: step 1:"):
         _save_checkpoint(model_dir, next_encoder, 2)
-        ckpt_lib.write_json_atomic(os.path.join(model_dir, "summary.json"), {"global_step": 2})
+        rundir.write_json(os.path.join(model_dir, "summary.json"), {"global_step": 2})
 
     settings = evaluate.EvalSettings(mode="knn", knn_k=5, batch_size=32)
     results = evaluate.run_sidecar(model_dir, settings, timeout=120, poll_interval=0.5,

@@ -36,6 +36,7 @@ from tfmochi import config as config_lib
 from tfmochi import distribute
 from tfmochi import export
 from tfmochi import models
+from tfmochi import rundir
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CASES = ((1, 32, 32), (3, 48, 40))  # (batch, height, width)
@@ -260,7 +261,7 @@ def _make_run(model_dir: str, arch: str, config_arch: str | None = None,
         checkpoint_number=5)
   config = config_lib.TrainConfig(arch=config_arch or arch, small_stem=True, image_size=32,
                                   model_dir=model_dir, bn_mode="none", head_bn=False)
-  ckpt_lib.write_json_atomic(os.path.join(model_dir, ckpt_lib.CONFIG_FILE),
+  rundir.write_json(os.path.join(model_dir, ckpt_lib.CONFIG_FILE),
                              dataclasses.asdict(config))
   return model_dir
 
@@ -630,7 +631,7 @@ class AtomicityTest(tf.test.TestCase):
 
   def test_smoke_arch_run_is_refused_before_any_restore(self):
     model_dir = self.create_tempdir().full_path
-    ckpt_lib.write_json_atomic(
+    rundir.write_json(
         os.path.join(model_dir, ckpt_lib.CONFIG_FILE),
         dataclasses.asdict(config_lib.TrainConfig(arch="resnet10_tiny", model_dir=model_dir)))
     with self.assertRaisesRegex(export.ExportError, "resnet10_tiny.*cannot be exported"):

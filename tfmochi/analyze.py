@@ -742,7 +742,7 @@ def write_html(report: dict, output_dir: str, plots: Sequence[str]) -> str:
     parts.append(f"<p class='note'>{html.escape(message)}</p>")
   parts.append("<p>Raw numbers: <a href='report.json'>report.json</a></p></body></html>")
   path = os.path.join(output_dir, HTML_FILE)
-  ckpt_lib.write_text_atomic(path, "\n".join(parts) + "\n")
+  rundir.write_text(path, "\n".join(parts) + "\n")
   return path
 
 
@@ -925,7 +925,7 @@ def analyze_run(model_dir: str, output_dir: str, *, checkpoint_path: str | None 
   report["plots"] = plots
   report["html"] = HTML_FILE
   write_html(report, output_dir, plots)
-  ckpt_lib.write_json_atomic(os.path.join(output_dir, REPORT_FILE), report)  # the marker, last
+  rundir.write_json(os.path.join(output_dir, REPORT_FILE), report)  # the marker, last
   return report
 
 

@@ -41,15 +41,6 @@ class CheckpointError(ValueError):
 
 
 # -------------------------------------------------------------------------------------------------
-# Whole-file writes (local and gs://): see tfmochi.rundir, rule 1
-
-
-write_text_atomic = rundir.write_text
-write_json_atomic = rundir.write_json
-read_json = rundir.read_json
-
-
-# -------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -141,7 +132,7 @@ def load_run_config(model_dir: str):
     raise CheckpointError(f"{model_dir} has no {CONFIG_FILE}: it is not a tfmochi training "
                           "directory (python -m tfmochi.train --model_dir=... writes one).")
   try:
-    return config_lib.TrainConfig.from_dict(read_json(path))
+    return config_lib.TrainConfig.from_dict(rundir.read_json(path))
   except (ValueError, tf.errors.OpError) as e:
     raise CheckpointError(f"{path} cannot be read ({rundir.reason(e)}).") from None
 

@@ -72,6 +72,7 @@ from tfmochi import data as data_lib  # noqa: E402
 from tfmochi import distribute  # noqa: E402
 from tfmochi import knn as knn_lib  # noqa: E402
 from tfmochi import optimizer as optimizer_lib  # noqa: E402
+from tfmochi import rundir  # noqa: E402
 
 MODES = ("knn", "linear")
 EVAL_STRATEGIES = ("default", "mirrored", "tpu")
@@ -731,7 +732,7 @@ def random_init_result(model_dir: str, mode: str) -> dict | None:
   for path in candidates:
     if tf.io.gfile.exists(path):
       try:
-        result = ckpt_lib.read_json(path)
+        result = rundir.read_json(path)
       except (ValueError, tf.errors.OpError):
         continue
       # The trainer's monitor may have used class-balanced subsets (ImageNet configs): not the
@@ -776,13 +777,13 @@ def _write_result(model_dir: str, mode: str, result: dict, random_init: bool = F
   history = []
   if tf.io.gfile.exists(path):
     try:
-      history = list(ckpt_lib.read_json(path).get("history", []))
+      history = list(rundir.read_json(path).get("history", []))
     except (ValueError, tf.errors.OpError, AttributeError):
       history = []  # a foreign or damaged file: start a new history rather than fail
   entry = {key: result[key] for key in ("checkpoint_step", "checkpoint", "top1", "top5")}
   history = [h for h in history if h.get("checkpoint_step") != result["checkpoint_step"]]
   history = sorted(history + [entry], key=lambda h: h.get("checkpoint_step", -1))
-  ckpt_lib.write_json_atomic(path, {**result, "history": history})
+  rundir.write_json(path, {**result, "history": history})
 
 
 def restore_checkpoint(model_dir: str, checkpoint_path: str | None):
@@ -914,7 +915,7 @@ def training_finished(model_dir: str, last_path: str | None) -> bool:
   if latest != last_path:
     return False
   try:
-    final_step = ckpt_lib.read_json(summary_path).get("global_step")
+    final_step = rundir.read_json(summary_path).get("global_step")
   except (ValueError, tf.errors.OpError, AttributeError):
     final_step = None
   return not (isinstance(final_step, int) and ckpt_lib.checkpoint_step(latest) > final_step)

@@ -164,7 +164,7 @@ def _check_model_dir(config: config_lib.TrainConfig) -> None:
     raise config_lib.ConfigError(str(e)) from None
   path = os.path.join(config.model_dir, ckpt_lib.CONFIG_FILE)
   if tf.io.gfile.exists(path):
-    old = ckpt_lib.read_json(path)
+    old = rundir.read_json(path)
     fixed = ("arch", "small_stem", "embedding_dim", "mlp_head", "head_bn", "queue_size",
              "dataset")
     diff = [f"--{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in fixed
@@ -585,7 +585,7 @@ class Trainer:
       self._metrics = rundir.MetricsLog(os.path.join(cfg.model_dir, ckpt_lib.METRICS_FILE),
                                         start_step)
       # The flags as given, plus what "auto" resolved to on this machine.
-      ckpt_lib.write_json_atomic(os.path.join(cfg.model_dir, ckpt_lib.CONFIG_FILE),
+      rundir.write_json(os.path.join(cfg.model_dir, ckpt_lib.CONFIG_FILE),
                                  dict(dataclasses.asdict(cfg), resolved={
                                      "jit_compile": self.jit_compile,
                                      "fast_grad": self.fast_grad}))
@@ -605,12 +605,12 @@ class Trainer:
     if wants_knn and start_step == 0:
       knn_random = self.knn_eval(raw_pixels=None)
       if knn_random is not None and self.chief:
-        ckpt_lib.write_json_atomic(random_init_path, knn_random)
+        rundir.write_json(random_init_path, knn_random)
         if cfg.verbose:
           print(f"kNN top-1 at random init: {knn_random['top1']:.2f}%"
                 f"{eval_lib.baselines_text(knn_random, _knn_details(knn_random))}", flush=True)
     elif tf.io.gfile.exists(random_init_path):
-      knn_random = ckpt_lib.read_json(random_init_path)
+      knn_random = rundir.read_json(random_init_path)
 
     previous_handlers = self._install_signal_handlers()
     preemption_handler = self._make_preemption_handler()
@@ -763,7 +763,7 @@ class Trainer:
         "replicas": self.num_replicas,
     }
     if self.chief:
-      ckpt_lib.write_json_atomic(os.path.join(cfg.model_dir, "summary.json"), summary)
+      rundir.write_json(os.path.join(cfg.model_dir, "summary.json"), summary)
       with writer.as_default(step=step):
         if knn_result:
           tf.summary.scalar("knn_top1", knn_result["top1"])
