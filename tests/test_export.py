@@ -11,7 +11,6 @@ their time is the TensorFlow import). ~85 CPU-seconds in all; 50-85 s on 2 cores
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
 import gc
@@ -21,9 +20,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
-import tempfile
 import textwrap
 
 import keras
@@ -31,6 +27,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import harness  # tests/harness.py (tests/ is on sys.path under pytest)
 from tfmochi import checkpoints as ckpt_lib
 from tfmochi import config as config_lib
 from tfmochi import distribute
@@ -38,7 +35,6 @@ from tfmochi import export
 from tfmochi import models
 from tfmochi import rundir
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CASES = ((1, 32, 32), (3, 48, 40))  # (batch, height, width)
 _IMAGE_SIZE = 32
 _ATOL = 1e-4
@@ -48,11 +44,8 @@ _ATOL = 1e-4
 # Shared, cached set-up
 
 
-@functools.lru_cache(maxsize=None)
 def _workdir() -> str:
-  path = tempfile.mkdtemp(prefix="tfmochi-test-export-")
-  atexit.register(shutil.rmtree, path, ignore_errors=True)
-  return path
+  return harness.workdir("tfmochi-test-export-")
 
 
 def _randomise(backbone: keras.Model, seed: int) -> None:
@@ -221,29 +214,8 @@ _RELOAD = textwrap.dedent("""
 """)
 
 
-_STARTED: list[subprocess.Popen] = []
-
-
-@atexit.register
-def _stop_started() -> None:
-  """Kills the subprocesses this module started that nobody waited for (a test failed early)."""
-  for process in _STARTED:
-    if process.poll() is None:
-      process.kill()
-
-
-def _python(*args: str) -> subprocess.Popen:
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": _REPO,
-         "CUDA_VISIBLE_DEVICES": ""}
-  process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, cwd=_workdir())
-  _STARTED.append(process)
-  return process
-
-
-def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-  stdout, stderr = process.communicate(timeout=timeout)
-  return process.returncode, stdout, stderr
+def _python(*args: str):
+  return harness.python(*args, cwd=_workdir())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -295,19 +267,19 @@ def _subprocesses() -> dict:
   }
   reload_out = os.path.join(_workdir(), "reloaded.npz")
   processes["reload"] = (
-      _python("-c", _RELOAD, json.dumps({**_exports(), "repo": _REPO}), reload_out), reload_out)
+      _python("-c", _RELOAD, json.dumps({**_exports(), "repo": harness.REPO}), reload_out), reload_out)
   return processes
 
 
 @functools.lru_cache(maxsize=None)
 def _cli(name: str) -> tuple[int, str, str]:
-  return _finish(_subprocesses()[name])
+  return harness.finish(_subprocesses()[name])
 
 
 @functools.lru_cache(maxsize=None)
 def _reloaded() -> dict:
   process, path = _subprocesses()["reload"]
-  code, _, stderr = _finish(process)
+  code, _, stderr = harness.finish(process)
   assert code == 0 and os.path.exists(path), stderr[-3000:]
   with np.load(path) as data:
     return {k: data[k] for k in data.files}
@@ -481,11 +453,11 @@ class WeightFilesTest(tf.test.TestCase):
           models.torchvision_to_detectron2_key(key)), key)
 
   def test_load_torchvision_script_without_tensorflow(self):
-    script = os.path.join(_REPO, "export", "load_torchvision.py")
+    script = os.path.join(harness.REPO, "export", "load_torchvision.py")
     snippet = ("import runpy, sys; sys.argv = sys.argv[1:]; "
                "runpy.run_path(sys.argv[0], run_name='__main__'); "
                "assert 'tensorflow' not in sys.modules, 'imported tensorflow'")
-    code, stdout, stderr = _finish(_python("-c", snippet, script, _exports()["torchvision"]))
+    code, stdout, stderr = harness.finish(_python("-c", snippet, script, _exports()["torchvision"]))
     self.assertEqual(code, 0, msg=stderr)
     with np.load(os.path.join(_exports()["torchvision"], export.NPZ_FILE)) as npz:
       self.assertIn(f"{len(npz.files)} tensors", stdout)

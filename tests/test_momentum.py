@@ -1,7 +1,6 @@
 """Tests of tfmochi.momentum: the EMA rule, trainable-only pairing, the cosine schedule."""
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfmochi import momentum

@@ -57,6 +57,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -182,7 +183,8 @@ def _feature_dict(backbone: keras.Model, images01, training=False) -> dict:
 
 # -------------------------------------------------------------------------------------------------
 # SavedModel wrappers. tf.train.Checkpoint, not tf.Module: the reusable-SavedModel attributes
-# `variables` / `trainable_variables` are read-only properties on tf.Module (ECOSYSTEM.md §3).
+# `variables` / `trainable_variables` are read-only properties on tf.Module, so a tf.Module could
+# not carry them.
 
 
 class ServingModule(tf.train.Checkpoint):
@@ -477,7 +479,8 @@ def _write_torchvision(backbone, directory, image_size):
   return {}
 
 
-# Looked up at export time (tests replace entries to simulate a crash).
+# One writer per format: writer(backbone, directory, image_size) writes the format's files into
+# `directory` and returns extra export_info.json entries (or None).
 _WRITERS = {
     "saved_model": _write_saved_model,
     "hub": _write_hub,
@@ -576,17 +579,7 @@ def export_backbone(backbone: keras.Model, out_dir: str, fmt: str = "saved_model
   clean = standard_backbone(backbone, arch=arch, small_stem=small_stem)
   arch, small_stem = infer_architecture(clean)
 
-  parent, name = os.path.split(out_dir)
-  parent = parent or "."
-  tf.io.gfile.makedirs(parent)
-  token = uuid.uuid4().hex[:8]
-  tmp_dir = os.path.join(parent, f".{name}.tmp-{token}")
-  remote = _is_remote(out_dir)
-  # Object stores: built in a local scratch directory (the writers use local files), then
-  # published file by file with the marker last; local disks: built next to out_dir, renamed.
-  stage = tempfile.mkdtemp(prefix="tfmochi-export-") if remote else tmp_dir
-  try:
-    os.makedirs(stage, exist_ok=True)
+  def write(stage: str) -> dict:
     extra = writer(clean, stage, image_size) or {}
     info = {
         "format": fmt, "arch": arch, "small_stem": small_stem,
@@ -602,6 +595,30 @@ def export_backbone(backbone: keras.Model, out_dir: str, fmt: str = "saved_model
     with open(os.path.join(stage, INFO_FILE), "w") as f:
       json.dump(info, f, indent=2, sort_keys=True)
       f.write("\n")
+    return info
+
+  return _write_atomically(out_dir, overwrite, write)
+
+
+def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], dict]) -> dict:
+  """`write(stage)` fills a local staging directory, which then becomes `out_dir` at once.
+
+  Local disks: the stage is a hidden sibling of out_dir, renamed into place (`_commit`). Object
+  stores (no atomic rename): the writers need local files, so the stage is a local scratch
+  directory, published file by file with export_info.json last (`_publish`). Either way a crash
+  leaves no partial export behind and an old export is replaced only by a complete one.
+  Returns what `write` returns.
+  """
+  parent, name = os.path.split(out_dir)
+  parent = parent or "."
+  tf.io.gfile.makedirs(parent)
+  token = uuid.uuid4().hex[:8]
+  tmp_dir = os.path.join(parent, f".{name}.tmp-{token}")
+  remote = _is_remote(out_dir)
+  stage = tempfile.mkdtemp(prefix="tfmochi-export-") if remote else tmp_dir
+  try:
+    os.makedirs(stage, exist_ok=True)
+    result = write(stage)
     if remote:
       _publish(stage, out_dir, overwrite)
     else:
@@ -613,7 +630,7 @@ def export_backbone(backbone: keras.Model, out_dir: str, fmt: str = "saved_model
   finally:
     if remote:
       shutil.rmtree(stage, ignore_errors=True)
-  return info
+  return result
 
 
 def _commit(tmp_dir: str, out_dir: str, overwrite: bool, token: str) -> None:
