@@ -13,6 +13,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import testdata  # tests/testdata.py (tests/ is on sys.path under pytest)
 from tfmochi import data
 from tfmochi import distribute
 
@@ -365,50 +366,19 @@ class FolderTest(tf.test.TestCase):
     self.assertNotIn(6, ids)  # dog/corrupt.jpg
 
 
-def _photos(n: int, height: int = 18, width: int = 24) -> list[np.ndarray]:
-  """n small real photos: crops of scikit-learn's two sample photographs, resized."""
-  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
-  photos = load_sample_images().images
-  rng = np.random.default_rng(0)
-  out = []
-  for i in range(n):
-    y, x = rng.integers(0, 300), rng.integers(0, 480)
-    crop = photos[i % 2][y:y + 96, x:x + 128]
-    out.append(tf.cast(tf.image.resize(crop, [height, width]), tf.uint8).numpy())
-  return out
-
-
-def _tf_example(encoded: bytes | None = None, label: int | None = None, **extra) -> bytes:
-  feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-             for k, v in extra.items()}
-  if encoded is not None:
-    feature[data.TFRECORD_IMAGE_KEY] = tf.train.Feature(
-        bytes_list=tf.train.BytesList(value=[encoded]))
-  if label is not None:
-    feature[data.TFRECORD_LABEL_KEY] = tf.train.Feature(
-        int64_list=tf.train.Int64List(value=[label]))
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def _write_tfrecord(path: str, records: list[bytes]) -> None:
-  with tf.io.TFRecordWriter(path) as writer:
-    for r in records:
-      writer.write(r)
-
-
 class TFRecordTest(tf.test.TestCase):
   """ImageNet-layout TFRecords of real JPEG bytes: labels 1..3 (0 unused), two train files."""
 
   def setUp(self):
     super().setUp()
     self.root = _tempdir(self)
-    jpegs = [tf.io.encode_jpeg(p, quality=90).numpy() for p in _photos(12)]
+    jpegs = [tf.io.encode_jpeg(p, quality=90).numpy() for p in testdata.photos(12)]
     layout = {"train-00000-of-00002": 5, "train-00001-of-00002": 4,
               "validation-00000-of-00001": 3}
     k = 0
     for name, n in layout.items():
-      _write_tfrecord(os.path.join(self.root, name),
-                      [_tf_example(jpegs[k + i], 1 + (k + i) % 3) for i in range(n)])
+      testdata.write_tfrecord(os.path.join(self.root, name),
+                      [testdata.tf_example(jpegs[k + i], 1 + (k + i) % 3) for i in range(n)])
       k += n
 
   def test_splits_labels_ids_shards_and_resume(self):
@@ -445,15 +415,15 @@ class TFRecordTest(tf.test.TestCase):
     with self.assertRaisesRegex(data.DataError, "no 'train' to replace"):
       data.load("tfrecord", "test", data_dir=os.path.join(self.root, "*-of-00002"))
     other = _tempdir(self)
-    _write_tfrecord(os.path.join(other, "train-0"), [_tf_example(label=1, image=b"x")])
+    testdata.write_tfrecord(os.path.join(other, "train-0"), [testdata.tf_example(label=1, image=b"x")])
     with self.assertRaisesRegex(data.DataError, "no image/encoded feature .*have: image, "
                                 "image/class/label"):
       data.load("tfrecord", "train", data_dir=other)
     _write(os.path.join(other, "train-0"), b"this is not a TFRecord file at all")
     with self.assertRaisesRegex(data.DataError, "not a TFRecord file"):
       data.load("tfrecord", "train", data_dir=other)
-    jpeg = tf.io.encode_jpeg(_photos(1)[0]).numpy()
-    _write_tfrecord(os.path.join(other, "train-0"), [_tf_example(jpeg, y) for y in (0, 1, 2)])
+    jpeg = tf.io.encode_jpeg(testdata.photos(1)[0]).numpy()
+    testdata.write_tfrecord(os.path.join(other, "train-0"), [testdata.tf_example(jpeg, y) for y in (0, 1, 2)])
     with self.assertRaisesRegex(data.DataError, "label 0 .*below --tfrecord_label_offset=1"):
       data.load("tfrecord", "train", data_dir=other)
     zero_based = data.load("tfrecord", "train", data_dir=other, tfrecord_label_offset=0)
@@ -474,9 +444,9 @@ class TFRecordTest(tf.test.TestCase):
 
   def test_undecodable_record_is_skipped_and_counted(self):
     path = os.path.join(self.root, "train-00001-of-00002")
-    jpeg = tf.io.encode_jpeg(_photos(1)[0]).numpy()
-    _write_tfrecord(path, [_tf_example(jpeg, 1), _tf_example(b"\xff\xd8\xff broken", 2),
-                           _tf_example(jpeg[:40], 3)])
+    jpeg = tf.io.encode_jpeg(testdata.photos(1)[0]).numpy()
+    testdata.write_tfrecord(path, [testdata.tf_example(jpeg, 1), testdata.tf_example(b"\xff\xd8\xff broken", 2),
+                           testdata.tf_example(jpeg[:40], 3)])
     source = data.load("tfrecord", "train", data_dir=self.root)
     with self.assertLogs("absl", level="WARNING") as logs:
       self.assertLen(list(source.dataset), 6)
@@ -579,3 +549,39 @@ class EvalPipelineTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class SubsetTest(tf.test.TestCase):
+
+  def test_records_subset_and_with_stream(self):
+    source = _tiny_source(6)
+    raw, labels, ids = source.records()
+    self.assertEqual((raw.shape, list(ids)), ((6, 12, 10, 3), list(range(100, 106))))
+    subset = source.subset(np.array([4, 1]))
+    self.assertEqual((subset.num_examples, list(subset.records()[2])), (2, [104, 101]))
+    self.assertAllEqual(next(iter(subset.dataset))["image"], raw[4])
+    stream = testdata.streamed(source)
+    self.assertIsNone(stream.records())
+    self.assertEqual([int(e["id"]) for e in stream.dataset], list(ids))
+    self.assertEqual([int(e["id"]) for e in stream.raw(2, 1)], [101, 103, 105])
+    with self.assertRaisesRegex(ValueError, "streamed; only in-memory sources"):
+      stream.subset(np.array([0]))
+
+  def test_class_balanced_subset_in_memory_and_streamed(self):
+    rng = np.random.default_rng(0)
+    y = rng.permutation(np.repeat(np.arange(3), [20, 4, 24]))
+    x = rng.integers(0, 256, [len(y), 8, 8, 3], dtype=np.uint8)
+    source = data.from_numpy(x, y, name="noise", ids=np.arange(len(y)) * 7 + 3)
+    for name, src in (("in memory", source), ("streamed", testdata.streamed(source))):
+      with self.subTest(name):
+        subset = data.class_balanced_subset(src, per_class=5, seed=3)
+        passes = [list(subset.raw().as_numpy_iterator()) for _ in range(2)]
+        labels = np.array([ex["label"] for ex in passes[0]])
+        counts = np.bincount(labels)
+        self.assertAllEqual(counts[[0, 2]], [5, 5])
+        # Class 1 has only 4: all of them in memory; a stream considers a seeded half only.
+        self.assertEqual(counts[1], 4) if name == "in memory" else self.assertLessEqual(
+            counts[1], 4)
+        self.assertEqual([ex["id"] for ex in passes[0]], [ex["id"] for ex in passes[1]])
+        self.assertLessEqual(len(labels), subset.num_examples)
+        self.assertIs(data.class_balanced_subset(src, per_class=0, seed=3), src)

@@ -30,6 +30,7 @@ from tfmochi import distribute
 from tfmochi import evaluate
 from tfmochi import models
 from tfmochi import rundir
+import testdata  # tests/testdata.py
 import test_knn  # noqa: E402  (tests/ is on sys.path under pytest; the NumPy kNN reference)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,17 +95,6 @@ def _noise_images(num_per_class, seed: int = 0, size: int = 8):
   rng = np.random.default_rng(seed)
   labels = rng.permutation(np.repeat(np.arange(len(num_per_class)), num_per_class))
   return rng.integers(0, 256, [len(labels), size, size, 3], dtype=np.uint8), labels
-
-
-def _streamed(source: data_lib.DataSource) -> data_lib.DataSource:
-  """`source` read as a stream (as tfds and folders are), not by random access."""
-  records = dict(zip(("raw", "label", "id"), source._reader.records))
-
-  def open_stream(num_shards, index):
-    return tf.data.Dataset.from_tensor_slices(records).shard(num_shards, index)
-
-  return dataclasses.replace(source, _reader=dataclasses.replace(
-      source._reader, records=None, open_stream=open_stream))
 
 
 def _tiny_bn_backbone(seed: int = 0) -> keras.Model:
@@ -207,28 +197,11 @@ class KnnTest(tf.test.TestCase):
     with self.assertRaisesRegex(evaluate.EvalError, r"k >= 1 \(or 0 = auto\) and t > 0"):
       evaluate.knn_eval(_mean_colour_backbone(), train, test, image_size=_SIZE, k=-1)
 
-  def test_class_balanced_subset_in_memory_and_streamed(self):
-    x, y = _noise_images(num_per_class=[20, 4, 24])
-    source = data_lib.from_numpy(x, y, name="noise", ids=np.arange(len(y)) * 7 + 3)
-    for name, src in (("in memory", source), ("streamed", _streamed(source))):
-      with self.subTest(name):
-        subset = evaluate.class_balanced_subset(src, per_class=5, seed=3)
-        passes = [list(subset.raw().as_numpy_iterator()) for _ in range(2)]
-        labels = np.array([ex["label"] for ex in passes[0]])
-        counts = np.bincount(labels)
-        self.assertAllEqual(counts[[0, 2]], [5, 5])
-        # Class 1 has only 4: all of them in memory; a stream considers a seeded half only.
-        self.assertEqual(counts[1], 4) if name == "in memory" else self.assertLessEqual(
-            counts[1], 4)
-        self.assertEqual([ex["id"] for ex in passes[0]], [ex["id"] for ex in passes[1]])
-        self.assertLessEqual(len(labels), subset.num_examples)
-        self.assertIs(evaluate.class_balanced_subset(src, per_class=0, seed=3), src)
-
   def test_k_is_recorded_and_raw_pixels_use_the_same_split(self):
     # Noise images with random labels: the accuracy depends on exactly which images and k.
     x, y = _noise_images(num_per_class=[40, 36, 44], seed=3)
     xt, yt = _noise_images(num_per_class=[8, 8, 8], seed=4)
-    train = _streamed(data_lib.from_numpy(x, y, name="noise"))
+    train = testdata.streamed(data_lib.from_numpy(x, y, name="noise"))
     test = data_lib.from_numpy(xt, yt, name="noise", split="test", ids=np.arange(24) + 500)
     # An explicit k wins over the automatic one (a tenth of 10 per class: 1; tests/test_knn.py).
     result = evaluate.knn_eval(_mean_colour_backbone(), train, test, image_size=8, k=5, t=0.1,

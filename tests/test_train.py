@@ -31,11 +31,11 @@ import numpy as np
 import tensorflow as tf
 
 import conftest  # the tests' shared set-up (tests/conftest.py)
+import testdata  # tests/testdata.py
 
 from tfmochi import analyze
 from tfmochi import checkpoints
 from tfmochi import config as config_lib
-from tfmochi import data
 from tfmochi import evaluate
 from tfmochi import export
 from tfmochi import rundir
@@ -103,40 +103,6 @@ _SIZE = ["--arch=resnet10_tiny", "--image_size=16", "--batch_size=16", "--queue_
 _CLASSES = 4
 
 
-def write_imagenet_tfrecords(root: str, train_per_class: int = 12, val_per_class: int = 3):
-  """ImageNet-layout shards of real JPEG bytes: train-0000i-of-00002, validation-00000-of-00001.
-
-  Labels run 1.._CLASSES (0 unused), as the TensorFlow ImageNet conversion scripts write them.
-  Each class is one region of a sample photograph, so the classes are learnable.
-  """
-  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
-  photos = load_sample_images().images  # two real photographs, 427 x 640
-  rng = np.random.default_rng(0)
-
-  def example(label, index):
-    y = int(rng.integers(0, 200)) + 100 * (label % 2)
-    x = int(rng.integers(0, 300)) + 120 * (label // 2)
-    crop = photos[label % 2][y:y + 96, x:x + 128]
-    image = tf.cast(tf.image.resize(crop, [24, 32]), tf.uint8)
-    feature = {
-        data.TFRECORD_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(
-            value=[tf.io.encode_jpeg(image, quality=90).numpy()])),
-        data.TFRECORD_LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(
-            value=[label + 1]))}
-    del index
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-  train = [example(c, i) for i in range(train_per_class) for c in range(_CLASSES)]
-  val = [example(c, i) for i in range(val_per_class) for c in range(_CLASSES)]
-  shards = {"train-00000-of-00002": train[::2], "train-00001-of-00002": train[1::2],
-            "validation-00000-of-00001": val}
-  for name, records in shards.items():
-    with tf.io.TFRecordWriter(os.path.join(root, name)) as writer:
-      for r in records:
-        writer.write(r)
-  return root
-
-
 def tpu_flags_config(*overrides: str) -> config_lib.TrainConfig:
   """configs/tpu.flags parsed as `python -m tfmochi.train` parses it, plus `overrides`."""
   cwd = os.getcwd()
@@ -163,7 +129,8 @@ class TPUStandInTest(tf.test.TestCase):
 
   def test_jit_run_in_ram_resumes_evaluates_exports_analyzes(self):
     conftest.no_rename_on_object_stores(self)
-    shards = write_imagenet_tfrecords(self.create_tempdir().full_path)
+    shards = testdata.write_imagenet_tfrecords(self.create_tempdir().full_path,
+                                               num_classes=_CLASSES)
     cwd = os.getcwd()
     scratch = self.create_tempdir().full_path
     os.chdir(scratch)  # whatever a path mix-up writes locally would land here
@@ -264,7 +231,8 @@ class EightGPUStandInTest(tf.test.TestCase):
 
   def test_eight_replicas_killed_and_resumed(self):
     tmp = self.create_tempdir().full_path
-    shards = write_imagenet_tfrecords(self.create_tempdir().full_path)
+    shards = testdata.write_imagenet_tfrecords(self.create_tempdir().full_path,
+                                               num_classes=_CLASSES)
     model_dir = os.path.join(tmp, "run")
     command = self._command(f"--data_dir={shards}", f"--model_dir={model_dir}",
                             "--checkpoint_every_steps=2")

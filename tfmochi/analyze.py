@@ -792,7 +792,7 @@ def _embed(query_encoder, key_encoder, source: data_lib.DataSource, *, total: in
   Returns:
     {"k": [total, D], "q": [M, D] (L2-normalised), "label": [total], "id": [total]}.
   """
-  records = source._reader.records  # pylint: disable=protected-access
+  records = source.records()
   buffer = source.num_examples if records is not None else min(source.num_examples, 10_000)
   key = tf.constant([seed, 7], tf.int64)
 

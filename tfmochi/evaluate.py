@@ -257,77 +257,11 @@ def _say(progress: Progress | None, message: str) -> None:
 # pixels are a meaningful (and cheap) baseline, as for the 8x8 digits and CIFAR; at 224 px it is
 # near chance and 150,528 values per image.
 RAW_PIXELS_MAX_SIZE = 32
-# Share of a streamed split (tfds, TFRecords) that `class_balanced_subset` considers, relative to
-# the share the subset needs (per_class x classes / split): the seeded draw that makes the subset
-# depend on --seed. The stream is read until every class is full, so this factor bounds the
-# (undecoded) records read at about 2x the subset; a split at most twice the subset is considered
-# whole.
-_STREAM_KEEP = 0.5
 
 
 def raw_pixels_meaningful(image_size: int) -> bool:
   """True when the raw-pixel kNN baseline is computed for eval views of side `image_size`."""
   return image_size <= RAW_PIXELS_MAX_SIZE
-
-
-def class_balanced_subset(source: data_lib.DataSource, per_class: int,
-                          seed: int) -> data_lib.DataSource:
-  """At most `per_class` images of each class of `source`, chosen by `seed` (0: `source` itself).
-
-  In-memory sources (quickstart, `data.from_numpy`): per class, the `per_class` images of smallest
-  `knn.id_hash(seed, id)`, exactly. Streamed sources (tfds, e.g. ImageNet): the split is read in
-  its stored order (tfds shuffles examples when it writes them), an image is considered when its
-  seeded hash falls in the lowest share p = min(1, per_class x classes / (`_STREAM_KEEP` x split))
-  and kept while its class has fewer than `per_class`; reading stops as soon as every class is
-  full, so a pass decodes only the chosen images and reads (undecoded) about 2 x per_class /
-  (images per class) of the split. A split at most twice the subset is considered whole (p = 1:
-  every class keeps min(per_class, its images)); in a larger one a class with fewer than ~2 x
-  per_class images may keep fewer than per_class. Both depend
-  only on (seed, ids, stored order): the same subset at every pass, on every host, after a resume.
-
-  Returns:
-    A DataSource over the subset (`num_examples` is per_class x classes, capped at the split,
-    for streamed sources: an upper bound when a class has fewer images).
-  """
-  if per_class <= 0:
-    return source
-  reader = source._reader  # pylint: disable=protected-access
-  if reader.records is not None:
-    raw, labels, ids = reader.records
-    idx = knn_lib.balanced_indices(labels, ids, per_class, seed)
-    return dataclasses.replace(
-        source, num_examples=int(len(idx)),
-        _reader=dataclasses.replace(reader, records=(raw[idx], labels[idx], ids[idx])))
-  num_classes = int(source.num_classes or 0)
-  if not num_classes:
-    return source  # unlabelled: the kNN refuses it with its own message
-  share = min(1.0, per_class * num_classes / (_STREAM_KEEP * max(int(source.num_examples), 1)))
-  threshold = int(share * (1 << 62))
-
-  @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
-  def considered(ex):
-    return knn_lib.id_hash(ex["id"], seed) < threshold
-
-  @tf.autograph.experimental.do_not_convert
-  def cap(counts, ex):
-    label = tf.cast(ex["label"], tf.int64)
-    safe = tf.clip_by_value(label, 0, num_classes - 1)
-    keep = tf.logical_and(tf.logical_and(label >= 0, label < num_classes),
-                          tf.gather(counts, safe) < per_class)
-    counts = tf.tensor_scatter_nd_add(counts, [[safe]], [tf.cast(keep, tf.int64)])
-    return counts, (ex, keep)
-
-  def open_stream(num_shards: int, index: int) -> tf.data.Dataset:
-    ds = reader.open_stream(1, 0)
-    ds = ds.filter(considered).scan(tf.zeros([num_classes], tf.int64), cap)
-    ds = ds.filter(tf.autograph.experimental.do_not_convert(lambda _, keep: keep))
-    ds = ds.map(tf.autograph.experimental.do_not_convert(lambda example, _: example))
-    ds = ds.take(per_class * num_classes)  # stops reading once every class is full
-    return ds.shard(num_shards, index) if num_shards > 1 else ds
-
-  return dataclasses.replace(
-      source, num_examples=min(int(source.num_examples), per_class * num_classes),
-      _reader=dataclasses.replace(reader, open_stream=open_stream))
 
 
 def baselines_text(result: dict, details: str = "") -> str:
@@ -389,8 +323,8 @@ def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.Dat
   require_labels(test_source, "kNN evaluation")
   start = time.time()
   strategy = check_strategy(strategy, batch_size)
-  train_source = class_balanced_subset(train_source, train_per_class, seed)
-  test_source = class_balanced_subset(test_source, test_per_class, seed)
+  train_source = data_lib.class_balanced_subset(train_source, train_per_class, seed)
+  test_source = data_lib.class_balanced_subset(test_source, test_per_class, seed)
 
   def normalised(source):
     feats, labels = extract_pooled(model, data_lib.eval_dataset(
@@ -1105,6 +1039,9 @@ def run():
 
   _define_flags()
   app.run(main, flags_parser=_parse_flags)
+
+
+class_balanced_subset = data_lib.class_balanced_subset  # also importable from here (tfmochi.data)
 
 
 if __name__ == "__main__":
