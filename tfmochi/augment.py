@@ -9,7 +9,7 @@ JPEG decode) and `to_model_input`, which normalises such views at the start of t
 `tf.data.Dataset.map`. That is what makes a training run resumable and reproducible: the data
 pipeline derives the seed from (run seed, epoch, sample id).
 
-The recipes follow facebookresearch/moco (ALGORITHMS.md §1.4, §1.6) with torchvision semantics:
+The recipes follow facebookresearch/moco (docs/ALGORITHMS.md §9) with torchvision semantics:
 
   mocov2: RandomResizedCrop(scale 0.2-1) -> ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8
           -> RandomGrayscale p=0.2 -> GaussianBlur(sigma ~ U[0.1, 2]) p=0.5 -> flip -> normalize

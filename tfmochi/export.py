@@ -182,7 +182,7 @@ def _feature_dict(backbone: keras.Model, images01, training=False) -> dict:
 
 # -------------------------------------------------------------------------------------------------
 # SavedModel wrappers. tf.train.Checkpoint, not tf.Module: the reusable-SavedModel attributes
-# `variables` / `trainable_variables` are read-only properties on tf.Module (ECOSYSTEM.md §3).
+# `variables` / `trainable_variables` are read-only properties on tf.Module.
 
 
 class ServingModule(tf.train.Checkpoint):

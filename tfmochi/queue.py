@@ -24,17 +24,20 @@ import tensorflow as tf
 from tfmochi import distribute
 
 
-def check_queue_size(queue_size: int, global_batch_size: int) -> None:
-  """Raises ValueError unless K is a positive multiple of the global batch size."""
+def check_queue_size(queue_size: int, global_batch_size: int, name: str = "queue_size") -> None:
+  """Raises ValueError unless K is a positive multiple of the global batch size.
+
+  `name` is how the message calls K (e.g. its flag).
+  """
   if not isinstance(queue_size, int) or queue_size <= 0:
-    raise ValueError(f"queue_size (K) must be a positive integer, got {queue_size!r}.")
+    raise ValueError(f"{name} (K) must be a positive integer, got {queue_size!r}.")
   if not isinstance(global_batch_size, int) or global_batch_size <= 0:
     raise ValueError(f"batch_size must be a positive integer, got {global_batch_size!r}.")
   if queue_size % global_batch_size:
     lower = (queue_size // global_batch_size) * global_batch_size
     upper = lower + global_batch_size
     hint = f"{lower} or {upper}" if lower else f"{upper}"
-    raise ValueError(f"queue_size (K) must be a multiple of the global batch size "
+    raise ValueError(f"{name} (K) must be a multiple of the global batch size "
                      f"{global_batch_size}, got {queue_size}; use e.g. {hint}.")
 
 
@@ -53,7 +56,7 @@ class NegativeQueue(tf.Module):
   def __init__(self, size: int, dim: int, *, seed: int = 0, name: str = "queue"):
     super().__init__(name=name)
     if not isinstance(size, int) or size <= 0:
-      raise ValueError(f"queue_size (K) must be a positive integer, got {size!r}.")
+      raise ValueError(f"{name} (K) must be a positive integer, got {size!r}.")
     if not isinstance(dim, int) or dim <= 0:
       raise ValueError(f"embedding_dim (D) must be a positive integer, got {dim!r}.")
     self.size, self.dim = size, dim
