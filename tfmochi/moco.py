@@ -77,8 +77,8 @@ class MoCoConfig:
   objective: objective_lib.ObjectiveConfig = dataclasses.field(
       default_factory=objective_lib.ObjectiveConfig)
 
-  # How validation errors call each field; `validate(names=...)` overrides them (the trainer
-  # passes the flags).
+  # How validation errors call each field; `validate(names=...)` overrides them
+  # (`config.TrainConfig.validate` passes the flags).
   NAMES: ClassVar[dict] = {"queue_size": "queue_size", "momentum": "moco_momentum",
                            "momentum_schedule": "momentum_schedule", "bn_mode": "bn_mode",
                            "weight_decay": "weight_decay", "mochi_warmup_steps": "mochi warm-up"}

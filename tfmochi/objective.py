@@ -62,8 +62,8 @@ class ObjectiveConfig:
   mask_duplicates: bool = False
   label_mode: str = "none"
 
-  # How validation errors call each field; `validate(names=...)` overrides them (the trainer
-  # passes the flags).
+  # How validation errors call each field; `validate(names=...)` overrides them
+  # (`config.TrainConfig.validate` passes the flags).
   NAMES: ClassVar[dict] = {f: f for f in ("temperature", "loss", "tau_plus", "hard_beta",
                                           "drop_hardest", "keep_hardest", "label_mode")}
 

@@ -24,7 +24,8 @@ import tensorflow as tf
 from tfmochi import distribute
 
 
-def check_queue_size(queue_size: int, global_batch_size: int, name: str = "queue_size") -> None:
+def check_queue_size(queue_size: int, global_batch_size: int,
+                     name: str = "queue_size") -> None:
   """Raises ValueError unless K is a positive multiple of the global batch size.
 
   `name` is how the message calls K (e.g. its flag).
@@ -56,7 +57,7 @@ class NegativeQueue(tf.Module):
   def __init__(self, size: int, dim: int, *, seed: int = 0, name: str = "queue"):
     super().__init__(name=name)
     if not isinstance(size, int) or size <= 0:
-      raise ValueError(f"{name} (K) must be a positive integer, got {size!r}.")
+      raise ValueError(f"queue_size (K) must be a positive integer, got {size!r}.")
     if not isinstance(dim, int) or dim <= 0:
       raise ValueError(f"embedding_dim (D) must be a positive integer, got {dim!r}.")
     self.size, self.dim = size, dim
