@@ -101,18 +101,34 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, pattern):
       _parse(argv)
 
+  def test_every_library_field_maps_to_a_flag(self):
+    """Validation errors of MoCoConfig, ObjectiveConfig and MochiConfig name flags that exist."""
+    from tfmochi import mixing, moco, objective  # pylint: disable=g-import-not-at-top
+    fv = flags.FlagValues()
+    config_lib.define_flags(fv)
+    for cls in (moco.MoCoConfig, objective.ObjectiveConfig, mixing.MochiConfig):
+      for field in cls.NAMES:
+        self.assertIn(field, config_lib.FLAG_OF_FIELD, cls.__name__)
+        self.assertIn(config_lib.FLAG_OF_FIELD[field][2:], fv, field)
+
+  def test_from_flag_to_the_loss(self):
+    cfg = _parse(["--temperature=0.3"])
+    self.assertEqual(cfg.objective_config().temperature, 0.3)
+    self.assertEqual(cfg.moco_config(10, 100).objective.temperature, 0.3)
+
   def test_json_round_trip(self):
     cfg = config_lib.TrainConfig(mochi_num_hard=16, mochi_num_mix=8)
     again = config_lib.TrainConfig.from_dict(__import__("json").loads(cfg.to_json()))
     self.assertEqual(cfg, again)
 
   def test_config_json_of_older_runs_keeps_their_meaning(self):
-    # A run written before --head_bn/--hflip existed had a plain MLP head and flips: it must
-    # rebuild that model (its checkpoint has no head BN), not today's quickstart defaults.
+    # A run written before --head_bn/--hflip/--tf32 existed had a plain MLP head, flips and
+    # TensorFloat-32: it must rebuild that model (its checkpoint has no head BN), not today's
+    # quickstart defaults.
     values = __import__("json").loads(config_lib.TrainConfig().to_json())
-    del values["head_bn"], values["hflip"]
+    del values["head_bn"], values["hflip"], values["tf32"]
     old = config_lib.TrainConfig.from_dict(values)
-    self.assertEqual((old.head_bn, old.hflip), (False, True))
+    self.assertEqual((old.head_bn, old.hflip, old.tf32), (False, True, True))
     self.assertEqual((config_lib.TrainConfig().head_bn, config_lib.TrainConfig().hflip),
                      (True, False))
 

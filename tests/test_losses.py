@@ -1,4 +1,5 @@
-"""Tests of tfmochi.losses against NumPy references and the worked numbers of ALGORITHMS.md §8."""
+"""Tests of tfmochi.losses against NumPy references and the worked numbers of
+docs/ALGORITHMS.md §10."""
 
 import math
 
@@ -55,7 +56,7 @@ E2_QUEUE = _normalize([[0.9, 0.3, 0.1], [0.7, -0.5, 0.5], [0.1, 1, 0], [-0.8, 0.
 
 
 class WorkedExamplesTest(tf.test.TestCase):
-  """ALGORITHMS.md §8, tolerance 1e-6 (float32 computation, so 1e-5 relative)."""
+  """docs/ALGORITHMS.md §10, tolerance 1e-6 (float32 computation, so 1e-5 relative)."""
 
   def test_e1_infonce(self):
     q, k = np.array([[1.0, 0, 0]]), np.array([[0.8, 0.6, 0]])

@@ -1,6 +1,5 @@
 """Tests of tfmochi.mixing (MoCHi): per-query top-N, logit space == feature space, gradients,
-XLA agreement, seeding, warm-up, bad input, and the exact chunked top-N that `hardest_indices`
-uses on CPUs."""
+XLA agreement, seeding, warm-up, bad input (the top-N selection itself: tests/test_topn.py)."""
 
 import numpy as np
 import tensorflow as tf
@@ -8,6 +7,7 @@ from absl.testing import parameterized
 
 from tfmochi import distribute
 from tfmochi import mixing
+from tfmochi import topn
 
 
 def _normalize(x):
@@ -24,7 +24,7 @@ def _problem(b=6, k=40, d=8, seed=0):
 
 
 class WorkedExampleTest(tf.test.TestCase):
-  """ALGORITHMS.md §8 E2."""
+  """docs/ALGORITHMS.md §10, E2."""
 
   def test_e2_synthetic_logits(self):
     q = _normalize([1, 0.2, 0])
@@ -32,7 +32,7 @@ class WorkedExampleTest(tf.test.TestCase):
                     [0.5, 0.6, 0.7], [0, 0, 1]])
     z = n @ q
     # Top-3 set of the worked example: n0, n1, n4.
-    idx = mixing.hardest_indices(tf.constant(z[None], tf.float32), 3)
+    idx = topn.hardest_indices(tf.constant(z[None], tf.float32), 3)
     self.assertAllEqual(idx, [[0, 1, 4]])
     h = mixing.mix_pair_logits(z[0], z[4], n[0] @ n[4], 0.3)
     self.assertAllClose(h, 0.750759, atol=1e-6)
@@ -205,64 +205,9 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(cfg.num_synthetic, 0)
     self.assertEqual(mixing.MochiConfig(8, 4, 2).num_synthetic, 6)
 
-def _reference_top_n(x, n):
-  """Each row's n largest (ties: lower index first), as sorted index lists (NumPy)."""
-  order = np.lexsort((np.broadcast_to(np.arange(x.shape[1]), x.shape), -x), axis=1)
-  return np.sort(order[:, :n], axis=1)
-
-
-class ChunkedTopNTest(tf.test.TestCase, parameterized.TestCase):
-  """`hardest_indices(method="chunked")` returns exactly `top_k`'s set, on every input."""
-
-  def _cases(self, b, k, n):
-    rng = np.random.default_rng(k + n)
-    x = rng.normal(size=(b, k)).astype(np.float32)
-    few_finite = x.copy()
-    few_finite[:, n // 2:] = -np.inf  # fewer than n finite logits: -inf entries must fill in
-    masked = x.copy()
-    masked[:, ::3] = -np.inf  # masked duplicates / class oracle
-    return {
-        "normal": x,
-        "sorted": np.sort(x, axis=1),  # the top-n all in the last chunks
-        "ties": np.round(x * 4) / 4,  # many exact ties, also at the n-th value
-        "constant": np.zeros_like(x),
-        "masked": masked,
-        "few_finite": few_finite,
-        "repeated_chunks": np.repeat(x[:, :k // 8], 8, axis=1),
-        "tiny_values": x * np.float32(1e-30),
-    }
-
-  @parameterized.parameters((3, 40, 5), (2, 16384, 1024))
-  def test_equals_top_k_on_every_kind_of_row(self, b, k, n):
-    fn = tf.function(lambda x: mixing.hardest_indices(x, n, method="chunked"))
-    for name, x in self._cases(b, k, n).items():
-      got = fn(tf.constant(x)).numpy()
-      self.assertEqual(got.dtype, np.int32)
-      self.assertAllEqual(got, _reference_top_n(x, n), msg=name)
-      self.assertAllEqual(got, mixing.hardest_indices(x, n, method="top_k"), msg=name)
-
-  def test_typical_logits_take_the_fast_path(self):
-    """On query·queue logits every check passes, so the top_k fallback is not what runs."""
-    rng = np.random.default_rng(0)
-    q = rng.normal(size=(2, 16)).astype(np.float32)
-    queue = rng.normal(size=(16384, 16)).astype(np.float32)
-    x = tf.constant(q @ queue.T)
-    n, k = 1024, 16384
-    c = mixing._topn_chunk_size(k, n)
-    slack, cap = 64, n + n // 2 + 64  # as _chunked_top_n chooses them
-    select_chunks, candidates, exact, _ = mixing._chunked_stages(k, n, c, slack, cap)
-    chunk_mask, t1, count1, ok1 = select_chunks(x)
-    cand, mask, count, _, ok3 = candidates(x, mixing._compact_true(chunk_mask, count1, n + slack),
-                                           t1)
-    _, _, ok4 = exact(cand, mixing._compact_true(mask, count, cap), t1, count)
-    self.assertTrue(ok1 and ok3 and ok4)
-    self.assertAllEqual(mixing.hardest_indices(x, n, method="chunked"), _reference_top_n(x, n))
-
-  def test_dynamic_batch(self):
-    x = np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32)
-    fn = tf.function(lambda x: mixing.hardest_indices(x, 5, method="chunked"),
-                     input_signature=[tf.TensorSpec([None, 40], tf.float32)])
-    self.assertAllEqual(fn(x), _reference_top_n(x, 5))
+class SynthesisTopNTest(tf.test.TestCase):
+  """The synthesis takes each query's top-N from `tfmochi.topn` as the config asks, with and
+  without XLA."""
 
   def test_synthesize_draws_the_same_with_and_without_xla(self):
     rng = np.random.default_rng(2)
@@ -273,21 +218,9 @@ class ChunkedTopNTest(tf.test.TestCase, parameterized.TestCase):
     runs = [mixing.synthesize(q, queue, l_neg, tf.constant([3, 4]), cfg, jit_compile=j)
             for j in (None, False, True)]
     for run in runs:
-      self.assertAllEqual(run.hard_indices, _reference_top_n(l_neg.numpy(), 5))
+      self.assertAllEqual(run.hard_indices, topn.hardest_indices(l_neg, 5, method="top_k"))
       self.assertAllEqual(run.mix_indices, runs[0].mix_indices)
       self.assertAllClose(run.logits, runs[0].logits, atol=1e-6)
-
-  def test_method_checks(self):
-    x = tf.zeros([2, 16])
-    with self.assertRaisesRegex(ValueError, "method must be"):
-      mixing.hardest_indices(x, 4, method="fast")
-    with self.assertRaisesRegex(ValueError, r"K >= 8·N"):
-      mixing.hardest_indices(x, 4, method="chunked")  # K = 16 < 8·4
-    self.assertAllEqual(mixing.hardest_indices(x, 4), [[0, 1, 2, 3]] * 2)  # auto -> top_k
-    # Inside an XLA-compiled function "auto" keeps to top_k (tf.where has no static shape there).
-    y = np.random.default_rng(3).normal(size=(2, 40)).astype(np.float32)
-    in_xla = tf.function(lambda y: mixing.hardest_indices(y, 5), jit_compile=True)
-    self.assertAllEqual(in_xla(y), _reference_top_n(y, 5))
 
   def test_inside_xla_the_synthesis_joins_the_compiled_function(self):
     """Under --jit_compile (or a TPU) the synthesis must be part of the step's XLA computation: as
@@ -304,20 +237,8 @@ class ChunkedTopNTest(tf.test.TestCase, parameterized.TestCase):
     calls = [op.type for op in graph.get_operations() if "PartitionedCall" in op.type]
     self.assertEmpty(calls)
 
-  def test_approx_top_n_recall_on_cpu(self):
-    """--mochi_topn=approx: tf.math.approx_max_k's set against the exact one. On a CPU both its
-    TensorFlow kernel and XLA:CPU return the exact top-N (recall 1 whatever the target); a TPU
-    trades recall for speed, about `recall_target` in expectation."""
-    x = np.random.default_rng(4).normal(size=(16, 512)).astype(np.float32)  # no ties
-    exact = _reference_top_n(x, 32)
-    in_xla = tf.function(lambda x: mixing.hardest_indices(x, 32, "approx", recall_target=0.5),
-                         jit_compile=True)
-    for got in (mixing.hardest_indices(x, 32, "approx", recall_target=0.95), in_xla(x)):
-      got = got.numpy()
-      self.assertEqual(got.dtype, np.int32)
-      self.assertAllEqual(got, np.sort(got, axis=1))  # ascending, as the exact methods
-      recall = np.mean([len(set(g) & set(e)) / 32 for g, e in zip(got, exact)])
-      self.assertEqual(recall, 1.0)
+  def test_approx_top_n_in_the_synthesis(self):
+    x = np.random.default_rng(4).normal(size=(16, 512)).astype(np.float32)
     # The synthesis follows the config's choice, inside and outside XLA.
     q = tf.math.l2_normalize(x[:3, :8], axis=1)
     queue = tf.math.l2_normalize(x[3:43, :8], axis=1)
@@ -325,7 +246,7 @@ class ChunkedTopNTest(tf.test.TestCase, parameterized.TestCase):
     cfg = mixing.MochiConfig(5, 16, 8, top_n="approx", top_n_recall=0.9)
     for jit in (None, True):
       run = mixing.synthesize(q, queue, l_neg, tf.constant([3, 4]), cfg, jit_compile=jit)
-      self.assertAllEqual(run.hard_indices, _reference_top_n(l_neg.numpy(), 5))
+      self.assertAllEqual(run.hard_indices, topn.hardest_indices(l_neg, 5, method="top_k"))
     with self.assertRaisesRegex(ValueError, "mochi_topn must be one of exact, approx"):
       mixing.MochiConfig(4, 2, 2, top_n="fast").validate()
     with self.assertRaisesRegex(ValueError, r"mochi_topn_recall must be in \(0, 1\]"):

@@ -10,7 +10,7 @@ from absl.testing import parameterized
 
 from tfmochi import augment
 from tfmochi import distribute
-from tfmochi import head as head_lib
+from tfmochi import objective as objective_lib
 from tfmochi import mixing
 from tfmochi import moco as moco_lib
 from tfmochi import optimizer as optimizer_lib
@@ -25,10 +25,11 @@ def _encoder(seed):
   return model
 
 
-def _config(**head_kw):
-  head = head_lib.HeadConfig(temperature=0.2, mochi=mixing.MochiConfig(4, 3, 2), **head_kw)
+def _config(**objective_kw):
+  objective = objective_lib.ObjectiveConfig(temperature=0.2, mochi=mixing.MochiConfig(4, 3, 2),
+                                            **objective_kw)
   return moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9, bn_mode="shuffle",
-                             weight_decay=1e-2, mochi_warmup_steps=1, seed=3, head=head)
+                             weight_decay=1e-2, mochi_warmup_steps=1, seed=3, objective=objective)
 
 
 def _batches(n, global_batch=GLOBAL_BATCH):
@@ -86,8 +87,8 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     batches = _batches(16 // global_batch, global_batch)  # the queue (K = 16) fills up once
     config = _config()
     if r == 8:  # MoCHi's synthesis is an XLA function compiled once per device: 2 are enough
-      config = dataclasses.replace(config, head=dataclasses.replace(
-          config.head, mochi=mixing.MochiConfig(0, 0, 0)))
+      config = dataclasses.replace(config, objective=dataclasses.replace(
+          config.objective, mochi=mixing.MochiConfig(0, 0, 0)))
     self.assertEqual(config.bn_mode, "shuffle")
     one, losses1 = _run(tf.distribute.get_strategy(), batches, config)
     many, losses_r = _run(distribute.mirrored_strategy([f"/cpu:{i}" for i in range(r)]), batches,
@@ -113,7 +114,8 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
   def test_step_matches_a_numpy_reference(self):
     """One step by hand: momentum update, keys, InfoNCE gradient + coupled L2, SGD, enqueue."""
     config = moco_lib.MoCoConfig(queue_size=8, embedding_dim=8, momentum=0.9, bn_mode="none",
-                                 weight_decay=0.01, head=head_lib.HeadConfig(temperature=0.2))
+                                 weight_decay=0.01,
+                                 objective=objective_lib.ObjectiveConfig(temperature=0.2))
     moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
     optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.1, momentum=0.0)
     batch = _batches(1)[0]
@@ -222,7 +224,7 @@ class SkipDecisionTest(tf.test.TestCase, parameterized.TestCase):
     strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     config = moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9,
                                  bn_mode="shuffle", weight_decay=1e-2, seed=3,
-                                 head=head_lib.HeadConfig(temperature=0.2))
+                                 objective=objective_lib.ObjectiveConfig(temperature=0.2))
     with strategy.scope():
       moco = moco_lib.MoCo(_sqrt_encoder(1), _sqrt_encoder(2), config, GLOBAL_BATCH)
       optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, 0.5, momentum=0.9)
@@ -273,7 +275,8 @@ class SkipDecisionTest(tf.test.TestCase, parameterized.TestCase):
   def test_skipped_step_still_advances_the_learning_rate_step(self):
     """The step counter drives lr too: after a skipped step 1, step 2 uses lr(2), not lr(1)."""
     config = moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9, bn_mode="none",
-                                 weight_decay=0.0, head=head_lib.HeadConfig(temperature=0.2))
+                                 weight_decay=0.0,
+                                 objective=objective_lib.ObjectiveConfig(temperature=0.2))
     moco = moco_lib.MoCo(_encoder(1), _encoder(2), config, GLOBAL_BATCH)
     lr = lambda step: tf.where(step < 2, 0.5, 0.0)  # noqa: E731
     optimizer = optimizer_lib.SGD(moco.query_encoder.trainable_variables, lr, momentum=0.9)
@@ -330,12 +333,12 @@ def _conv_encoder(seed, bn_mode="standard"):
       keras.layers.Dense(8)])
 
 
-def _jit_config(bn_mode="shuffle", mochi=True, **head_kw):
-  head = head_lib.HeadConfig(temperature=0.2, mask_duplicates=True,
+def _jit_config(bn_mode="shuffle", mochi=True, **objective_kw):
+  objective = objective_lib.ObjectiveConfig(temperature=0.2, mask_duplicates=True,
                              mochi=mixing.MochiConfig(4, 3, 2) if mochi else
-                             mixing.MochiConfig(0, 0, 0), **head_kw)
+                             mixing.MochiConfig(0, 0, 0), **objective_kw)
   return moco_lib.MoCoConfig(queue_size=16, embedding_dim=8, momentum=0.9, bn_mode=bn_mode,
-                             weight_decay=1e-2, mochi_warmup_steps=1, seed=3, head=head)
+                             weight_decay=1e-2, mochi_warmup_steps=1, seed=3, objective=objective)
 
 
 def _jit_batches(n):

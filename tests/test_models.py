@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import keras
 import numpy as np
@@ -425,7 +426,7 @@ class HeadAndEncoderTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(True, False)
   def test_head_shapes(self, mlp):
-    head = models.build_head(32, embedding_dim=8, mlp=mlp)
+    head = models.build_projection_head(32, embedding_dim=8, mlp=mlp)
     shapes = [tuple(w.shape) for w in head.weights]
     want = [(32, 32), (32,), (32, 8), (8,)] if mlp else [(32, 8), (8,)]
     self.assertEqual(shapes, want)
@@ -434,8 +435,8 @@ class HeadAndEncoderTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(("standard", True), ("split", True), ("split", False))
   def test_head_bn(self, bn_mode, mlp):
-    head = models.build_head(32, embedding_dim=8, mlp=mlp, bn=True, bn_mode=bn_mode,
-                             bn_splits=2)
+    head = models.build_projection_head(32, embedding_dim=8, mlp=mlp, bn=True, bn_mode=bn_mode,
+                                        bn_splits=2)
     # MoCo v3's layout: Linear(no bias)-BN-ReLU-Linear(no bias)-BN(no affine).
     names = [l.name for l in head.layers[2:]]
     self.assertEqual(names, ["fc.0", "fc.1", "fc.2", "fc.3", "fc.4"] if mlp else ["fc", "fc_bn"])
@@ -458,7 +459,7 @@ class HeadAndEncoderTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_float32_under_mixed_precision(self):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    head = models.build_head(16, embedding_dim=4)
+    head = models.build_projection_head(16, embedding_dim=4)
     self.assertEqual(head(tf.ones((2, 16), tf.bfloat16)).dtype, tf.float32)
     self.assertTrue(all(w.dtype == "float32" for w in head.weights))
     encoder = models.build_encoder("resnet18", embedding_dim=4, small_stem=True)
@@ -480,6 +481,20 @@ class HeadAndEncoderTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual((tuple(z.shape), z.dtype), ((4, 16), tf.float32))
     self.assertEqual(set(encoder.features(x)), {"C2", "C3", "C4", "C5", "pooled"})
 
+  def test_checkpoint_keys_of_existing_runs(self):
+    """Runs' checkpoints name the encoder's parts `backbone` and `head` (the projection head):
+    renaming either attribute would leave every existing checkpoint unreadable."""
+    encoder = models.build_encoder("resnet10_tiny", embedding_dim=4, head_bn=True)
+    path = tf.train.Checkpoint(query_encoder=encoder).write(
+        os.path.join(self.get_temp_dir(), "ckpt"))
+    parts = {name.split("/")[1] for name, _ in tf.train.list_variables(path)
+             if name.startswith("query_encoder/")}
+    self.assertEqual(parts, {"backbone", "head"})
+    again = models.build_encoder("resnet10_tiny", embedding_dim=4, head_bn=True)
+    tf.train.Checkpoint(query_encoder=again).read(path).assert_consumed()
+    for a, b in zip(encoder.weights, again.weights):
+      self.assertAllEqual(a, b)
+
   def test_copy_weights(self):
     src = models.build_encoder("resnet18", embedding_dim=16, small_stem=True, name="src")
     dst = models.build_encoder("resnet18", embedding_dim=16, small_stem=True, name="dst")
@@ -495,8 +510,8 @@ class HeadAndEncoderTest(tf.test.TestCase, parameterized.TestCase):
   def test_copy_weights_mismatch(self):
     with self.assertRaisesRegex(ValueError, "architectures differ"):
       models.copy_weights(_cached_backbone("resnet18"), _cached_backbone("resnet34"))
-    a = models.build_head(8, embedding_dim=4)
-    b = models.build_head(8, embedding_dim=5)
+    a = models.build_projection_head(8, embedding_dim=4)
+    b = models.build_projection_head(8, embedding_dim=5)
     with self.assertRaisesRegex(ValueError, "shape mismatch"):
       models.copy_weights(a, b)
 

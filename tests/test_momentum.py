@@ -14,7 +14,7 @@ def _model():
 class MomentumTest(tf.test.TestCase):
 
   def test_e1_update_rule(self):
-    """ALGORITHMS.md E1: θk = [1, 2], θq = [3, −1], m = 0.999 -> [1.002, 1.997]."""
+    """docs/ALGORITHMS.md §10, E1: θk = [1, 2], θq = [3, −1], m = 0.999 -> [1.002, 1.997]."""
     k, q = tf.Variable([1.0, 2.0]), tf.Variable([3.0, -1.0])
     momentum.momentum_update([(k, q)], 0.999)
     self.assertAllClose(k, [1.002, 1.997], atol=1e-6)

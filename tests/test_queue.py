@@ -19,7 +19,8 @@ class QueueTest(tf.test.TestCase):
     self.assertEqual(int(a.ptr), 0)
 
   def test_pointer_and_fifo(self):
-    """ALGORITHMS.md E1: K = 4, B = 2: ptr 0 -> 2 -> 0; step-0 keys in rows 0-1, step-1 in 2-3."""
+    """docs/ALGORITHMS.md §10, E1: K = 4, B = 2: ptr 0 -> 2 -> 0; step-0 keys in rows 0-1,
+    step-1 in 2-3."""
     q = queue_lib.NegativeQueue(4, 2)
     k0 = np.array([[1.0, 0], [0, 1]], np.float32)
     k1 = np.array([[-1.0, 0], [0, -1]], np.float32)

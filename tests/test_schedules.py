@@ -1,4 +1,4 @@
-"""Tests of tfmochi.schedules against MoCo's `adjust_learning_rate` (ALGORITHMS.md E1)."""
+"""Tests of tfmochi.schedules against MoCo's `adjust_learning_rate` (docs/ALGORITHMS.md §10, E1)."""
 
 import math
 

@@ -10,7 +10,7 @@ augmented view by the momentum (key) encoder (the query encoder if the checkpoin
 queries = the query encoder's projections of the *other* view. Queries are other images than the
 queue's when the data set has K + M images; otherwise they are queue images and each query's own
 key is removed from its negatives (the duplicate mask of `--mask_duplicates`). Both encoders run
-in inference mode. Then, per query, with l_neg = q·n over its negatives (ALGORITHMS.md §2, §5, §6):
+in inference mode. Then, per query, with l_neg = q·n over its negatives (docs/ALGORITHMS.md §5, §7):
 
 * distribution of q·n: per-query percentiles (50, 90, 99, 99.9, max) averaged over queries;
   histograms of all negatives vs each query's hardest 1% vs the positives q·k;

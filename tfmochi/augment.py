@@ -10,7 +10,7 @@ JPEG decode) and `to_model_input`, which normalises such views at the start of t
 pipeline derives the seed from (run seed, epoch, sample id).
 
 The recipes follow facebookresearch/moco (main_moco.py's pretraining transforms, main_lincls.py's
-linear-evaluation transforms) with torchvision semantics:
+linear-evaluation transforms; docs/ALGORITHMS.md §9) with torchvision semantics:
 
   mocov2: RandomResizedCrop(scale 0.2-1) -> ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8
           -> RandomGrayscale p=0.2 -> GaussianBlur(sigma ~ U[0.1, 2]) p=0.5 -> flip -> normalize

@@ -301,20 +301,20 @@ def head_inputs(batch_size: int, queue_size: int, dim: int, seed: int = 0) -> di
 
 
 def make_head_fn(head_config, inputs: dict, jit_compile: bool = False) -> Callable[[], object]:
-  """A zero-argument callable: one forward + backward (w.r.t. q) of `contrastive_head`.
+  """A zero-argument callable: one forward + backward (w.r.t. q) of `contrastive_objective`.
 
   The inputs are captured as arguments of a `tf.function` (not constants), so nothing is folded.
   `jit_compile` compiles the whole head with XLA (as `--jit_compile` or a TPU does: the top-N is
   then XLA's TopK, or its ApproxTopK with `--mochi_topn=approx`).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tfmochi import head as head_lib  # pylint: disable=g-import-not-at-top
+  from tfmochi import objective as objective_lib  # pylint: disable=g-import-not-at-top
 
   @tf.function(jit_compile=jit_compile)
   def step(q, k, queue, query_ids, queue_ids, query_labels, queue_labels):
     with tf.GradientTape() as tape:
       tape.watch(q)
-      out = head_lib.contrastive_head(
+      out = objective_lib.contrastive_objective(
           q, k, queue, head_config, seed=tf.constant([1, 2], tf.int64), query_ids=query_ids,
           queue_ids=queue_ids, query_labels=query_labels, queue_labels=queue_labels)
       loss = tf.reduce_mean(out.loss)
@@ -342,7 +342,7 @@ def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   """
   from tfmochi import mixing  # pylint: disable=g-import-not-at-top
 
-  head_config = config.head_config()
+  head_config = config.objective_config()
   mochi = head_config.mochi
   if not mochi.enabled:
     n, s, s2 = PAPER_MOCHI
@@ -479,7 +479,7 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   strategy = distribute.make_strategy(config.strategy, tpu=config.tpu,
                                       cpu_replicas=config.cpu_replicas)
   batch = synthetic_batch(config.batch_size, config.image_size, config.seed)
-  mochi_on = config.head_config().mochi.enabled
+  mochi_on = config.objective_config().mochi.enabled
   variants = {}
   moco_config = dataclasses.replace(config, mochi_num_hard=0, mochi_num_mix=0,
                                     mochi_num_query_mix=0)

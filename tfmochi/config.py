@@ -5,6 +5,14 @@ points reads absl FLAGS. `define_flags()` registers the flags with help text and
 turns parsed flags into a validated `TrainConfig`; only `tfmochi.train` and `tfmochi.benchmark`
 call them. The defaults are the offline quickstart (digits shipped with scikit-learn, CPU, a few
 minutes); `configs/*.flags` hold the paper recipes.
+
+Each flag is a `TrainConfig` field of the same name. The trainer hands the method's fields to the
+library as `moco.MoCoConfig` (`moco_config()`), whose `objective.ObjectiveConfig`
+(`objective_config()`) holds the loss side. So `--temperature` is `TrainConfig.temperature`, then
+`ObjectiveConfig.temperature`, which `objective.contrastive_objective` passes to
+`losses.contrastive_loss`. Some fields are renamed on the way (`--moco_momentum` is
+`MoCoConfig.momentum`, `--mochi_num_hard` is `MochiConfig.num_hard`); `FLAG_OF_FIELD` lists them
+so that validation errors name the flag.
 """
 
 from __future__ import annotations
@@ -16,12 +24,9 @@ import os
 
 from absl import flags
 
-from tfmochi import head as head_lib
-from tfmochi import losses as losses_lib
 from tfmochi import mixing
 from tfmochi import moco as moco_lib
-from tfmochi import momentum as momentum_lib
-from tfmochi import queue as queue_lib
+from tfmochi import objective as objective_lib
 
 # resnet10_tiny: tests and smoke runs only (models.SMOKE_ARCHS; cannot be exported).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet10_tiny")
@@ -30,14 +35,20 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 AUGMENTATIONS = ("mocov2", "mocov1", "small")
 AUTO_BOOL = ("auto", "true", "false")
 EXPORT_FORMATS = ("saved_model", "hub", "keras", "detectron2", "torchvision", "none")
+NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
   """A flag value or combination is invalid. The message names it and the allowed values."""
 
 
-# What a config.json written before a field existed meant (see TrainConfig.from_dict).
-_LEGACY_VALUES = {"head_bn": False, "hflip": True, "tf32": True}
+def _added_later(default, *, older_runs):
+  """A field that config.json files of older runs do not have.
+
+  `older_runs` is the value those runs trained with (the behaviour before the flag existed), so
+  that `TrainConfig.from_dict` rebuilds them as they were, not with today's default.
+  """
+  return dataclasses.field(default=default, metadata={"older_runs": older_runs})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +62,7 @@ class TrainConfig:
   batch_size: int = 64
   augmentation: str = "small"
   crop_min_scale: float = 0.5
-  hflip: bool = False
+  hflip: bool = _added_later(False, older_runs=True)  # views were always flipped
   validate_images: bool = False
   tfrecord_label_offset: int = 1
   # model
@@ -59,7 +70,7 @@ class TrainConfig:
   small_stem: bool = True
   embedding_dim: int = 128
   mlp_head: bool = True
-  head_bn: bool = True
+  head_bn: bool = _added_later(True, older_runs=False)  # heads had no BN
   bn_mode: str = "split"
   bn_splits: int = 2
   # MoCo
@@ -99,7 +110,7 @@ class TrainConfig:
   fast_grad: str = "auto"
   mixed_precision: str = "float32"
   initial_loss_scale: float = 32768.0
-  tf32: bool = False
+  tf32: bool = _added_later(False, older_runs=True)  # TensorFlow's default was kept
   seed: int = 0
   deterministic: bool = False
   steps_per_loop: int = 10
@@ -116,8 +127,9 @@ class TrainConfig:
   verbose: bool = True
 
   # ---------------------------------------------------------------------------------------------
-  def head_config(self) -> head_lib.HeadConfig:
-    return head_lib.HeadConfig(
+  def objective_config(self) -> objective_lib.ObjectiveConfig:
+    """The loss side of the run (`objective.contrastive_objective`'s config)."""
+    return objective_lib.ObjectiveConfig(
         temperature=self.temperature, loss=self.loss, tau_plus=self.tau_plus,
         hard_beta=self.hard_beta, drop_hardest=self.drop_hardest,
         keep_hardest=self.keep_hardest,
@@ -127,12 +139,13 @@ class TrainConfig:
         mask_duplicates=self.mask_duplicates, label_mode=self.label_mode)
 
   def moco_config(self, steps_per_epoch: int, total_steps: int) -> moco_lib.MoCoConfig:
+    """The method's config (`moco.MoCo`), with the objective inside."""
     return moco_lib.MoCoConfig(
         queue_size=self.queue_size, embedding_dim=self.embedding_dim,
         momentum=self.moco_momentum, momentum_schedule=self.momentum_schedule,
         total_steps=total_steps, bn_mode=self.bn_mode, weight_decay=self.weight_decay,
         mochi_warmup_steps=int(round(self.mochi_warmup_epochs * steps_per_epoch)),
-        seed=self.seed, head=self.head_config())
+        seed=self.seed, objective=self.objective_config())
 
   def total_steps(self, steps_per_epoch: int) -> int:
     if self.train_steps:
@@ -146,100 +159,114 @@ class TrainConfig:
   def from_dict(cls, values: dict) -> "TrainConfig":
     """A TrainConfig from a run's config.json; unknown keys are ignored.
 
-    Fields added after a run was written take the value that reproduces that run, not today's
-    default (runs written before `head_bn` existed have plain MoCo v2 heads).
+    A field the file lacks (it was added after the run was written) takes the value the run
+    trained with, its `_added_later(older_runs=...)`, not today's default: a run written before
+    `--head_bn` existed has projection heads without BN, and its checkpoint must fit them.
     """
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {**_LEGACY_VALUES, **values}
-    return cls(**{k: v for k, v in values.items() if k in known})
+    fields = dataclasses.fields(cls)
+    older = {f.name: f.metadata["older_runs"] for f in fields if "older_runs" in f.metadata}
+    values = {**older, **values}
+    return cls(**{f.name: values[f.name] for f in fields if f.name in values})
 
   # ---------------------------------------------------------------------------------------------
   def validate(self) -> "TrainConfig":
-    """Checks every value and combination that can be checked without data; raises ConfigError."""
-    def need(cond, message):
-      if not cond:
-        raise ConfigError(message)
-
-    def choice(name, value, choices):
-      need(value in choices, f"--{name} must be one of {', '.join(choices)}; got {value!r}.")
-
-    choice("arch", self.arch, ARCHS)
-    choice("strategy", self.strategy, STRATEGIES)
-    choice("mixed_precision", self.mixed_precision, PRECISIONS)
-    choice("augmentation", self.augmentation, AUGMENTATIONS)
-    choice("bn_mode", self.bn_mode, moco_lib.BN_MODES)
-    choice("momentum_schedule", self.momentum_schedule, moco_lib.MOMENTUM_SCHEDULES)
-    choice("loss", self.loss, losses_lib.LOSSES)
-    choice("label_mode", self.label_mode, head_lib.LABEL_MODES)
-    choice("nonfinite", self.nonfinite, ("stop", "skip"))
-    choice("jit_compile", self.jit_compile, AUTO_BOOL)
-    choice("fast_grad", self.fast_grad, AUTO_BOOL)
-    choice("mochi_topn", self.mochi_topn, mixing.TOP_N_METHODS)
-    need(self.strategy != "tpu" or self.jit_compile != "false",
-         "--jit_compile=false cannot apply to --strategy=tpu: a TPU compiles every step with XLA. "
-         "Use --jit_compile=auto (or true).")
-    choice("export_format", self.export_format, EXPORT_FORMATS)
-    need(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, "
-         "TensorBoard logs and the exported backbone.")
-    need(0.0 < self.crop_min_scale <= 1.0,
-         f"--crop_min_scale must be in (0, 1], got {self.crop_min_scale}.")
-    need(self.tfrecord_label_offset >= 0,
-         f"--tfrecord_label_offset must be >= 0, got {self.tfrecord_label_offset}.")
-    need(self.image_size >= 8, f"--image_size must be >= 8 pixels, got {self.image_size}.")
-    need(self.batch_size >= 1, f"--batch_size (global) must be >= 1, got {self.batch_size}.")
-    need(self.embedding_dim >= 1, f"--embedding_dim must be >= 1, got {self.embedding_dim}.")
-    need(self.bn_splits >= 1, f"--bn_splits must be >= 1, got {self.bn_splits}.")
-    need(self.cpu_replicas >= 1, f"--cpu_replicas must be >= 1, got {self.cpu_replicas}.")
-    need(self.epochs > 0 or (self.train_steps or 0) > 0,
-         f"--epochs must be > 0 (or give --train_steps), got {self.epochs}.")
-    need(self.train_steps is None or self.train_steps >= 1,
-         f"--train_steps must be >= 1, got {self.train_steps}.")
-    need(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}.")
-    need(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}.")
-    need(self.lr_warmup_epochs >= 0, "--lr_warmup_epochs must be >= 0.")
-    need(self.mochi_warmup_epochs >= 0,
-         f"--mochi_warmup_epochs must be >= 0, got {self.mochi_warmup_epochs}.")
-    need(1.0 <= self.initial_loss_scale <= 2.0 ** 127,
-         f"--initial_loss_scale must be in [1, 2^127], got {self.initial_loss_scale}.")
-    need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}.")
-    need(self.steps_per_loop >= 1, f"--steps_per_loop must be >= 1, got {self.steps_per_loop}.")
-    need(self.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1.")
-    need(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
-         "--checkpoint_every_steps must be >= 1.")
-    need(self.knn_every_epochs >= 0, "--knn_every_epochs must be >= 0 (0 = only at the end).")
-    need(self.knn_k >= 0 and self.knn_t > 0,
-         "--knn_k must be >= 1 (or 0 = auto) and --knn_t > 0.")
-    need(self.knn_train_per_class >= 0 and self.knn_test_per_class >= 0,
-         "--knn_train_per_class and --knn_test_per_class must be >= 0 (0 = the whole split).")
-    need(0.0 <= self.labeled_fraction <= 1.0,
-         f"--labeled_fraction must be in [0, 1], got {self.labeled_fraction}.")
-    need(self.strategy != "tpu" or self.tpu is not None or "TPU_NAME" in os.environ,
-         "--strategy=tpu needs --tpu=NAME (the TPU name, 'local' on a TPU VM, or grpc://ADDR).")
-    need(self.cpu_replicas == 1 or self.strategy == "mirrored",
-         "--cpu_replicas > 1 splits the CPU into logical devices for --strategy=mirrored; "
-         f"got --strategy={self.strategy}.")
-    need(self.bn_mode != "split" or self.batch_size % self.bn_splits == 0,
-         f"--bn_mode=split needs --batch_size ({self.batch_size}) divisible by --bn_splits "
-         f"({self.bn_splits}) (per replica).")
-    if self.label_mode != "none" and self.labeled_fraction == 0:
-      raise ConfigError(f"--label_mode={self.label_mode} with --labeled_fraction=0 has no labels "
-                        "to use; raise --labeled_fraction or use --label_mode=none.")
+    """Checks every value and combination that can be checked without data; raises ConfigError
+    naming the flag(s) at fault."""
+    self._check_choices()
+    self._check_data_and_model()
+    self._check_schedule_and_runtime()
+    self._check_combinations()
     try:
-      queue_lib.check_queue_size(self.queue_size, self.batch_size)
-      momentum_lib.check_momentum(self.moco_momentum)
-      self.head_config().validate(self.queue_size)
+      # The method's own checks (K, m, T, the loss family, MoCHi), with the flag names.
+      self.moco_config(steps_per_epoch=1, total_steps=1).validate(self.batch_size,
+                                                                  names=FLAG_OF_FIELD)
     except ValueError as e:
-      msg = str(e)
-      for name in ("queue_size (K)", "moco_momentum (m)", "temperature (T)", "tau_plus",
-                   "hard_beta", "drop_hardest", "keep_hardest", "mochi_num_hard (N)",
-                   "mochi_num_mix (s)", "mochi_num_query_mix (s')", "mochi_beta_max",
-                   "mochi_topn_recall",
-                   "label_mode", "loss"):
-        if msg.startswith(name):
-          msg = "--" + msg
-          break
-      raise ConfigError(msg) from None
+      raise ConfigError(str(e)) from None
     return self
+
+  def _check_choices(self) -> None:
+    for name, choices in (("arch", ARCHS), ("strategy", STRATEGIES),
+                          ("mixed_precision", PRECISIONS), ("augmentation", AUGMENTATIONS),
+                          ("nonfinite", NONFINITE), ("jit_compile", AUTO_BOOL),
+                          ("fast_grad", AUTO_BOOL), ("export_format", EXPORT_FORMATS)):
+      value = getattr(self, name)
+      _need(value in choices, f"--{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+  def _check_data_and_model(self) -> None:
+    _need(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, "
+          "TensorBoard logs and the exported backbone.")
+    _need(0.0 < self.crop_min_scale <= 1.0,
+          f"--crop_min_scale must be in (0, 1], got {self.crop_min_scale}.")
+    _need(self.tfrecord_label_offset >= 0,
+          f"--tfrecord_label_offset must be >= 0, got {self.tfrecord_label_offset}.")
+    _need(self.image_size >= 8, f"--image_size must be >= 8 pixels, got {self.image_size}.")
+    _need(self.batch_size >= 1, f"--batch_size (global) must be >= 1, got {self.batch_size}.")
+    _need(self.embedding_dim >= 1, f"--embedding_dim must be >= 1, got {self.embedding_dim}.")
+    _need(self.bn_splits >= 1, f"--bn_splits must be >= 1, got {self.bn_splits}.")
+    _need(0.0 <= self.labeled_fraction <= 1.0,
+          f"--labeled_fraction must be in [0, 1], got {self.labeled_fraction}.")
+    _need(self.mochi_warmup_epochs >= 0,
+          f"--mochi_warmup_epochs must be >= 0, got {self.mochi_warmup_epochs}.")
+
+  def _check_schedule_and_runtime(self) -> None:
+    _need(self.epochs > 0 or (self.train_steps or 0) > 0,
+          f"--epochs must be > 0 (or give --train_steps), got {self.epochs}.")
+    _need(self.train_steps is None or self.train_steps >= 1,
+          f"--train_steps must be >= 1, got {self.train_steps}.")
+    _need(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}.")
+    _need(self.lr_warmup_epochs >= 0, "--lr_warmup_epochs must be >= 0.")
+    _need(self.cpu_replicas >= 1, f"--cpu_replicas must be >= 1, got {self.cpu_replicas}.")
+    _need(1.0 <= self.initial_loss_scale <= 2.0 ** 127,
+          f"--initial_loss_scale must be in [1, 2^127], got {self.initial_loss_scale}.")
+    _need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}.")
+    _need(self.steps_per_loop >= 1, f"--steps_per_loop must be >= 1, got {self.steps_per_loop}.")
+    _need(self.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1.")
+    _need(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+          "--checkpoint_every_steps must be >= 1.")
+    _need(self.knn_every_epochs >= 0, "--knn_every_epochs must be >= 0 (0 = only at the end).")
+    _need(self.knn_k >= 0 and self.knn_t > 0,
+          "--knn_k must be >= 1 (or 0 = auto) and --knn_t > 0.")
+    _need(self.knn_train_per_class >= 0 and self.knn_test_per_class >= 0,
+          "--knn_train_per_class and --knn_test_per_class must be >= 0 (0 = the whole split).")
+
+  def _check_combinations(self) -> None:
+    _need(self.strategy != "tpu" or self.jit_compile != "false",
+          "--jit_compile=false cannot apply to --strategy=tpu: a TPU compiles every step with "
+          "XLA. Use --jit_compile=auto (or true).")
+    _need(self.strategy != "tpu" or self.tpu is not None or "TPU_NAME" in os.environ,
+          "--strategy=tpu needs --tpu=NAME (the TPU name, 'local' on a TPU VM, or grpc://ADDR).")
+    _need(self.cpu_replicas == 1 or self.strategy == "mirrored",
+          "--cpu_replicas > 1 splits the CPU into logical devices for --strategy=mirrored; "
+          f"got --strategy={self.strategy}.")
+    _need(self.bn_mode != "split" or self.batch_size % self.bn_splits == 0,
+          f"--bn_mode=split needs --batch_size ({self.batch_size}) divisible by --bn_splits "
+          f"({self.bn_splits}) (per replica).")
+    _need(self.label_mode == "none" or self.labeled_fraction > 0,
+          f"--label_mode={self.label_mode} with --labeled_fraction=0 has no labels to use; raise "
+          "--labeled_fraction or use --label_mode=none.")
+
+
+def _need(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+# The flag behind each field of the library's configs (moco.MoCoConfig, objective.ObjectiveConfig,
+# mixing.MochiConfig), so that their validation errors name the flag the user gave.
+FLAG_OF_FIELD = {
+    # moco.MoCoConfig
+    "queue_size": "--queue_size", "momentum": "--moco_momentum",
+    "momentum_schedule": "--momentum_schedule", "bn_mode": "--bn_mode",
+    "weight_decay": "--weight_decay", "mochi_warmup_steps": "--mochi_warmup_epochs",
+    # objective.ObjectiveConfig
+    "temperature": "--temperature", "loss": "--loss", "tau_plus": "--tau_plus",
+    "hard_beta": "--hard_beta", "drop_hardest": "--drop_hardest",
+    "keep_hardest": "--keep_hardest", "label_mode": "--label_mode",
+    # mixing.MochiConfig
+    "num_hard": "--mochi_num_hard", "num_mix": "--mochi_num_mix",
+    "num_query_mix": "--mochi_num_query_mix", "beta_max": "--mochi_beta_max",
+    "top_n": "--mochi_topn", "top_n_recall": "--mochi_topn_recall",
+}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -278,8 +305,7 @@ _HELP = {
     "mlp_head": "MoCo v2 MLP projection head (else MoCo v1's linear head).",
     "head_bn": "BatchNorm in the projection head, the last one without affine (MoCo v3 / SimCLR "
                "v2). Removes the embeddings' common component; needed on tiny data with short "
-               "schedules, where it otherwise drifts and lets the query tell fresh keys from "
-               "stale queue entries (collapse). MoCo v2: off.",
+               "schedules, which collapse without it (docs/ALGORITHMS.md §6). MoCo v2: off.",
     "bn_mode": "shuffle (MoCo shuffle BN across replicas), split (single device, --bn_splits "
                "groups), sync (synchronized BN) or none.",
     "bn_splits": "Groups of split BN (the MoCo CIFAR demo uses 8).",

@@ -16,13 +16,13 @@ must beat. Later evaluations of the run report it as `random_init_top1` (for kNN
 Both evaluations use the backbone's pooled features (the projection head is discarded, as in
 MoCo) with the network in inference mode:
 
-* kNN (ALGORITHMS.md §1.5): the MoCo CIFAR demo's monitor. L2-normalised features, the train
+* kNN (docs/ALGORITHMS.md §8): the MoCo CIFAR demo's monitor. L2-normalised features, the train
   split is the memory bank, the held-out split the queries; each query is voted for by its k
   nearest neighbours weighted by exp(cos / t), t = 0.1, k chosen from the bank: 10% of its
   smallest class's count, at most 200 (MoCo's value for 5,000 images per class; `knn.auto_k`).
   The k used is recorded. For eval views of at most 32 x 32 pixels the same kNN on the flattened,
   L2-normalised eval views (raw pixels) is reported next to it: `raw_pixels_top1`.
-* linear (ALGORITHMS.md §1.6, facebookresearch/moco main_lincls.py): a linear classifier on the
+* linear (docs/ALGORITHMS.md §8, facebookresearch/moco main_lincls.py): a linear classifier on the
   frozen pooled features, fc ~ N(0, 0.01²), bias 0; SGD (PyTorch semantics) lr 30, momentum 0.9,
   weight decay 0, batch 256, 100 epochs, lr x0.1 at 60% and 80% of the epochs (epochs 60 and 80);
   training views RandomResizedCrop(0.08-1) + flip, validation Resize + CenterCrop, both scaled to

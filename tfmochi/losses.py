@@ -44,17 +44,17 @@ _NEG_INF = float("-inf")
 # Argument checks (shared with the trainer's flag validation)
 
 
-def check_temperature(temperature: float) -> float:
-  """Returns T if T > 0, else raises ValueError naming the argument and its range."""
+def check_temperature(temperature: float, name: str = "temperature") -> float:
+  """Returns T if T > 0, else raises ValueError naming the argument (`name`) and its range."""
   if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-    raise ValueError(f"temperature (T) must be a finite number > 0, got {temperature!r}.")
+    raise ValueError(f"{name} (T) must be a finite number > 0, got {temperature!r}.")
   return float(temperature)
 
 
-def check_tau_plus(tau_plus: float) -> float:
+def check_tau_plus(tau_plus: float, name: str = "tau_plus") -> float:
   """Returns τ+ if it lies in [0, 1), else raises ValueError."""
   if not (isinstance(tau_plus, (int, float)) and 0.0 <= tau_plus < 1.0):
-    raise ValueError(f"tau_plus (τ+, the class prior) must be in [0, 1), got {tau_plus!r}.")
+    raise ValueError(f"{name} (τ+, the class prior) must be in [0, 1), got {tau_plus!r}.")
   return float(tau_plus)
 
 
@@ -65,16 +65,17 @@ def check_percent(name: str, percent: float) -> float:
   return float(percent)
 
 
-def check_hard_beta(beta: float) -> float:
+def check_hard_beta(beta: float, name: str = "hard_beta") -> float:
   """Returns β if β >= 0, else raises ValueError."""
   if not (isinstance(beta, (int, float)) and beta >= 0 and math.isfinite(beta)):
-    raise ValueError(f"hard_beta (β, the hardness concentration) must be >= 0, got {beta!r}.")
+    raise ValueError(f"{name} (β, the hardness concentration) must be >= 0, got {beta!r}.")
   return float(beta)
 
 
-def check_loss_name(loss: str) -> str:
+def check_loss_name(loss: str, name: str = "loss") -> str:
+  """Returns the loss name if it is one of LOSSES, else raises ValueError."""
   if loss not in LOSSES:
-    raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {loss!r}.")
+    raise ValueError(f"{name} must be one of {', '.join(LOSSES)}; got {loss!r}.")
   return loss
 
 

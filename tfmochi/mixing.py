@@ -2,7 +2,8 @@
 
 For each query q (L2-normalised, [D]) and the queue Q = {n_1..n_K} (L2-normalised, [K, D]):
 
-  1. Q̃^N = the N queue entries with the largest q·n (that query's hardest negatives).
+  1. Q̃^N = the N queue entries with the largest q·n (that query's hardest negatives; found by
+     `tfmochi.topn`).
   2. s synthetic negatives  h_k  = normalize(α·n_i + (1−α)·n_j),  α ~ U(0, 1),
      with i, j drawn uniformly (independently, with replacement) from *that query's* Q̃^N.
   3. s' synthetic negatives h'_k = normalize(β·q + (1−β)·n_j),     β ~ U(0, β_max), β_max <= 0.5,
@@ -34,17 +35,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import ClassVar, NamedTuple
 
 import tensorflow as tf
+
+from tfmochi import topn
 
 _NEG_INF = float("-inf")
 # One explicit RNG algorithm: "auto_select" picks different generators with and without XLA, so the
 # same seed would draw different negatives in eager and compiled code.
 _ALG = tf.random.Algorithm.PHILOX
-# How each query's top-N is found (MochiConfig.top_n); see `hardest_indices`.
-TOP_N_METHODS = ("exact", "approx")
+# How each query's top-N is found (MochiConfig.top_n); see `tfmochi.topn`.
+TOP_N_METHODS = topn.METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +63,7 @@ class MochiConfig:
     top_n: "exact" (the N hardest, exactly) or "approx" (`tf.math.approx_max_k`, for TPUs: each
       true top-N entry is found with probability about `top_n_recall`; the entries it misses are
       replaced by the next hardest ones, so a few synthetic points mix slightly easier negatives.
-      On CPUs and GPUs TensorFlow computes the exact set instead; see `hardest_indices`).
+      On CPUs and GPUs TensorFlow computes the exact set instead; see `topn.hardest_indices`).
     top_n_recall: the recall target of "approx", in (0, 1].
   """
   num_hard: int = 1024
@@ -79,26 +82,33 @@ class MochiConfig:
     """s + s' when enabled, else 0."""
     return self.num_mix + self.num_query_mix if self.enabled else 0
 
-  def validate(self, queue_size: int | None = None) -> "MochiConfig":
-    """Raises ValueError naming the argument and its allowed range; returns self."""
-    for name, value in (("mochi_num_hard (N)", self.num_hard),
-                        ("mochi_num_mix (s)", self.num_mix),
-                        ("mochi_num_query_mix (s')", self.num_query_mix)):
+  # How validation errors call each field (their flags without "--"); `validate(names=...)`
+  # overrides them.
+  NAMES: ClassVar[dict] = {"num_hard": "mochi_num_hard", "num_mix": "mochi_num_mix",
+                           "num_query_mix": "mochi_num_query_mix", "beta_max": "mochi_beta_max",
+                           "top_n": "mochi_topn", "top_n_recall": "mochi_topn_recall"}
+
+  def validate(self, queue_size: int | None = None,
+               names: Mapping[str, str] | None = None) -> "MochiConfig":
+    """Raises ValueError naming the argument (`names[field]`) and its range; returns self."""
+    n = {**self.NAMES, **(names or {})}
+    for field, symbol in (("num_hard", "N"), ("num_mix", "s"), ("num_query_mix", "s'")):
+      value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        raise ValueError(f"{n[field]} ({symbol}) must be an integer >= 0, got {value!r}.")
     if not (isinstance(self.beta_max, (int, float)) and 0.0 < self.beta_max <= 0.5):
-      raise ValueError(f"mochi_beta_max (β_max) must be in (0, 0.5], got {self.beta_max!r}.")
+      raise ValueError(f"{n['beta_max']} (β_max) must be in (0, 0.5], got {self.beta_max!r}.")
     if queue_size is not None and self.num_hard > queue_size:
-      raise ValueError(f"mochi_num_hard (N) must be in [0, K] = [0, {queue_size}] (it picks the N "
-                       f"hardest of the K queue entries), got {self.num_hard}.")
+      raise ValueError(f"{n['num_hard']} (N) must be in [0, K] = [0, {queue_size}] (it picks the "
+                       f"N hardest of the K queue entries), got {self.num_hard}.")
     if self.top_n not in TOP_N_METHODS:
-      raise ValueError(f"mochi_topn must be one of {', '.join(TOP_N_METHODS)}, got "
+      raise ValueError(f"{n['top_n']} must be one of {', '.join(TOP_N_METHODS)}, got "
                        f"{self.top_n!r}.")
     if not (isinstance(self.top_n_recall, (int, float)) and 0.0 < self.top_n_recall <= 1.0):
-      raise ValueError(f"mochi_topn_recall must be in (0, 1], got {self.top_n_recall!r}.")
+      raise ValueError(f"{n['top_n_recall']} must be in (0, 1], got {self.top_n_recall!r}.")
     if self.num_hard == 0 and (self.num_mix or self.num_query_mix):
-      raise ValueError("mochi_num_mix (s) and mochi_num_query_mix (s') need mochi_num_hard (N) > 0 "
-                       "to have hard negatives to mix; set N > 0 or s = s' = 0.")
+      raise ValueError(f"{n['num_mix']} (s) and {n['num_query_mix']} (s') need {n['num_hard']} "
+                       "(N) > 0 to have hard negatives to mix; set N > 0 or s = s' = 0.")
     return self
 
 
@@ -128,219 +138,6 @@ def step_seed(seed: int | tf.Tensor, step: tf.Tensor, replica_id: int | tf.Tenso
   """A stateless RNG seed [2] int64 for one (run seed, step, replica)."""
   base = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
   return tf.random.experimental.stateless_fold_in(base, tf.cast(replica_id, tf.int64), alg=_ALG)
-
-
-def hardest_indices(l_neg: tf.Tensor, num_hard: int, method: str = "auto",
-                    recall_target: float = 0.95) -> tf.Tensor:
-  """Queue indices of each row's N largest logits, in ascending index order: [B, K] -> [B, N].
-
-  The set is what MoCHi needs; sorting it by index makes the draws that index into it identical
-  whatever order a top-k kernel (TF's, XLA's) happens to return. The exact methods return exactly
-  the same indices (int32), ties included (the lower index wins, as with `tf.math.top_k`).
-
-  Args:
-    l_neg: [B, K] logits (K static; -inf entries rank last).
-    num_hard: N, 1 <= N <= K.
-    method: "top_k" (`tf.math.top_k` + sort: any device, inside XLA too), "chunked" (a faster
-      exact selection for CPUs, see `_chunked_top_n`; needs K >= 8·N and cannot run inside an
-      XLA-compiled function) or "auto" ("chunked" when it applies, the host has no GPU/TPU and
-      the caller is not being compiled by XLA; else "top_k"), or "approx": N distinct indices
-      from `tf.math.approx_max_k(recall_target)`. On a TPU that is a partial reduction (no
-      sort) whose expected recall of the true top-N is about `recall_target`: it keeps the
-      largest logit of each of its bins, so a missed entry's place goes to a lower-ranked one,
-      i.e. an easier negative for the synthetic points mixed from it. On CPUs and GPUs
-      TensorFlow has no approximate kernel: its op and XLA:CPU both compute the exact top-N
-      (XLA:CPU by sorting each whole row, slower than "top_k"; docs/BENCHMARKS.md).
-    recall_target: for "approx", in (0, 1].
-  """
-  x = tf.stop_gradient(tf.cast(l_neg, tf.float32))
-  if method not in ("auto", "top_k", "chunked", "approx"):
-    raise ValueError(f"method must be auto, top_k, chunked or approx; got {method!r}.")
-  if method == "approx":
-    found = tf.math.approx_max_k(x, num_hard, recall_target=recall_target).indices
-    return tf.sort(found, axis=-1)
-  chunk = _topn_chunk_size(x.shape[-1], num_hard)
-  if method == "chunked" and chunk is None:
-    raise ValueError(f"method=chunked needs a static K >= 8·N and divisible by a power of 2 >= 2; "
-                     f"got K={x.shape[-1]}, N={num_hard}.")
-  if method == "auto" and (chunk is None or not _cpu_only_host() or _inside_xla()):
-    method = "top_k"
-  if method == "top_k":
-    return _top_k_indices(x, num_hard)
-  return _chunked_top_n(x, num_hard, chunk)
-
-
-def _top_k_indices(x: tf.Tensor, n: int) -> tf.Tensor:
-  """[B, K] -> [B, N] int32: `tf.math.top_k`'s indices, sorted ascending."""
-  return tf.sort(tf.math.top_k(x, k=n, sorted=False).indices, axis=-1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Exact top-N for CPUs.
-#
-# Why: on a CPU, `tf.math.top_k(k=1024)` over [256, 65536] logits costs about as much as the whole
-# MoCo head (its kernel pushes every element through a heap comparison, a few ns each), and XLA's
-# TopK is slower still. A fused compare-and-count pass costs a fraction of a ns per element, so the
-# selection below only compares, counts and gathers (4-5x faster at that size), and it is exact:
-# it returns exactly the set
-# {x >= t} for a threshold t with count(x >= t) == N, which *is* the top-N set. Whenever it cannot
-# certify such a t (ties at the N-th value, fewer than N finite logits, non-finite values, an
-# unusually spread candidate set), it falls back to `_top_k_indices`, so the result never differs.
-#
-#   1. Chunk maxima: cm = max of each chunk of c consecutive logits, [B, K/c] (one pass over x).
-#      A threshold t1 with N <= count(cm >= t1) <= N + slack is found by bisection on the value
-#      (each step is one fused compare-and-count pass over cm, in XLA). Every logit >= t1 lies in a
-#      chunk with max >= t1, so the selected chunks hold all of them, and since each selected chunk
-#      holds at least one logit >= t1, count(x >= t1) >= N: the top-N lie among the selected chunks.
-#   2. The selected chunk ids, ascending (tf.where), padded to N + slack.
-#   3. The candidates: the logits of the selected chunks that are >= t1 (about 1.05-1.2·N per row
-#      for c ~ sqrt(K/N)), compacted (tf.where) to [B, cap ~ 1.5·N] in ascending index order.
-#   4. An exact threshold t2 >= t1 with count(candidates >= t2) == N, by bisection on [B, cap].
-#      All logits >= t2 are candidates, so exactly N logits of the row are >= t2.
-#   5. The indices of those N candidates, already in ascending order (no sort needed).
-
-_TOPN_MAX_ITERS = 64  # bisection steps before giving a row up (float32 needs < 40 in practice)
-
-
-def _topn_chunk_size(k: int | None, n: int) -> int | None:
-  """The chunk size c of the chunked top-N (a power of 2 near sqrt(K/N) dividing K), or None when
-  K is unknown or too small for it to pay off (K < 8·N)."""
-  if k is None or n < 1 or k < 8 * n:
-    return None
-  c = 1 << (math.isqrt(k // n).bit_length() - 1)  # largest power of 2 <= sqrt(K/N)
-  while c > 1 and k % c:
-    c //= 2
-  # Counts are summed in float32, exact up to 2^24 per row.
-  return c if c >= 2 and k // c < 2**24 else None
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_only_host() -> bool:
-  """True when TensorFlow sees no GPU and no TPU (where `top_k` is fast, or must stay in XLA)."""
-  return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
-
-
-def _inside_xla() -> bool:
-  """True while tracing code that XLA will compile (a jit_compile=True function, TPU), where the
-  dynamic shapes of tf.where are not allowed."""
-  try:
-    from tensorflow.python.framework import ops  # pylint: disable=g-import-not-at-top
-    from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
-  except ImportError:  # internal modules moved: assume plain TensorFlow
-    return False
-  return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
-
-
-def _threshold_for_count(values: tf.Tensor, n: int, lo: tf.Tensor, count_lo: tf.Tensor,
-                         slack: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """Per row, a threshold t with n <= count(values >= t) <= n + slack, by bisection on the value.
-
-  Args:
-    values: [B, M] float32.
-    n: the target count.
-    lo: [B] a threshold with count_lo = count(values >= lo) >= n (the caller guarantees it).
-    count_lo: [B] int32.
-    slack: how far above n the count may be.
-
-  Returns:
-    (t [B], count(values >= t) [B], ok [B]); ok is False for a row whose target could not be
-    reached (a tie spanning it, or no finite bracket), and t is then meaningless.
-  """
-  inf = tf.constant(float("inf"))
-  hi = tf.math.nextafter(tf.reduce_max(values, axis=1), inf)  # count(values >= hi) == 0 < n
-  done = count_lo <= n + slack
-  stuck = tf.logical_not(tf.math.is_finite(hi))
-
-  def cond(i, lo, hi, count_lo, done, stuck):
-    del lo, hi, count_lo
-    return tf.logical_and(i < _TOPN_MAX_ITERS, tf.reduce_any(~done & ~stuck))
-
-  def body(i, lo, hi, count_lo, done, stuck):
-    mid = lo + (hi - lo) * 0.5
-    no_float_between = (mid <= lo) | (mid >= hi)  # lo and hi adjacent: a tie straddles n
-    # Counted in float32 (exact below 2^24 entries per row): XLA's CPU reduction of a float
-    # select runs ~30% faster than of an int cast.
-    count = tf.cast(tf.reduce_sum(tf.where(values >= mid[:, None], 1.0, 0.0), axis=1), tf.int32)
-    active = ~(done | stuck | no_float_between)
-    up = active & (count >= n)
-    return (i + 1, tf.where(up, mid, lo), tf.where(active & (count < n), mid, hi),
-            tf.where(up, count, count_lo), done | (up & (count <= n + slack)),
-            stuck | (~done & no_float_between))
-
-  _, lo, _, count_lo, done, _ = tf.while_loop(cond, body, (0, lo, hi, count_lo, done, stuck))
-  return lo, count_lo, done
-
-
-@functools.lru_cache(maxsize=None)
-def _chunked_stages(k: int, n: int, c: int, slack: int, cap: int):
-  """The XLA-compiled stages of `_chunked_top_n` for static (K, N, c, slack, cap).
-
-  Between stages, TensorFlow compacts boolean masks (`_compact_true`), which XLA cannot do
-  cheaply; every tensor crossing into XLA has a static shape, so nothing is recompiled.
-  """
-  g = k // c  # chunks per row
-  m = n + slack  # chunk slots per row
-
-  def select_chunks(x):  # [B, K] -> chunk mask [B, G], t1 [B], its count [B], ok []
-    b = tf.shape(x)[0]
-    cm = tf.reduce_max(tf.reshape(x, [b, g, c]), axis=-1)
-    lo = tf.reduce_min(tf.where(tf.math.is_finite(cm), cm, float("inf")), axis=1)
-    count_lo = tf.reduce_sum(tf.cast(cm >= lo[:, None], tf.int32), axis=1)  # finite chunks
-    t1, count, ok = _threshold_for_count(cm, n, lo, count_lo, slack)
-    ok = ok & (count_lo >= n) & tf.math.is_finite(t1)
-    return cm >= t1[:, None], t1, count, tf.reduce_all(ok)
-
-  def candidates(x, chunk_flat, t1):  # the chosen chunks' logits, and which are >= t1
-    b = tf.shape(x)[0]
-    real = chunk_flat >= 0  # [B, m]; padding is -1
-    chunk_ids = chunk_flat % g  # chunk_flat indexes the [B·G, c] chunks of x
-    cand = tf.gather(tf.reshape(x, [-1, c]), tf.reshape(tf.maximum(chunk_flat, 0), [-1]))
-    cand = tf.reshape(tf.where(tf.reshape(real, [-1, 1]), cand, float("-inf")), [b, m * c])
-    mask = cand >= t1[:, None]
-    count = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
-    return cand, mask, count, chunk_ids, tf.reduce_all(count <= cap)
-
-  def exact(cand, cand_flat, t1, count):  # [B, cap] compacted candidates -> exactly n chosen
-    real = cand_flat >= 0
-    values = tf.where(real, tf.gather(tf.reshape(cand, [-1]), tf.maximum(cand_flat, 0)),
-                      float("-inf"))
-    t2, _, ok = _threshold_for_count(values, n, t1, count, 0)
-    chosen = values >= t2[:, None]
-    return chosen, tf.reduce_sum(tf.cast(chosen, tf.int32), axis=1), tf.reduce_all(ok)
-
-  def indices(chosen_flat, cand_flat, chunk_ids):  # slots [B, n] -> queue indices [B, n]
-    b = tf.shape(chunk_ids)[0]
-    pos = tf.gather(tf.reshape(cand_flat, [-1]), tf.maximum(chosen_flat, 0)) % (m * c)
-    chunk = tf.gather(tf.reshape(chunk_ids, [-1]), tf.range(b)[:, None] * m + pos // c)
-    return chunk * c + pos % c
-
-  compile_ = functools.partial(tf.function, jit_compile=True, reduce_retracing=True)
-  return tuple(compile_(f) for f in (select_chunks, candidates, exact, indices))
-
-
-def _compact_true(mask: tf.Tensor, row_counts: tf.Tensor, width: int) -> tf.Tensor:
-  """Row-major flat positions of the True entries of a [B, M] mask, packed left in [B, width]
-  (ascending within each row, -1 padding; rows with more than `width` are cut)."""
-  flat = tf.cast(tf.reshape(tf.where(tf.reshape(mask, [-1])), [-1]), tf.int32)
-  ragged = tf.RaggedTensor.from_row_lengths(flat, row_counts, validate=False)
-  return ragged.to_tensor(-1, shape=[None, width])
-
-
-def _chunked_top_n(x: tf.Tensor, n: int, c: int) -> tf.Tensor:
-  """`_top_k_indices(x, n)`, computed by the exact chunked selection above (CPU, not in XLA)."""
-  k = x.shape[1]
-  slack = max(1, min(64, n // 16))  # stage 1's count window: fewer bisection steps
-  cap = n + n // 2 + slack  # stage 3 expects ~1.05-1.2·N candidates per row for c ~ sqrt(K/N)
-  select_chunks, candidates, exact, indices = _chunked_stages(k, n, c, slack, cap)
-  chunk_mask, t1, count1, ok1 = select_chunks(x)
-  chunk_flat = _compact_true(chunk_mask, count1, n + slack)
-  cand, mask, count, chunk_ids, ok3 = candidates(x, chunk_flat, t1)
-  cand_flat = _compact_true(mask, count, cap)
-  chosen, count4, ok4 = exact(cand, cand_flat, t1, count)
-  result = indices(_compact_true(chosen, count4, n), cand_flat, chunk_ids)
-  # Every stage above has well-defined shapes even when a check fails (the compactions cut or
-  # pad), so a single cond decides at the end; the fallback runs only when it is needed.
-  return tf.cond(ok1 & ok3 & ok4, lambda: result, lambda: _top_k_indices(x, n))
 
 
 def mix_pair_logits(z_i: tf.Tensor, z_j: tf.Tensor, n_ij: tf.Tensor,
@@ -376,78 +173,109 @@ def _unit_uniform(shape, seed: tf.Tensor) -> tf.Tensor:
   return tf.cast(bits, tf.float32) * (1.0 / (1 << 24))
 
 
+class _Rows(NamedTuple):
+  """Where this replica's queries sit in the global batch, for draws that do not depend on R.
+
+  The draws are made for the whole global batch and this replica keeps its rows, so that the same
+  global batch gets the same synthetic negatives on 1 or R replicas.
+  """
+  batch: tf.Tensor  # B, this replica's queries
+  offset: tf.Tensor  # index of its first query in the global batch
+  global_rows: int | None  # the global batch (static); None: draw B rows
+
+  def draw(self, fn, shape: list, seed: tf.Tensor) -> tf.Tensor:
+    """fn([rows] + shape, seed) -> this replica's [B] + shape."""
+    if self.global_rows is None:
+      return fn([self.batch] + shape, seed)
+    rows = fn([self.global_rows] + shape, seed)
+    return tf.slice(rows, [self.offset] + [0] * len(shape), [self.batch] + shape)
+
+
+def _take(values: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+  """Per-query gather: [B, X], [B, Y] -> [B, Y]."""
+  return tf.gather(values, positions, batch_dims=1)
+
+
+def _randint(maxval: int):
+  return lambda shape, seed: tf.random.stateless_uniform(shape, seed, 0, maxval, tf.int32,
+                                                         alg=_ALG)
+
+
+def _pair_mixes(queue: tf.Tensor, hard: tf.Tensor, z_hard: tf.Tensor, seeds: tuple, rows: _Rows,
+                num_hard: int, num_mix: int):
+  """Type 1, h = normalize(α n_i + (1−α) n_j) with i, j uniform over each query's top-N.
+
+  Returns:
+    (logits [B, s] with 0 where a source is absent, present [B, s] bool, (i, j) queue indices
+    [B, s, 2], α [B, s], (n_i, n_j) [B, s, D]).
+  """
+  batch = rows.batch
+  pos_ij = rows.draw(_randint(num_hard), [num_mix, 2], seeds[0])  # positions in the top-N
+  ij = tf.reshape(_take(hard, tf.reshape(pos_ij, [batch, num_mix * 2])), [batch, num_mix, 2])
+  alpha = rows.draw(_unit_uniform, [num_mix], seeds[1])
+  z_i, z_j = _take(z_hard, pos_ij[..., 0]), _take(z_hard, pos_ij[..., 1])  # [B, s]
+  n_i, n_j = tf.gather(queue, ij[..., 0]), tf.gather(queue, ij[..., 1])  # [B, s, D], fused by XLA
+  n_ij = tf.reduce_sum(n_i * n_j, axis=-1)  # [B, s]: the only new dot products
+  present = tf.logical_and(tf.math.is_finite(z_i), tf.math.is_finite(z_j))
+  zero = tf.zeros_like(z_i)
+  logits = mix_pair_logits(tf.where(present, z_i, zero), tf.where(present, z_j, zero), n_ij, alpha)
+  return logits, present, ij, alpha, (n_i, n_j)
+
+
+def _query_mixes(q: tf.Tensor, hard: tf.Tensor, z_hard: tf.Tensor, seeds: tuple, rows: _Rows,
+                 num_hard: int, num_query_mix: int, beta_max: float):
+  """Type 2, h' = normalize(β sg(q) + (1−β) n_j) with β ~ U(0, β_max), j uniform over the top-N.
+
+  Returns:
+    (logits [B, s'] with 0 where n_j is absent, present [B, s'] bool, j [B, s'], β [B, s']).
+  """
+  pos_j = rows.draw(_randint(num_hard), [num_query_mix], seeds[0])
+  j = _take(hard, pos_j)  # [B, s'] queue indices
+  beta = beta_max * rows.draw(_unit_uniform, [num_query_mix], seeds[1])
+  z_j = _take(z_hard, pos_j)  # [B, s']
+  present = tf.math.is_finite(z_j)
+  z_j = tf.where(present, z_j, tf.zeros_like(z_j))
+  qq = tf.reduce_sum(q * tf.stop_gradient(q), axis=-1, keepdims=True)  # value ‖q‖², gradient sg(q)
+  return mix_query_logits(qq, z_j, beta), present, j, beta
+
+
+def _explicit_features(q: tf.Tensor, queue: tf.Tensor, n_pair: tuple, alpha: tf.Tensor,
+                       j: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
+  """The synthetic points themselves, [B, s + s', D] (analysis and tests; not needed to train)."""
+  n_i, n_j = n_pair
+  h = tf.math.l2_normalize(alpha[..., None] * n_i + (1 - alpha[..., None]) * n_j, axis=-1)
+  q_const = tf.stop_gradient(q)[:, None, :]
+  h2 = tf.math.l2_normalize(beta[..., None] * q_const + (1 - beta[..., None])
+                            * tf.gather(queue, j), axis=-1)
+  return tf.stop_gradient(tf.concat([h, h2], axis=1))
+
+
 def _synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor,
                 enabled: tf.Tensor, row_offset: tf.Tensor, hard: tf.Tensor, num_hard: int,
                 num_mix: int, num_query_mix: int, beta_max: float, global_rows: int | None,
                 return_features: bool) -> Synthesis:
   """The computation behind `synthesize` (see there); static ints, pure tensors.
 
-  `hard` [B, N] int32 is `hardest_indices(l_neg, N)`, computed by the caller: outside the XLA
+  `hard` [B, N] int32 is `topn.hardest_indices(l_neg, N)`, computed by the caller: outside the XLA
   function on CPUs, where a faster exact selection than XLA's TopK exists.
   """
   q = tf.cast(q, tf.float32)
   queue = tf.stop_gradient(tf.cast(queue, tf.float32))
-  l_neg = tf.cast(l_neg, tf.float32)
-  batch = tf.shape(q)[0]
+  rows = _Rows(tf.shape(q)[0], row_offset, global_rows)
   seed_pairs, seed_alpha, seed_query, seed_beta = tf.unstack(
       tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4, alg=_ALG))
-
-  def draw(shape, rng_seed, fn):
-    """Draws for the whole global batch and keeps this replica's rows, so that the same global
-    batch gets the same synthetic negatives on 1 or R replicas."""
-    if global_rows is None:
-      return fn([batch] + shape, rng_seed)
-    rows = fn([global_rows] + shape, rng_seed)
-    return tf.slice(rows, [row_offset] + [0] * len(shape), [batch] + shape)
-
-  def randint(shape, rng_seed):
-    return tf.random.stateless_uniform(shape, rng_seed, 0, num_hard, tf.int32, alg=_ALG)
-
-  def take(values, positions):  # per-query gather: [B, X], [B, Y] -> [B, Y]
-    return tf.gather(values, positions, batch_dims=1)
-
-  def present(z):
-    return tf.math.is_finite(z)
-
   # The logits of each query's top-N, gathered once ([B, N], carry gradient): the s + s' draws
-  # below index this small array instead of the [B, K] logits (same values; fewer cache misses,
-  # and the backward pass scatters N instead of 2s + s' values per query into the [B, K] gradient).
-  z_hard = take(l_neg, hard)
-
-  # ---- type 1: h = normalize(α n_i + (1−α) n_j), i, j uniform over this query's top-N
-  pos_ij = draw([num_mix, 2], seed_pairs, randint)
-  ij = take(hard, tf.reshape(pos_ij, [batch, num_mix * 2]))
-  ij = tf.reshape(ij, [batch, num_mix, 2])  # [B, s, 2] queue indices
-  alpha = draw([num_mix], seed_alpha, _unit_uniform)
-  z_i, z_j = take(z_hard, pos_ij[..., 0]), take(z_hard, pos_ij[..., 1])  # [B, s]
-  n_i, n_j = tf.gather(queue, ij[..., 0]), tf.gather(queue, ij[..., 1])  # [B, s, D], fused by XLA
-  n_ij = tf.reduce_sum(n_i * n_j, axis=-1)  # [B, s]
-  ok1 = tf.logical_and(present(z_i), present(z_j))
-  zero = tf.zeros_like(z_i)
-  mix1 = mix_pair_logits(tf.where(ok1, z_i, zero), tf.where(ok1, z_j, zero), n_ij, alpha)
-
-  # ---- type 2: h' = normalize(β sg(q) + (1−β) n_j), β ~ U(0, β_max)
-  pos_j = draw([num_query_mix], seed_query, randint)
-  j2 = take(hard, pos_j)  # [B, s']
-  beta = beta_max * draw([num_query_mix], seed_beta, _unit_uniform)
-  z2 = take(z_hard, pos_j)  # [B, s']
-  ok2 = present(z2)
-  z2 = tf.where(ok2, z2, tf.zeros_like(z2))
-  q_const = tf.stop_gradient(q)
-  qq = tf.reduce_sum(q * q_const, axis=-1, keepdims=True)  # [B, 1]: value ‖q‖², gradient sg(q)
-  mix2 = mix_query_logits(qq, z2, beta)
-
+  # index this small array instead of the [B, K] logits (same values; fewer cache misses, and
+  # the backward pass scatters N instead of 2s + s' values per query into the [B, K] gradient).
+  z_hard = _take(tf.cast(l_neg, tf.float32), hard)
+  mix1, ok1, ij, alpha, n_pair = _pair_mixes(queue, hard, z_hard, (seed_pairs, seed_alpha), rows,
+                                             num_hard, num_mix)
+  mix2, ok2, j2, beta = _query_mixes(q, hard, z_hard, (seed_query, seed_beta), rows, num_hard,
+                                     num_query_mix, beta_max)
   ok = tf.logical_and(tf.concat([ok1, ok2], axis=1), tf.reshape(enabled, []))
-  logits = tf.concat([mix1, mix2], axis=1)  # [B, s + s']
-  logits = tf.where(ok, logits, tf.constant(_NEG_INF, tf.float32))
-
-  features = None
-  if return_features:
-    h = tf.math.l2_normalize(alpha[..., None] * n_i + (1 - alpha[..., None]) * n_j, axis=-1)
-    n2 = tf.gather(queue, j2)
-    h2 = tf.math.l2_normalize(beta[..., None] * q_const[:, None, :] + (1 - beta[..., None]) * n2,
-                              axis=-1)
-    features = tf.stop_gradient(tf.concat([h, h2], axis=1))
+  logits = tf.where(ok, tf.concat([mix1, mix2], axis=1), tf.constant(_NEG_INF, tf.float32))
+  features = (_explicit_features(q, queue, n_pair, alpha, j2, beta) if return_features
+              else None)
   return Synthesis(logits=logits, hard_indices=hard, mix_indices=ij, alpha=alpha,
                    query_mix_indices=j2, beta=beta, features=features)
 
@@ -499,20 +327,30 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
   config.validate(queue_size=k)
   enabled = tf.convert_to_tensor(enabled, tf.bool)
   row_offset = tf.convert_to_tensor(row_offset, tf.int32)
-  approx = config.top_n == "approx"
   # Inside a function that XLA already compiles (--jit_compile, TPU) the plain function joins that
   # computation: a nested jit_compile function there is compiled with its arguments as
   # compile-time constants, i.e. recompiled at every step.
-  if jit_compile is None or _inside_xla():
-    hard = hardest_indices(l_neg, config.num_hard, method="approx" if approx else "top_k",
-                           recall_target=config.top_n_recall)  # XLA-safe
+  plain = jit_compile is None or topn.inside_xla()
+  hard = _hard_indices(l_neg, config, inside_xla=plain)
+  if plain:
     return _synthesize(q, queue, l_neg, seed, enabled, row_offset, hard, config.num_hard,
                        config.num_mix, config.num_query_mix, float(config.beta_max), global_rows,
                        return_features)
-  # The top-N runs before (outside) the compiled function: on a CPU host it uses the exact chunked
-  # selection, several times faster than a TopK kernel; elsewhere TF's top_k (identical indices).
-  hard = hardest_indices(l_neg, config.num_hard, method="approx" if approx else "auto",
-                         recall_target=config.top_n_recall)
   fn = _compiled(config.num_hard, config.num_mix, config.num_query_mix, float(config.beta_max),
                  global_rows, bool(return_features), bool(jit_compile))
   return fn(q, queue, l_neg, seed, enabled, row_offset, hard)._replace(hard_indices=hard)
+
+
+def _hard_indices(l_neg: tf.Tensor, config: MochiConfig, inside_xla: bool) -> tf.Tensor:
+  """Each query's top-N, [B, K] -> [B, N], by the method `config.top_n` asks for.
+
+  Outside XLA the top-N runs before the compiled synthesis: on a CPU host "auto" takes the exact
+  chunked selection, several times faster than a TopK kernel (elsewhere TF's top_k, identical
+  indices). Inside XLA only "top_k" (or "approx") can run.
+  """
+  if config.top_n == "approx":
+    method = "approx"
+  else:
+    method = "top_k" if inside_xla else "auto"
+  return topn.hardest_indices(l_neg, config.num_hard, method=method,
+                              recall_target=config.top_n_recall)

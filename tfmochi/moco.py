@@ -7,7 +7,7 @@
   1. θk ← m·θk + (1−m)·θq                       (before the keys, as MoCo's forward does)
   2. k = normalize(f_k(x_k))                     with shuffle BN across replicas / split BN
   3. q = normalize(f_q(x_q))                     under the gradient tape
-  4. loss = head(q, k, queue snapshot)           InfoNCE / debiased / hard, Cai masks, MoCHi
+  4. loss = objective(q, k, queue snapshot)      InfoNCE / debiased / hard, Cai masks, MoCHi
   5. θq ← SGD(θq, ∇loss + wd·θq)                 PyTorch's SGD momentum and coupled L2
   6. enqueue(all_gather(k))                      after the logits: the step never sees its own keys
 
@@ -27,15 +27,18 @@ shapes and only ops XLA compiles.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import ClassVar, NamedTuple
 
 import keras
 import tensorflow as tf
 
 from tfmochi import augment
 from tfmochi import distribute
-from tfmochi import head as head_lib
 from tfmochi import mixing
+from tfmochi import models
 from tfmochi import momentum as momentum_lib
+from tfmochi import objective as objective_lib
 from tfmochi import optimizer as optimizer_lib
 from tfmochi import queue as queue_lib
 
@@ -45,7 +48,7 @@ MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 @dataclasses.dataclass(frozen=True)
 class MoCoConfig:
-  """The MoCo side of the method (the objective itself is `head`).
+  """The MoCo side of the method (the loss side is `objective`).
 
   Attributes:
     queue_size: K.
@@ -60,7 +63,7 @@ class MoCoConfig:
     weight_decay: coupled L2 coefficient (MoCo: 1e-4 on all parameters).
     mochi_warmup_steps: steps before MoCHi starts synthesising (the paper: 10/15 epochs).
     seed: the run seed behind every stateless draw.
-    head: the objective.
+    objective: the loss side (`objective.ObjectiveConfig`).
   """
   queue_size: int = 65536
   embedding_dim: int = 128
@@ -71,22 +74,36 @@ class MoCoConfig:
   weight_decay: float = 1e-4
   mochi_warmup_steps: int = 0
   seed: int = 0
-  head: head_lib.HeadConfig = dataclasses.field(default_factory=head_lib.HeadConfig)
+  objective: objective_lib.ObjectiveConfig = dataclasses.field(
+      default_factory=objective_lib.ObjectiveConfig)
 
-  def validate(self, global_batch_size: int) -> "MoCoConfig":
-    """Raises ValueError naming the argument and its allowed range; returns self."""
-    queue_lib.check_queue_size(self.queue_size, global_batch_size)
-    momentum_lib.check_momentum(self.momentum)
+  # How validation errors call each field; `validate(names=...)` overrides them
+  # (`config.TrainConfig.validate` passes the flags).
+  NAMES: ClassVar[dict] = {"queue_size": "queue_size", "momentum": "moco_momentum",
+                           "momentum_schedule": "momentum_schedule", "bn_mode": "bn_mode",
+                           "weight_decay": "weight_decay", "mochi_warmup_steps": "mochi warm-up"}
+
+  def validate(self, global_batch_size: int,
+               names: Mapping[str, str] | None = None) -> "MoCoConfig":
+    """Raises ValueError naming the argument and its allowed range; returns self.
+
+    `names` (field -> name) is how the messages call the fields of this config, its
+    `objective` and its `objective.mochi` (e.g. their flags).
+    """
+    n = {**self.NAMES, **(names or {})}
+    queue_lib.check_queue_size(self.queue_size, global_batch_size, name=n["queue_size"])
+    momentum_lib.check_momentum(self.momentum, name=n["momentum"])
     if self.momentum_schedule not in MOMENTUM_SCHEDULES:
-      raise ValueError(f"momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}, got "
-                       f"{self.momentum_schedule!r}.")
+      raise ValueError(f"{n['momentum_schedule']} must be one of "
+                       f"{', '.join(MOMENTUM_SCHEDULES)}, got {self.momentum_schedule!r}.")
     if self.bn_mode not in BN_MODES:
-      raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}.")
+      raise ValueError(f"{n['bn_mode']} must be one of {', '.join(BN_MODES)}, got "
+                       f"{self.bn_mode!r}.")
     if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+      raise ValueError(f"{n['weight_decay']} must be >= 0, got {self.weight_decay!r}.")
     if self.mochi_warmup_steps < 0:
-      raise ValueError(f"mochi warm-up must be >= 0, got {self.mochi_warmup_steps}.")
-    self.head.validate(self.queue_size)
+      raise ValueError(f"{n['mochi_warmup_steps']} must be >= 0, got {self.mochi_warmup_steps}.")
+    self.objective.validate(self.queue_size, names=names)
     return self
 
 
@@ -109,13 +126,7 @@ class MoCo(tf.Module):
     self.global_batch_size = global_batch_size
     self.query_encoder = query_encoder
     self.key_encoder = key_encoder
-    if len(query_encoder.weights) != len(key_encoder.weights):
-      raise ValueError("query and key encoders must have the same architecture.")
-    for q_var, k_var in zip(query_encoder.weights, key_encoder.weights):
-      if tuple(q_var.shape) != tuple(k_var.shape):
-        raise ValueError(f"query weight {q_var.path} {tuple(q_var.shape)} does not match key "
-                         f"weight {k_var.path} {tuple(k_var.shape)}.")
-      k_var.assign(q_var)  # exact copy, not a fresh init
+    models.copy_weights(query_encoder, key_encoder)  # an exact copy, not a fresh init
     # The key encoder is *not* marked trainable=False: in Keras that also freezes its BatchNorm
     # into inference mode, while MoCo's key encoder normalises with batch statistics. It never gets
     # gradients because it runs outside the tape and is not in the optimizer's variable list.
@@ -172,8 +183,7 @@ class MoCo(tf.Module):
 
     Args:
       batch: {"view1": [b, H, W, 3] query views (uint8, normalised here, or already normalised
-        floats), "view2": key views, optional "id" [b] and
-        "label" [b] int64 (-1 unknown)}.
+        floats), "view2": key views, optional "id" [b] and "label" [b] int64 (-1 unknown)}.
       optimizer: a `tfmochi.optimizer.SGD` built on `query_encoder.trainable_variables` (inside
         the strategy scope); its learning rate is taken at `step`.
       step: the global step (scalar int tensor) *before* this update. It drives the learning
@@ -188,51 +198,53 @@ class MoCo(tf.Module):
         halves), not a non-finite step.
 
     Returns:
-      Per-replica metrics: scalars already divided so that a SUM across replicas gives the global
-      value ("loss", "acc1", "acc5" (over the whole row the loss sees, synthetic negatives
-      included), "acc1_queue", "hardest_negative", "synthetic_logit", "removed_same_class",
-      "finite" (1 unless the global loss or gradient is non-finite; a loss-scale overflow is
-      not), "finite_loss", "loss_scale_skip", "lr", "momentum").
+      Per-replica metrics, see `_metrics`.
     """
     batch = augment.normalize_views(batch)  # uint8 views from the input pipeline, on the device
-    cfg = self.config
-    num_replicas, replica_id = distribute.replica_context_info()
-    b = tf.shape(batch["view1"])[0]
-    ids = batch.get("id")
-    labels = batch.get("label")
-
-    restore = skip_nonfinite or loss_scale is not None
-    stats = [v for v in self.query_encoder.non_trainable_variables
-             + self.key_encoder.non_trainable_variables]
     # Read before the forward passes and the momentum update, to undo them on a skipped step.
-    saved = [tf.identity(v) for v in stats] if restore else []
-    saved_keys = [tf.identity(k_var) for k_var, _ in self.pairs] if restore else []
-
+    saved = self._save_moving_state() if (skip_nonfinite or loss_scale is not None) else None
     m = self.momentum_at(step)
     # 1. momentum update before the keys are computed (MoCo's order).
     with tf.control_dependencies([momentum_lib.momentum_update(self.pairs, m)]):
       k = self.encode_keys(batch["view2"], step)
     # 2. the queue as it was before this step (the enqueue below is ordered after this read).
     queue_keys, queue_ids, queue_labels = self.queue.snapshot()
-    seed = mixing.step_seed(cfg.seed, step)
     variables = self.query_encoder.trainable_variables
     with tf.GradientTape() as tape:
-      q = self.query_encoder(batch["view1"], training=True)
-      q = tf.math.l2_normalize(tf.cast(q, tf.float32), axis=-1)
-      out = head_lib.contrastive_head(
-          q, k, queue_keys, cfg.head, seed=seed, mochi_enabled=self.mochi_enabled_at(step),
-          query_ids=ids, queue_ids=queue_ids, query_labels=labels, queue_labels=queue_labels,
-          row_offset=tf.cast(replica_id, tf.int32) * b, global_rows=self.global_batch_size)
-      # This replica's share of the global-batch mean: the gradients are summed over replicas.
-      loss = tf.reduce_sum(out.loss) / self.global_batch_size
+      out, loss = self._objective(batch, k, (queue_keys, queue_ids, queue_labels), step)
       scaled = loss * loss_scale.scale if loss_scale is not None else loss
     grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
              for g, v in zip(tape.gradient(scaled, variables), variables)]
-    # One all-reduce of the gradients and the loss: every replica gets the same global values,
-    # so the decisions below are the same on every replica.
+    grads, decision = self._global_decision(grads, loss, loss_scale)
+    lr = self._apply_gradients(grads, variables, optimizer, step, decision, loss_scale)
+    if saved is not None:
+      self._restore_unless(decision.applied, saved)
+    # 3. enqueue after the logits (ordered after the snapshot by automatic control deps).
+    self.queue.enqueue(k, batch.get("id"), batch.get("label"), enabled=decision.applied)
+    return self._metrics(out, loss, decision, lr, m)
+
+  def _objective(self, batch: dict, k: tf.Tensor, queue: tuple, step: tf.Tensor):
+    """(ObjectiveOutput, this replica's share of the global-batch mean loss), under the tape."""
+    replica_id = distribute.replica_context_info()[1]
+    queue_keys, queue_ids, queue_labels = queue
+    b = tf.shape(batch["view1"])[0]
+    q = self.query_encoder(batch["view1"], training=True)
+    q = tf.math.l2_normalize(tf.cast(q, tf.float32), axis=-1)
+    out = objective_lib.contrastive_objective(
+        q, k, queue_keys, self.config.objective, seed=mixing.step_seed(self.config.seed, step),
+        mochi_enabled=self.mochi_enabled_at(step), query_ids=batch.get("id"),
+        queue_ids=queue_ids, query_labels=batch.get("label"), queue_labels=queue_labels,
+        row_offset=tf.cast(replica_id, tf.int32) * b, global_rows=self.global_batch_size)
+    # Divided by the global batch: the gradients are summed over replicas.
+    return out, tf.reduce_sum(out.loss) / self.global_batch_size
+
+  def _global_decision(self, grads: list, loss: tf.Tensor,
+                       loss_scale: optimizer_lib.DynamicLossScale | None):
+    """All-reduces (grads, loss) once and decides from the global values: the same on every
+    replica. Returns (global unscaled grads, `_Decision`)."""
     ctx = tf.distribute.get_replica_context()
     global_loss = loss
-    if ctx is not None and num_replicas > 1:
+    if ctx is not None and distribute.replica_context_info()[0] > 1:
       grads, global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, (grads, loss))
     if loss_scale is not None:
       scale = tf.convert_to_tensor(loss_scale.scale)
@@ -240,44 +252,67 @@ class MoCo(tf.Module):
     finite_loss = tf.math.is_finite(global_loss)
     finite_grads = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
     applied = tf.logical_and(finite_loss, finite_grads)
+    overflow = tf.constant(False)
     if loss_scale is not None:
       overflow = tf.logical_and(tf.logical_and(finite_loss, tf.logical_not(finite_grads)),
                                 loss_scale.can_overflow())
-    else:
-      overflow = tf.constant(False)
-    finite = tf.logical_or(applied, overflow)
-    if cfg.weight_decay:
+    return grads, _Decision(applied, finite_loss, finite_grads, overflow)
+
+  def _apply_gradients(self, grads: list, variables: list, optimizer: optimizer_lib.SGD,
+                       step: tf.Tensor, decision: "_Decision",
+                       loss_scale: optimizer_lib.DynamicLossScale | None) -> tf.Tensor:
+    """θq ← SGD(θq, ∇ + wd·θq) when the step is applied; updates the loss scale. Returns lr."""
+    if self.config.weight_decay:
       # Coupled L2 (PyTorch SGD's weight_decay) on the global, unscaled gradient: ∇ += wd·θ.
-      grads = [g + tf.cast(cfg.weight_decay, g.dtype) * tf.convert_to_tensor(v)
+      grads = [g + tf.cast(self.config.weight_decay, g.dtype) * tf.convert_to_tensor(v)
                for g, v in zip(grads, variables)]
     lr = optimizer.learning_rate_at(step)
-    optimizer.apply(grads, variables, lr, enabled=applied)
+    optimizer.apply(grads, variables, lr, enabled=decision.applied)
     if loss_scale is not None:
-      loss_scale.update(finite_grads, enabled=finite_loss)
-    if restore:
-      def put_back():
-        # The forward passes moved the BN statistics, the momentum update moved θk.
-        for var, old in zip(stats + [k_var for k_var, _ in self.pairs], saved + saved_keys):
-          var.assign(old)
-        return tf.constant(False)
+      loss_scale.update(decision.finite_grads, enabled=decision.finite_loss)
+    return lr
 
-      tf.cond(applied, lambda: tf.constant(True), put_back)
-    # 3. enqueue after the logits (ordered after the snapshot by automatic control deps).
-    self.queue.enqueue(k, ids, labels, enabled=applied)
+  def _save_moving_state(self) -> tuple[list, list]:
+    """(variables, their values now): the BN statistics of both encoders and θk, which the
+    forward passes and the momentum update move before the step knows whether it applies."""
+    variables = (self.query_encoder.non_trainable_variables
+                 + self.key_encoder.non_trainable_variables + [k_var for k_var, _ in self.pairs])
+    return variables, [tf.identity(v) for v in variables]
 
+  @staticmethod
+  def _restore_unless(applied: tf.Tensor, saved: tuple[list, list]) -> None:
+    """Puts the `_save_moving_state` variables back when the step is not applied."""
+    def put_back():
+      for var, old in zip(*saved):
+        var.assign(old)
+      return tf.constant(False)
+
+    tf.cond(applied, lambda: tf.constant(True), put_back)
+
+  def _metrics(self, out: objective_lib.ObjectiveOutput, loss: tf.Tensor, decision: "_Decision",
+               lr: tf.Tensor, m: tf.Tensor) -> dict:
+    """Per-replica metrics, divided so that a SUM across replicas gives the global value.
+
+    "loss", "acc1", "acc5" (over the whole row the loss sees, synthetic negatives included),
+    "acc1_queue", "hardest_negative", "synthetic_logit" (with MoCHi), "removed_same_class",
+    "finite" (1 unless the global loss or gradient is non-finite; a loss-scale overflow is not),
+    "finite_loss", "loss_scale_skip", "lr", "momentum".
+    """
+    num_replicas = distribute.replica_context_info()[0]
     gb = float(self.global_batch_size)
+    finite = tf.logical_or(decision.applied, decision.overflow)
     metrics = {
         "loss": loss,
         "acc1": tf.reduce_sum(out.accuracy[1]) / gb,
         "acc5": tf.reduce_sum(out.accuracy[5]) / gb,
         "acc1_queue": tf.reduce_sum(out.accuracy_queue[1]) / gb,
         # Hardness of the negatives: the hardest queue negative per query, averaged.
-        "hardest_negative": tf.reduce_sum(_row_max(out.l_neg[:, :cfg.queue_size])) / gb,
+        "hardest_negative": tf.reduce_sum(_row_max(out.l_neg[:, :self.config.queue_size])) / gb,
         "removed_same_class": tf.reduce_sum(out.removed_same_class) / gb,
         # Global decisions (the same on every replica): 1.0 after the SUM over replicas.
         "finite": tf.cast(finite, tf.float32) / num_replicas,
-        "finite_loss": tf.cast(finite_loss, tf.float32) / num_replicas,
-        "loss_scale_skip": tf.cast(overflow, tf.float32) / num_replicas,
+        "finite_loss": tf.cast(decision.finite_loss, tf.float32) / num_replicas,
+        "loss_scale_skip": tf.cast(decision.overflow, tf.float32) / num_replicas,
         "lr": lr / num_replicas,
         "momentum": m / num_replicas,
     }
@@ -288,6 +323,14 @@ class MoCo(tf.Module):
           tf.reduce_sum(tf.where(present, syn, 0.0)), tf.reduce_sum(tf.cast(present, tf.float32)))
       metrics["synthetic_logit"] = mean_syn / num_replicas
     return metrics
+
+
+class _Decision(NamedTuple):
+  """What a step decides from the global loss and gradients (the same on every replica)."""
+  applied: tf.Tensor  # bool: loss and gradients finite, the update is applied
+  finite_loss: tf.Tensor  # bool
+  finite_grads: tf.Tensor  # bool
+  overflow: tf.Tensor  # bool: a float16 loss-scale overflow (skipped, not a non-finite step)
 
 
 def shuffle_bn_indices(seed: int | tf.Tensor, step: tf.Tensor, replica_id: int | tf.Tensor,

@@ -22,7 +22,7 @@ b = 0-based block index and i = 1..2 (basic) or 1..3 (bottleneck). Weight-less h
 are named `conv1_pad`, `relu`, `maxpool_pad`, `maxpool`, `layer{s}.{b}.conv{i}_pad`,
 `layer{s}.{b}.relu{i}`, `layer{s}.{b}.add`, `layer{s}.{b}.relu` and `avgpool`. The torchvision
 state-dict key of a weight is `<layer name>.<weight|bias|running_mean|running_var>`; detectron2
-keys follow from `torchvision_to_detectron2_key` (ALGORITHMS.md §1.7) and keras-hub
+keys follow from `torchvision_to_detectron2_key` (docs/ALGORITHMS.md §8) and keras-hub
 `ResNetBackbone` layer names from `keras_hub_layer_name` (verified bit-identical outputs).
 
 Data format is channels-last throughout; torchvision conv kernels (OIHW) are transposed to
@@ -90,7 +90,7 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
   In training the batch `[B, ..., C]` is split into `num_splits` contiguous groups of B / S
   samples (group g = rows [g*B/S, (g+1)*B/S)), and each group is normalised with its own
   mean / (biased) variance, as if each group sat on its own GPU with per-GPU BN. On one device
-  this recreates the "per-replica statistics" that Shuffle BN relies on (ALGORITHMS.md §1.3).
+  this recreates the "per-replica statistics" that Shuffle BN relies on (docs/ALGORITHMS.md §3).
   The moving statistics are updated once with the average of the group statistics (identical
   to updating them per group and averaging, as the PyTorch demo does). Inference uses the moving
   statistics exactly like `keras.layers.BatchNormalization`, and the weights (gamma, beta,
@@ -446,9 +446,9 @@ def _torch_linear(in_dim: int, units: int, name: str,
       bias_initializer=keras.initializers.RandomUniform(-bound, bound))
 
 
-def build_head(in_dim: int, embedding_dim: int = 128, mlp: bool = True,
-               name: str = "head", bn: bool = False, bn_mode: str = "standard",
-               bn_splits: int = 8) -> keras.Model:
+def build_projection_head(in_dim: int, embedding_dim: int = 128, mlp: bool = True,
+                          name: str = "head", bn: bool = False, bn_mode: str = "standard",
+                          bn_splits: int = 8) -> keras.Model:
   """MoCo projection head, `[B, in_dim]` -> `[B, embedding_dim]` float32 (not normalised).
 
   mlp=True (MoCo v2): `fc.0` Dense(in_dim) -> `fc.1` ReLU -> `fc.2` Dense(embedding_dim)
@@ -457,12 +457,8 @@ def build_head(in_dim: int, embedding_dim: int = 128, mlp: bool = True,
   `fc.3` Dense(embedding_dim, no bias) -> `fc.4` BN without affine (or `fc` Dense -> `fc_bn`
   BN for the linear head), with the backbone's BN kind (`bn_mode`, `bn_splits`).
 
-  Why the BN option: the final BN removes the component all embeddings share. Without it, a
-  short run on a tiny data set (the quickstart) collapses: all embeddings sit in a narrow cone
-  that moves as the weights change, so this step's keys are more similar to any query than the
-  older queue entries are; the query encoder learns that "freshness" instead of the image
-  (proxy accuracy 100%, positive and other-image logits equal to 4 decimals, loss rising to
-  ln(K + 1)). MoCo on ImageNet avoids it by moving slowly (m = 0.999, 800 epochs).
+  Why the BN option: the final BN removes the component all embeddings share, without which a
+  short run on a tiny data set collapses (docs/ALGORITHMS.md §6).
 
   All layers are float32 even under a mixed-precision policy, and the input is cast to
   float32, because the logits, the loss and the negatives queue must stay float32.
@@ -496,7 +492,12 @@ class Encoder(keras.Model):
   """Backbone + projection head: images `[B, H, W, 3]` -> embeddings `[B, D]` float32.
 
   The embeddings are NOT L2-normalised (callers normalise). Weight order (`.weights`) is the
-  backbone's followed by the head's.
+  backbone's followed by the projection head's.
+
+  Attributes:
+    backbone: `build_backbone`'s model (what is exported).
+    head: the projection head (`build_projection_head`). Its attribute name is the checkpoint
+      key of every run (`query_encoder/head/...`), so it stays `head`.
   """
 
   def __init__(self, backbone: keras.Model, head: keras.Model, **kwargs):
@@ -529,14 +530,15 @@ def build_encoder(arch: str, *, embedding_dim: int = 128, mlp: bool = True,
                   small_stem: bool = False, bn_mode: str = "standard", bn_splits: int = 8,
                   name: str = "encoder", fast_grad: bool = True,
                   head_bn: bool = False) -> Encoder:
-  """Builds an `Encoder` (see `build_backbone`, `build_head`) with all variables created.
+  """Builds an `Encoder` (see `build_backbone`, `build_projection_head`) with all variables created.
 
-  `head_bn` puts BatchNorm (of the same `bn_mode`) in the projection head (`build_head`).
+  `head_bn` puts BatchNorm (of the same `bn_mode`) in the projection head
+  (`build_projection_head`).
   """
   backbone = build_backbone(arch, small_stem=small_stem, bn_mode=bn_mode, bn_splits=bn_splits,
                             name=f"{name}_backbone", fast_grad=fast_grad)
-  head = build_head(feature_dim(arch), embedding_dim, mlp, name=f"{name}_head", bn=head_bn,
-                    bn_mode=bn_mode, bn_splits=bn_splits)
+  head = build_projection_head(feature_dim(arch), embedding_dim, mlp, name=f"{name}_head",
+                               bn=head_bn, bn_mode=bn_mode, bn_splits=bn_splits)
   encoder = Encoder(backbone, head, name=name)
   # One cheap inference call so that the model is built and `weights` is complete right away
   # (e.g. before copy_weights or optimizer.build inside a strategy scope).
@@ -544,27 +546,36 @@ def build_encoder(arch: str, *, embedding_dim: int = 128, mlp: bool = True,
   return encoder
 
 
+def check_same_weights(src: keras.Model, dst: keras.Model) -> None:
+  """Raises ValueError unless `src` and `dst` have as many weights, of the same shapes, in order.
+
+  The one check behind every pairing of two encoders' weights by position (`copy_weights`, the
+  momentum encoder's `momentum.weight_pairs`): pairing by position is only right when the two
+  models are the same architecture.
+  """
+  src_w, dst_w = src.weights, dst.weights
+  if len(src_w) != len(dst_w):
+    raise ValueError(f"{src.name!r} has {len(src_w)} variables but {dst.name!r} has "
+                     f"{len(dst_w)}; the architectures differ.")
+  bad = [f"#{i} {s.path} {tuple(s.shape)} vs {d.path} {tuple(d.shape)}"
+         for i, (s, d) in enumerate(zip(src_w, dst_w)) if tuple(s.shape) != tuple(d.shape)]
+  if bad:
+    raise ValueError(f"shape mismatch between {src.name!r} and {dst.name!r} (the architectures "
+                     "differ): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+
+
 def copy_weights(src: keras.Model, dst: keras.Model) -> None:
   """Assigns every variable of `src` (trainable and not, incl. BN moving stats) to `dst`.
 
-  Variables are matched by position in `.weights` (both models must have the same
-  architecture) after checking count and shapes, so nothing is assigned on mismatch. Use it to
-  start the key encoder from the query encoder: `keras.models.clone_model` gives fresh random
-  weights.
+  Variables are matched by position in `.weights` after `check_same_weights`, so nothing is
+  assigned on a mismatch. Use it to start the key encoder from the query encoder:
+  `keras.models.clone_model` gives fresh random weights.
 
   Raises:
     ValueError: different number of variables or any shape mismatch.
   """
-  src_w, dst_w = src.weights, dst.weights
-  if len(src_w) != len(dst_w):
-    raise ValueError(f"copy_weights: {src.name!r} has {len(src_w)} variables but {dst.name!r} "
-                     f"has {len(dst_w)}; the architectures differ.")
-  bad = [f"#{i} {s.path} {tuple(s.shape)} vs {d.path} {tuple(d.shape)}"
-         for i, (s, d) in enumerate(zip(src_w, dst_w)) if tuple(s.shape) != tuple(d.shape)]
-  if bad:
-    raise ValueError(f"copy_weights: shape mismatch between {src.name!r} and {dst.name!r}: "
-                     + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
-  for s, d in zip(src_w, dst_w):
+  check_same_weights(src, dst)
+  for s, d in zip(src.weights, dst.weights):
     d.assign(s.value)
 
 
@@ -659,7 +670,7 @@ def load_torchvision_state_dict(backbone: keras.Model, state: Mapping[str, objec
 
 
 def torchvision_to_detectron2_key(key: str) -> str:
-  """Renames a torchvision ResNet key as MoCo's detectron2 converter does (ALGORITHMS §1.7).
+  """Renames a torchvision ResNet key as MoCo's detectron2 converter does (docs/ALGORITHMS.md §8).
 
   E.g. `conv1.weight` -> `stem.conv1.weight`, `bn1.running_mean` -> `stem.conv1.norm.running_mean`,
   `layer1.0.bn2.weight` -> `res2.0.conv2.norm.weight`, `layer3.0.downsample.0.weight` ->

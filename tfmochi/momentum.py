@@ -17,11 +17,13 @@ import math
 import keras
 import tensorflow as tf
 
+from tfmochi import models
 
-def check_momentum(m: float) -> float:
-  """Returns m if it lies in [0, 1), else raises ValueError."""
+
+def check_momentum(m: float, name: str = "moco_momentum") -> float:
+  """Returns m if it lies in [0, 1), else raises ValueError calling it `name`."""
   if not (isinstance(m, (int, float)) and 0.0 <= m < 1.0):
-    raise ValueError(f"moco_momentum (m) must be in [0, 1), got {m!r}.")
+    raise ValueError(f"{name} (m) must be in [0, 1), got {m!r}.")
   return float(m)
 
 
@@ -34,15 +36,10 @@ def weight_pairs(query: keras.Model, key: keras.Model) -> list[tuple[tf.Variable
   Raises:
     ValueError: the models do not match.
   """
-  qw, kw = query.weights, key.weights
-  if len(qw) != len(kw):
-    raise ValueError(f"query and key encoders differ: {len(qw)} vs {len(kw)} weights.")
+  models.check_same_weights(query, key)
   trainable = {id(v) for v in query.trainable_weights}
   pairs = []
-  for q_var, k_var in zip(qw, kw):
-    if tuple(q_var.shape) != tuple(k_var.shape):
-      raise ValueError(f"query weight {q_var.path} {tuple(q_var.shape)} does not match key weight "
-                       f"{k_var.path} {tuple(k_var.shape)}.")
+  for q_var, k_var in zip(query.weights, key.weights):
     if id(q_var) in trainable:
       pairs.append((k_var, q_var))
   return pairs

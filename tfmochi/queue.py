@@ -24,17 +24,21 @@ import tensorflow as tf
 from tfmochi import distribute
 
 
-def check_queue_size(queue_size: int, global_batch_size: int) -> None:
-  """Raises ValueError unless K is a positive multiple of the global batch size."""
+def check_queue_size(queue_size: int, global_batch_size: int,
+                     name: str = "queue_size") -> None:
+  """Raises ValueError unless K is a positive multiple of the global batch size.
+
+  `name` is how the message calls K (e.g. its flag).
+  """
   if not isinstance(queue_size, int) or queue_size <= 0:
-    raise ValueError(f"queue_size (K) must be a positive integer, got {queue_size!r}.")
+    raise ValueError(f"{name} (K) must be a positive integer, got {queue_size!r}.")
   if not isinstance(global_batch_size, int) or global_batch_size <= 0:
     raise ValueError(f"batch_size must be a positive integer, got {global_batch_size!r}.")
   if queue_size % global_batch_size:
     lower = (queue_size // global_batch_size) * global_batch_size
     upper = lower + global_batch_size
     hint = f"{lower} or {upper}" if lower else f"{upper}"
-    raise ValueError(f"queue_size (K) must be a multiple of the global batch size "
+    raise ValueError(f"{name} (K) must be a multiple of the global batch size "
                      f"{global_batch_size}, got {queue_size}; use e.g. {hint}.")
 
 

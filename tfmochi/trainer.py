@@ -340,7 +340,7 @@ class Trainer:
                                               max_to_keep=cfg.keep_checkpoints)
     self._metric_names = ["loss", "acc1", "acc5", "hardest_negative", "removed_same_class",
                           "finite", "finite_loss", "loss_scale_skip", "momentum"]
-    if moco_config.head.mochi.enabled:
+    if moco_config.objective.mochi.enabled:
       self._metric_names += ["synthetic_logit", "acc1_queue"]
     self._loop_fn = None
     self.preemption = _Preemption()

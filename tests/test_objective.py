@@ -1,10 +1,10 @@
-"""Tests of tfmochi.head: masks (duplicates, class oracle, Cai), SupCon, MoCHi combination."""
+"""Tests of tfmochi.objective: masks (duplicates, class oracle, Cai), SupCon, MoCHi combination."""
 
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from tfmochi import head as head_lib
+from tfmochi import objective
 from tfmochi import losses
 from tfmochi import mixing
 
@@ -25,7 +25,7 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_plain_infonce_equals_loss_module(self):
     q, k, queue = _data()
-    out = head_lib.contrastive_head(q, k, queue, head_lib.HeadConfig(temperature=0.2))
+    out = objective.contrastive_objective(q, k, queue, objective.ObjectiveConfig(temperature=0.2))
     self.assertAllClose(out.loss, losses.info_nce((q * k).sum(1), q @ queue.T, 0.2), atol=1e-6)
     self.assertIsNone(out.synthesis)
     self.assertEqual(out.l_neg.shape, (4, 24))
@@ -34,8 +34,9 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
     q, k, queue = _data()
     queue_ids = np.arange(24) % 12
     query_ids = np.array([0, 5, 30, -1])  # 0 and 5 sit twice in the queue; 30 and -1 never match
-    cfg = head_lib.HeadConfig(mask_duplicates=True)
-    out = head_lib.contrastive_head(q, k, queue, cfg, query_ids=query_ids, queue_ids=queue_ids)
+    cfg = objective.ObjectiveConfig(mask_duplicates=True)
+    out = objective.contrastive_objective(q, k, queue, cfg, query_ids=query_ids,
+                                          queue_ids=queue_ids)
     absent = np.isneginf(out.l_neg.numpy())
     self.assertAllEqual(absent.sum(1), [2, 2, 0, 0])
     self.assertTrue(absent[0, 0] and absent[0, 12] and absent[1, 5] and absent[1, 17])
@@ -44,9 +45,9 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
     q, k, queue = _data()
     queue_labels = np.array([0, 1, 2, -1] * 6)
     query_labels = np.array([0, 2, -1, 7])
-    cfg = head_lib.HeadConfig(label_mode="oracle", mochi=mixing.MochiConfig(6, 8, 4))
-    out = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([1, 1]),
-                                    query_labels=query_labels, queue_labels=queue_labels)
+    cfg = objective.ObjectiveConfig(label_mode="oracle", mochi=mixing.MochiConfig(6, 8, 4))
+    out = objective.contrastive_objective(q, k, queue, cfg, seed=tf.constant([1, 1]),
+                                          query_labels=query_labels, queue_labels=queue_labels)
     absent = np.isneginf(out.l_neg.numpy()[:, :24])
     expected = (query_labels[:, None] == queue_labels[None, :]) & (query_labels[:, None] >= 0)
     self.assertAllEqual(absent, expected)
@@ -61,9 +62,9 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
     q, k, queue = _data()
     queue_labels = np.array([0, 1, 2, -1] * 6)
     query_labels = np.array([0, 2, -1, 7])
-    cfg = head_lib.HeadConfig(label_mode="supcon", temperature=0.1)
-    out = head_lib.contrastive_head(q, k, queue, cfg, query_labels=query_labels,
-                                    queue_labels=queue_labels)
+    cfg = objective.ObjectiveConfig(label_mode="supcon", temperature=0.1)
+    out = objective.contrastive_objective(q, k, queue, cfg, query_labels=query_labels,
+                                          queue_labels=queue_labels)
     logits = np.concatenate([(q * k).sum(1, keepdims=True), q @ queue.T], 1) / 0.1
     lse = np.log(np.exp(logits).sum(1))
     for b in range(4):
@@ -77,8 +78,8 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.parameters(dict(drop_hardest=10.0), dict(keep_hardest=50.0))
   def test_cai_combined_with_mochi(self, **kw):
     q, k, queue = _data()
-    cfg = head_lib.HeadConfig(mochi=mixing.MochiConfig(4, 6, 3), **kw)
-    out = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([2, 2]))
+    cfg = objective.ObjectiveConfig(mochi=mixing.MochiConfig(4, 6, 3), **kw)
+    out = objective.contrastive_objective(q, k, queue, cfg, seed=tf.constant([2, 2]))
     absent = np.isneginf(out.l_neg.numpy()[:, :24])
     self.assertAllEqual(absent.sum(1), [3] * 4 if "drop_hardest" in kw else [12] * 4)
     # Mixing draws only from what survived the removal.
@@ -89,10 +90,10 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.parameters("infonce", "debiased", "hard")
   def test_mochi_with_each_loss(self, loss):
     q, k, queue = _data()
-    cfg = head_lib.HeadConfig(loss=loss, mochi=mixing.MochiConfig(4, 6, 3))
-    on = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([2, 2]))
-    off = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([2, 2]),
-                                    mochi_enabled=False)
+    cfg = objective.ObjectiveConfig(loss=loss, mochi=mixing.MochiConfig(4, 6, 3))
+    on = objective.contrastive_objective(q, k, queue, cfg, seed=tf.constant([2, 2]))
+    off = objective.contrastive_objective(q, k, queue, cfg, seed=tf.constant([2, 2]),
+                                          mochi_enabled=False)
     plain = losses.contrastive_loss((q * k).sum(1), q @ queue.T, loss=loss, temperature=0.2)
     self.assertAllClose(off.loss, plain, atol=1e-5)  # warm-up == no synthesis
     self.assertTrue(np.all(on.loss.numpy() > off.loss.numpy()))  # harder negatives, higher loss
@@ -110,8 +111,8 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
     query_ids, query_labels = np.array([0, 1, 30, -1]), np.array([0, 2, -1, 7])
     if kw.get("mask_duplicates"):
       ids = np.where(np.arange(24) < 12, 0, ids)
-    outs = [head_lib.contrastive_head(
-        q, k, queue, head_lib.HeadConfig(loss=loss, hard_beta=0.0, tau_plus=0.1, **kw),
+    outs = [objective.contrastive_objective(
+        q, k, queue, objective.ObjectiveConfig(loss=loss, hard_beta=0.0, tau_plus=0.1, **kw),
         seed=tf.constant([2, 2]), mochi_enabled=mochi_enabled, query_ids=query_ids,
         queue_ids=ids, query_labels=query_labels, queue_labels=labels)
             for loss in ("hard", "debiased")]
@@ -121,10 +122,10 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_fully_masked_queue_row(self):
     q, k, queue = _data()
-    cfg = head_lib.HeadConfig(loss="hard", hard_beta=0.0, tau_plus=0.0, mask_duplicates=True)
+    cfg = objective.ObjectiveConfig(loss="hard", hard_beta=0.0, tau_plus=0.0, mask_duplicates=True)
     ids = np.zeros(24, np.int64)  # query 0's image fills the whole queue
-    out = head_lib.contrastive_head(q, k, queue, cfg, query_ids=np.array([0, 1, 2, 3]),
-                                    queue_ids=ids)
+    out = objective.contrastive_objective(q, k, queue, cfg, query_ids=np.array([0, 1, 2, 3]),
+                                          queue_ids=ids)
     self.assertTrue(np.all(np.isneginf(out.l_neg.numpy()[0])))
     ref = losses.debiased(out.l_pos, out.l_neg, 0.2, 0.0)
     self.assertAllEqual(out.loss, ref)
@@ -134,9 +135,9 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
     """Acc@k over the row the loss sees (queue + MoCHi, masks applied), as MoCo/MoCHi report."""
     q, k, queue = _data(b=16)
     # s' = 8 query mixes with β up to 0.5 sit close to the query: some beat its positive.
-    cfg = head_lib.HeadConfig(mochi=mixing.MochiConfig(6, 4, 8, 0.5), mask_duplicates=True)
-    out = head_lib.contrastive_head(q, k, queue, cfg, seed=tf.constant([5, 5]),
-                                    query_ids=np.arange(16), queue_ids=np.arange(24) % 8)
+    cfg = objective.ObjectiveConfig(mochi=mixing.MochiConfig(6, 4, 8, 0.5), mask_duplicates=True)
+    out = objective.contrastive_objective(q, k, queue, cfg, seed=tf.constant([5, 5]),
+                                          query_ids=np.arange(16), queue_ids=np.arange(24) % 8)
     full = losses.proxy_accuracy(out.l_pos, out.l_neg)
     queue_only = losses.proxy_accuracy(out.l_pos, out.l_neg[:, :24])
     for topk in (1, 5):
@@ -145,7 +146,7 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(float(tf.reduce_sum(out.accuracy[1])),
                     float(tf.reduce_sum(out.accuracy_queue[1])))
     # Without MoCHi the two are the same figure.
-    plain = head_lib.contrastive_head(q, k, queue, head_lib.HeadConfig())
+    plain = objective.contrastive_objective(q, k, queue, objective.ObjectiveConfig())
     self.assertAllEqual(plain.accuracy[1], plain.accuracy_queue[1])
 
   @parameterized.parameters(
@@ -159,8 +160,21 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
   )
   def test_bad_config(self, kw, pattern):
     with self.assertRaisesRegex(ValueError, pattern):
-      head_lib.HeadConfig(**kw).validate(queue_size=24)
+      objective.ObjectiveConfig(**kw).validate(queue_size=24)
 
+
+  def test_errors_use_the_given_names(self):
+    with self.assertRaisesRegex(ValueError, r"^--temperature \(T\)"):
+      objective.ObjectiveConfig(temperature=0.0).validate(names={"temperature": "--temperature"})
+    with self.assertRaisesRegex(ValueError, r"^--mochi_num_hard \(N\) must be in \[0, K\]"):
+      objective.ObjectiveConfig(mochi=mixing.MochiConfig(30, 1, 1)).validate(
+          queue_size=24, names={"num_hard": "--mochi_num_hard"})
+
+  def test_the_old_head_names_still_import(self):
+    from tfmochi import head  # pylint: disable=g-import-not-at-top
+    self.assertIs(head.HeadConfig, objective.ObjectiveConfig)
+    self.assertIs(head.contrastive_head, objective.contrastive_objective)
+    self.assertIs(head.HeadOutput, objective.ObjectiveOutput)
 
 if __name__ == "__main__":
   tf.test.main()
