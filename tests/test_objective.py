@@ -170,11 +170,6 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
       objective.ObjectiveConfig(mochi=mixing.MochiConfig(30, 1, 1)).validate(
           queue_size=24, names={"num_hard": "--mochi_num_hard"})
 
-  def test_the_old_head_names_still_import(self):
-    from tfmochi import head  # pylint: disable=g-import-not-at-top
-    self.assertIs(head.HeadConfig, objective.ObjectiveConfig)
-    self.assertIs(head.contrastive_head, objective.contrastive_objective)
-    self.assertIs(head.HeadOutput, objective.ObjectiveOutput)
 
 if __name__ == "__main__":
   tf.test.main()
