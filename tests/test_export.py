@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import harness  # tests/harness.py (tests/ is on sys.path under pytest)
+import cli_harness as harness  # tests/cli_harness.py (tests/ is on sys.path under pytest)
 from tfmochi import checkpoints as ckpt_lib
 from tfmochi import config as config_lib
 from tfmochi import distribute
@@ -273,13 +273,13 @@ def _subprocesses() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _cli(name: str) -> tuple[int, str, str]:
-  return harness.finish(_subprocesses()[name])
+  return harness.finished(_subprocesses()[name])
 
 
 @functools.lru_cache(maxsize=None)
 def _reloaded() -> dict:
   process, path = _subprocesses()["reload"]
-  code, _, stderr = harness.finish(process)
+  code, _, stderr = harness.finished(process)
   assert code == 0 and os.path.exists(path), stderr[-3000:]
   with np.load(path) as data:
     return {k: data[k] for k in data.files}
@@ -457,7 +457,7 @@ class WeightFilesTest(tf.test.TestCase):
     snippet = ("import runpy, sys; sys.argv = sys.argv[1:]; "
                "runpy.run_path(sys.argv[0], run_name='__main__'); "
                "assert 'tensorflow' not in sys.modules, 'imported tensorflow'")
-    code, stdout, stderr = harness.finish(_python("-c", snippet, script, _exports()["torchvision"]))
+    code, stdout, stderr = harness.finished(_python("-c", snippet, script, _exports()["torchvision"]))
     self.assertEqual(code, 0, msg=stderr)
     with np.load(os.path.join(_exports()["torchvision"], export.NPZ_FILE)) as npz:
       self.assertIn(f"{len(npz.files)} tensors", stdout)

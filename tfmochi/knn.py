@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tfmochi import accuracy
+
 
 # auto_k: k = AUTO_K_FRACTION x the smallest class's count in the bank, in [1, AUTO_K_MAX].
 AUTO_K_FRACTION = 0.1
@@ -129,7 +131,5 @@ def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
   """
   k = min(auto_k(train_labels, k), len(train_features))
   scores = knn_predict_scores(train_features, train_labels, test_features, num_classes, k, t)
-  order = np.argsort(-scores, axis=1)
-  hits = order == np.asarray(test_labels)[:, None]
-  return {"top1": float(100.0 * hits[:, :1].any(1).mean()),
-          "top5": float(100.0 * hits[:, :min(5, num_classes)].any(1).mean()), "k": int(k)}
+  top = accuracy.topk_accuracy(scores, test_labels, (1, 5))  # ties: the lower class first
+  return {"top1": top[1], "top5": top[5], "k": int(k)}
