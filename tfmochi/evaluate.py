@@ -67,6 +67,7 @@ from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tfmochi import build  # noqa: E402
 from tfmochi import checkpoints as ckpt_lib  # noqa: E402
 from tfmochi import data as data_lib  # noqa: E402
 from tfmochi import distribute  # noqa: E402
@@ -788,24 +789,7 @@ def _write_result(model_dir: str, mode: str, result: dict, random_init: bool = F
 
 def restore_checkpoint(model_dir: str, checkpoint_path: str | None):
   """(encoder, config, step, path) of `checkpoint_path`, or of the newest readable checkpoint."""
-  if checkpoint_path is not None:
-    encoder, config, step = ckpt_lib.restore_encoder(model_dir, checkpoint_path)
-    return encoder, config, step, checkpoint_path
-  paths = ckpt_lib.list_checkpoints(model_dir)
-  if not paths:
-    encoder, config, step = ckpt_lib.restore_encoder(model_dir)  # raises its clear message
-    return encoder, config, step, None
-  errors = []
-  for path in paths:
-    try:
-      encoder, config, step = ckpt_lib.restore_encoder(model_dir, path)
-    except ckpt_lib.CheckpointError as e:
-      errors.append(str(e))
-      continue
-    if errors:
-      logging.warning("Evaluating the older checkpoint %s: %s", path, "; ".join(errors))
-    return encoder, config, step, path
-  raise ckpt_lib.CheckpointError("; ".join(errors))
+  return build.restore_run_encoder(model_dir, checkpoint_path)
 
 
 def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
