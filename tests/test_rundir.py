@@ -13,7 +13,6 @@ import tensorflow as tf
 
 import conftest  # the tests' shared set-up (tests/conftest.py)
 from tfmochi import analyze
-from tfmochi import checkpoints
 from tfmochi import config as config_lib
 from tfmochi import evaluate
 from tfmochi import export
@@ -124,15 +123,15 @@ class UnusableLocationTest(tf.test.TestCase):
 
   def test_unreadable_run_for_evaluate_export_analyze(self):
     # Their command lines turn a CheckpointError into one line and exit status 2.
-    with self.assertRaisesRegex(checkpoints.CheckpointError,
+    with self.assertRaisesRegex(rundir.CheckpointError,
                                 "nosuch://bucket/run/config.json cannot be read .*no file system"):
-      checkpoints.load_run_config("nosuch://bucket/run")
+      rundir.RunDir("nosuch://bucket/run").read_config()
     run = "nosuch://bucket/run"
-    with self.assertRaisesRegex(checkpoints.CheckpointError, "cannot be read"):
+    with self.assertRaisesRegex(rundir.CheckpointError, "cannot be read"):
       export.export_run(run)
-    with self.assertRaisesRegex(checkpoints.CheckpointError, "cannot be read"):
+    with self.assertRaisesRegex(rundir.CheckpointError, "cannot be read"):
       evaluate.evaluate_checkpoint(run, evaluate.EvalSettings(mode="knn"))
-    with self.assertRaisesRegex(checkpoints.CheckpointError, "cannot be read"):
+    with self.assertRaisesRegex(rundir.CheckpointError, "cannot be read"):
       analyze.analyze_run(run, self.create_tempdir().full_path)
     with self.assertRaisesRegex(analyze.AnalyzeError, "--output_dir .* is not writable"):
       analyze.analyze_run(run, f"{run}/analysis")
@@ -145,7 +144,7 @@ class CheckpointsOnObjectStoreTest(tf.test.TestCase):
     model_dir = _ram_dir(self)
     v = tf.Variable(0.0)
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=v),
-                                         checkpoints.checkpoint_dir(model_dir), max_to_keep=3)
+                                         rundir.RunDir(model_dir).checkpoint_dir, max_to_keep=3)
     for n in steps:
       v.assign(float(n))
       manager.save(checkpoint_number=n)
@@ -153,12 +152,12 @@ class CheckpointsOnObjectStoreTest(tf.test.TestCase):
 
   def _restored(self, model_dir):
     v = tf.Variable(-1.0)
-    path = checkpoints.restore_with_fallback(tf.train.Checkpoint(v=v), model_dir)
-    return checkpoints.checkpoint_step(path), float(v.numpy())
+    path = rundir.RunDir(model_dir).restore(tf.train.Checkpoint(v=v))
+    return rundir.checkpoint_step(path), float(v.numpy())
 
   def test_truncated_newest_falls_back(self):
     model_dir, _ = self._run()
-    directory = checkpoints.checkpoint_dir(model_dir)
+    directory = rundir.RunDir(model_dir).checkpoint_dir
     data = [n for n in tf.io.gfile.listdir(directory) if n.startswith("ckpt-4.data")][0]
     rundir.write_bytes(f"{directory}/{data}", b"\0" * 3)  # a half-uploaded object
     with self.assertLogs(level="WARNING") as logs:
@@ -167,24 +166,76 @@ class CheckpointsOnObjectStoreTest(tf.test.TestCase):
 
   def test_missing_files_of_the_newest_are_skipped(self):
     model_dir, _ = self._run()
-    tf.io.gfile.remove(f"{checkpoints.checkpoint_dir(model_dir)}/ckpt-4.index")
-    self.assertEqual([checkpoints.checkpoint_step(p) for p in
-                      checkpoints.list_checkpoints(model_dir)], [2])
+    tf.io.gfile.remove(f"{rundir.RunDir(model_dir).checkpoint_dir}/ckpt-4.index")
+    self.assertEqual([rundir.checkpoint_step(p) for p in
+                      rundir.RunDir(model_dir).list_checkpoints()], [2])
     self.assertEqual(self._restored(model_dir), (2, 2.0))
 
   def test_a_save_interrupted_before_the_state_file_is_not_chosen(self):
     model_dir, v = self._run()
     # ckpt-6's files are complete, but the save stopped before the state file named it.
     v.assign(6.0)
-    tf.train.Checkpoint(v=v).write(f"{checkpoints.checkpoint_dir(model_dir)}/ckpt-6")
+    tf.train.Checkpoint(v=v).write(f"{rundir.RunDir(model_dir).checkpoint_dir}/ckpt-6")
     self.assertEqual(self._restored(model_dir), (4, 4.0))
 
   def test_no_state_file_means_no_checkpoint_yet(self):
     model_dir, _ = self._run(steps=(2,))
-    tf.io.gfile.remove(f"{checkpoints.checkpoint_dir(model_dir)}/checkpoint")
-    self.assertEqual(checkpoints.list_checkpoints(model_dir), [])
-    self.assertIsNone(checkpoints.restore_with_fallback(tf.train.Checkpoint(v=tf.Variable(0.)),
-                                                        model_dir))
+    tf.io.gfile.remove(f"{rundir.RunDir(model_dir).checkpoint_dir}/checkpoint")
+    self.assertEqual(rundir.RunDir(model_dir).list_checkpoints(), [])
+    self.assertIsNone(rundir.RunDir(model_dir).restore(tf.train.Checkpoint(v=tf.Variable(0.))))
+
+
+class RunDirTest(tf.test.TestCase):
+  """Listing a run's checkpoints, its JSON files, a restore that finds nothing readable."""
+
+  def _run_dir(self):
+    root = self.create_tempdir().full_path
+    manager = rundir.RunDir(os.path.join(root, "run")).checkpoint_manager(
+        tf.train.Checkpoint(step=tf.Variable(0)), max_to_keep=3)
+    for n in (2, 4):
+      manager.save(checkpoint_number=n)
+    return root
+
+  def test_absolute_model_dir(self):
+    root = self._run_dir()
+    got = rundir.RunDir(os.path.join(root, "run")).list_checkpoints()
+    self.assertEqual([rundir.checkpoint_step(p) for p in got], [4, 2])
+    self.assertTrue(all(os.path.exists(p + ".index") for p in got))
+
+  def test_relative_model_dir(self):
+    # The quickstart's --model_dir=runs/quickstart is relative: its checkpoints (and so resume,
+    # evaluate, export, analyze) must be found, not joined to the directory a second time.
+    root = self._run_dir()
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+      got = rundir.RunDir("run").list_checkpoints()
+    finally:
+      os.chdir(cwd)
+    self.assertEqual(got, [os.path.join("run", "checkpoints", "ckpt-4"),
+                           os.path.join("run", "checkpoints", "ckpt-2")])
+
+  def test_other_workers_save_beside_the_chiefs_checkpoints(self):
+    run_dir = rundir.RunDir(self.create_tempdir().full_path)
+    manager = run_dir.checkpoint_manager(tf.train.Checkpoint(v=tf.Variable(1.0)), 1, worker=1)
+    manager.save(checkpoint_number=3)
+    self.assertEqual(run_dir.list_checkpoints(), [])
+    self.assertEqual(rundir.checkpoint_step(tf.train.latest_checkpoint(
+        run_dir.join("worker_tmp_1"))), 3)
+
+  def test_json_files_and_a_missing_one(self):
+    run_dir = rundir.RunDir(self.create_tempdir().full_path)
+    self.assertIsNone(run_dir.read(rundir.SUMMARY_FILE))
+    run_dir.write(rundir.SUMMARY_FILE, {"global_step": 6})
+    self.assertEqual(run_dir.read(rundir.SUMMARY_FILE), {"global_step": 6})
+
+  def test_no_readable_checkpoint_names_each_reason(self):
+    run_dir = rundir.RunDir(self.create_tempdir().full_path)
+    run_dir.checkpoint_manager(tf.train.Checkpoint(v=tf.Variable(1.0)), 2).save(
+        checkpoint_number=2)
+    with self.assertRaisesRegex(rundir.CheckpointError,
+                                r"No checkpoint in .* could be read into this model \(ckpt-2"):
+      run_dir.restore(tf.train.Checkpoint(w=tf.Variable([1.0, 2.0])))
 
 
 class ExportOnObjectStoreTest(tf.test.TestCase):

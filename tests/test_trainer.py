@@ -198,23 +198,7 @@ class TrainerTest(tf.test.TestCase):
                                 "ckpt-3 was written by an earlier tfmochi.*new --model_dir"):
       t.restore()
 
-  def test_cluster_error_reason_drops_the_python_stack(self):
-    heartbeat = ("Graph execution error:\n\nDetected at node while/CollectiveReduceV2 defined at "
-                 "(most recent call last):\n  File \"<frozen runpy>\", line 198, in _run\n\n"
-                 "Collective ops is aborted by: Error reported from /job:worker/task:1: The "
-                 "following tasks are unhealthy (stopped sending heartbeats):\n"
-                 "/job:worker/replica:0/task:1\nThe tasks have crashed.\n"
-                 "\t [[{{node while/CollectiveReduceV2}}]] [Op:__inference_loop_1]")
-    self.assertEqual(
-        trainer._cluster_error_reason(tf.errors.UnavailableError(None, None, heartbeat)),
-        "Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped "
-        "sending heartbeats): /job:worker/replica:0/task:1")
-    reset = "Graph execution error:\n\nrecvmsg:Connection reset by peer\n\t [[{{node x}}]]"
-    self.assertEqual(trainer._cluster_error_reason(tf.errors.UnavailableError(None, None, reset)),
-                     "recvmsg:Connection reset by peer")
-
   def test_memory_is_logged_and_smoke_arch_needs_no_export(self):
-    self.assertGreater(trainer.resident_memory_mb(), 10.0)  # Linux: VmRSS of this process
     with self.assertRaisesRegex(config_lib.ConfigError, "resnet10_tiny.*--export_format=none"):
       trainer.Trainer(tiny(self.create_tempdir().full_path, arch="resnet10_tiny",
                            export_format="saved_model"))

@@ -41,7 +41,6 @@ import ctypes
 import dataclasses
 import json
 import os
-import re
 import statistics
 import sys
 import threading
@@ -54,6 +53,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from tfmochi import config as config_lib  # noqa: E402
+from tfmochi import memory  # noqa: E402
 
 WHATS = ("step", "head", "input")
 # MoCHi's paper setting, used by --what=head when the flags leave MoCHi off (N = 0).
@@ -66,20 +66,9 @@ _MB = 1024.0 * 1024.0
 # Memory
 
 
-def _status_kb(field: str) -> int | None:
-  """A "VmXXX:   1234 kB" field of /proc/self/status in kB, or None off Linux."""
-  try:
-    with open("/proc/self/status") as f:
-      match = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
-  except OSError:
-    return None
-  return int(match.group(1)) if match else None
-
-
 def current_rss_mb() -> float:
   """Resident set size of this process in MB (0 where /proc is missing)."""
-  kb = _status_kb("VmRSS")
-  return kb / 1024.0 if kb is not None else 0.0
+  return memory.resident_memory_mb() or 0.0
 
 
 def _release_free_heap() -> None:
@@ -163,7 +152,7 @@ class PeakMemory:
     self._thread.join()
     self.peak_mb = max(self.peak_mb, current_rss_mb())
     if self._hwm_valid:
-      hwm = _status_kb("VmHWM")
+      hwm = memory.status_kb("VmHWM")
       if hwm is not None:
         self.peak_mb = max(self.peak_mb, hwm / 1024.0)
     allocator = _tf_allocator_mb()
@@ -300,7 +289,7 @@ def head_inputs(batch_size: int, queue_size: int, dim: int, seed: int = 0) -> di
   }
 
 
-def make_head_fn(head_config, inputs: dict, jit_compile: bool = False) -> Callable[[], object]:
+def make_objective_fn(objective_config, inputs: dict, jit_compile: bool = False) -> Callable[[], object]:
   """A zero-argument callable: one forward + backward (w.r.t. q) of `contrastive_objective`.
 
   The inputs are captured as arguments of a `tf.function` (not constants), so nothing is folded.
@@ -315,7 +304,7 @@ def make_head_fn(head_config, inputs: dict, jit_compile: bool = False) -> Callab
     with tf.GradientTape() as tape:
       tape.watch(q)
       out = objective_lib.contrastive_objective(
-          q, k, queue, head_config, seed=tf.constant([1, 2], tf.int64), query_ids=query_ids,
+          q, k, queue, objective_config, seed=tf.constant([1, 2], tf.int64), query_ids=query_ids,
           queue_ids=queue_ids, query_labels=query_labels, queue_labels=queue_labels)
       loss = tf.reduce_mean(out.loss)
     return loss, tape.gradient(loss, q)
@@ -342,22 +331,22 @@ def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   """
   from tfmochi import mixing  # pylint: disable=g-import-not-at-top
 
-  head_config = config.objective_config()
-  mochi = head_config.mochi
+  objective_config = config.objective_config()
+  mochi = objective_config.mochi
   if not mochi.enabled:
     n, s, s2 = PAPER_MOCHI
     mochi = mixing.MochiConfig(min(n, config.queue_size), s, s2, config.mochi_beta_max,
                                top_n=config.mochi_topn, top_n_recall=config.mochi_topn_recall)
   inputs = head_inputs(config.batch_size, config.queue_size, config.embedding_dim, config.seed)
   variants = {
-      "moco": make_head_fn(dataclasses.replace(head_config, mochi=mixing.MochiConfig(0, 0, 0)),
+      "moco": make_objective_fn(dataclasses.replace(objective_config, mochi=mixing.MochiConfig(0, 0, 0)),
                            inputs),
-      "mochi": make_head_fn(dataclasses.replace(head_config, mochi=mochi), inputs),
+      "mochi": make_objective_fn(dataclasses.replace(objective_config, mochi=mochi), inputs),
   }
   if compare_topn:
     for top_n in mixing.TOP_N_METHODS:
-      variants[f"mochi_xla_{top_n}"] = make_head_fn(
-          dataclasses.replace(head_config, mochi=dataclasses.replace(mochi, top_n=top_n)),
+      variants[f"mochi_xla_{top_n}"] = make_objective_fn(
+          dataclasses.replace(objective_config, mochi=dataclasses.replace(mochi, top_n=top_n)),
           inputs, jit_compile=True)
   results = run_interleaved(variants, warmup=warmup, timed=timed)
   out = {"what": "head", **_compare(results, config.batch_size)}
@@ -372,12 +361,6 @@ def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
 
 # ------------------------------------------------------------------------------------------------
 # --what=step
-
-
-def _set_precision(name: str) -> None:
-  import keras  # pylint: disable=g-import-not-at-top
-  keras.mixed_precision.set_global_policy(
-      {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[name])
 
 
 def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
@@ -395,9 +378,9 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
                        jit_compile: bool | None = None) -> Callable[[], object]:
   """Builds a MoCo model, its optimizer and a compiled loop of `steps_per_call` training steps.
 
-  As the trainer: the model and an SGD optimizer (momentum 0.9, built on the query encoder's
-  variables) are created in the strategy's scope before tracing, and a `tf.function` runs
-  `moco.train_step` through `strategy.run` inside a `tf.range` loop. `fast_grad=False` builds the
+  The trainer's build (`build.build_train_state`: the model, its SGD optimizer and counters in
+  the strategy's scope before tracing, at a constant learning rate here) and its replica step,
+  run by a `tf.function` through `strategy.run` inside a `tf.range` loop. `fast_grad=False` builds the
   encoders with plain `keras.layers.Conv2D` (see `models.Conv2D`); None resolves --fast_grad.
   `jit_compile` compiles the replica step with XLA as the trainer does (None: --jit_compile).
 
@@ -405,33 +388,18 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
     A zero-argument callable running `steps_per_call` steps and returning the last loss.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tfmochi import checkpoints  # pylint: disable=g-import-not-at-top
+  from tfmochi import build  # pylint: disable=g-import-not-at-top
   from tfmochi import distribute  # pylint: disable=g-import-not-at-top
-  from tfmochi import moco as moco_lib  # pylint: disable=g-import-not-at-top
-  from tfmochi import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
 
   if jit_compile is None:
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
-
-  def encoder(name):
-    return checkpoints.build_run_encoder(config, name, fast_grad=fast_grad)
-
   # MoCHi synthesises from the first step (its warm-up would only mask the same computation).
   moco_config = config.moco_config(steps_per_epoch=1000, total_steps=1_000_000)
   moco_config = dataclasses.replace(moco_config, mochi_warmup_steps=0)
-  with strategy.scope():
-    model = moco_lib.MoCo(encoder("query_encoder"), encoder("key_encoder"), moco_config,
-                          config.batch_size)
-    optimizer = optimizer_lib.SGD(model.query_encoder.trainable_variables, 0.03, momentum=0.9)
-    loss_scale = (optimizer_lib.DynamicLossScale(config.initial_loss_scale)
-                  if config.mixed_precision == "float16" else None)
-    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-
-  def replica_step(b):
-    return model.train_step(b, optimizer, step, loss_scale=loss_scale)["loss"]
-
-  replica_step = distribute.replica_step_function(replica_step, jit_compile, strategy)
+  state = build.build_train_state(config, strategy, moco_config, 0.03, fast_grad)
+  step = state.step
+  replica_step = distribute.replica_step_function(
+      lambda b: state.replica_step(b)["loss"], jit_compile, strategy)
 
   @tf.function
   def loop(b):
@@ -471,11 +439,10 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   Returns:
     The JSON-able result.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tfmochi import build  # pylint: disable=g-import-not-at-top
   from tfmochi import distribute  # pylint: disable=g-import-not-at-top
 
-  _set_precision(config.mixed_precision)
-  tf.config.experimental.enable_tensor_float_32_execution(config.tf32)  # as the trainer
+  build.set_precision(config.mixed_precision, config.tf32)  # as the trainer
   strategy = distribute.make_strategy(config.strategy, tpu=config.tpu,
                                       cpu_replicas=config.cpu_replicas)
   batch = synthetic_batch(config.batch_size, config.image_size, config.seed)

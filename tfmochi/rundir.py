@@ -1,15 +1,32 @@
-"""How a run's files are written: through tf.io.gfile, each one whole or not at all, no rename.
+"""A run's directory: what it holds, and how each file is written (whole or not at all, no rename).
 
-Every file a run reads or writes (config.json, checkpoints, metrics.jsonl, summary.json,
-knn_random_init.json, eval_*.json, TensorBoard events, exports, analysis outputs; the layout is in
-`tfmochi.checkpoints`) goes through `tf.io.gfile`, never `open()` or `os.*`, so that `model_dir`
-(and export and analysis directories) may be a bucket: `gs://...` on Cloud TPU VMs, or TensorFlow's
-in-memory `ram://...`, which the tests use as the stand-in for `gs://`.
+`RunDir` is the one owner of `<model_dir>`: config.json, checkpoints (listing, restore with
+fallback), result files, metrics.jsonl, TensorBoard writers and the write probe all go through it.
+Layout of `model_dir` (local, gs:// or ram://):
+
+  config.json            the TrainConfig of the run, plus what "auto" resolved to
+  checkpoints/ckpt-N.*   tf.train.Checkpoint: step, query_encoder, key_encoder, queue, optimizer
+  worker_tmp_<i>/        the checkpoints of worker i > 0 of a multi-worker run (not kept)
+  train/, eval/          TensorBoard event files
+  summary.json           the end-of-run summary
+  knn_random_init.json   the trainer's kNN of the network before its first step
+  eval_<mode>[_random_init].json   tfmochi.evaluate's results (of checkpoints / of the initial
+                         network, see build.random_init_encoder)
+  metrics.jsonl          one JSON record per training loop (see MetricsLog)
+  export/<format>/       the exported backbone (complete once export_info.json exists)
+  analysis/              tfmochi.analyze's report (complete once report.json exists)
+
+Everything downstream (export, evaluate, analyze) rebuilds the encoder from config.json and reads
+the `query_encoder` node of the newest readable checkpoint, so any of them works on a run that is
+still training.
+
+Every file goes through `tf.io.gfile`, never `open()` or `os.*`, so that `model_dir` (and export
+and analysis directories) may be a bucket: `gs://...` on Cloud TPU VMs, or TensorFlow's in-memory
+`ram://...`, which the tests use as the stand-in for `gs://`.
 
 "Written completely or not at all" must hold without an atomic rename: on Google Cloud Storage a
 rename is a copy and a delete per object, and a directory rename is one such pair per object (a
 crash half-way leaves half of each directory). The rules:
-
 1. Small files (the JSON files, index.html, PNGs, metrics.jsonl on an object store) are written
    by `write_bytes` / `write_text` / `write_json`:
    * on a local disk, into a temporary sibling that is renamed over the target (POSIX rename is
@@ -31,10 +48,10 @@ crash half-way leaves half of each directory). The rules:
    whole on every file system: TensorFlow writes it to a temporary file and renames it (on gs:// a
    rename is a server-side copy, whose target object appears whole, then a delete; a crash can
    leave a stray `checkpoint.tmp*` object, never a partial state file), or in one write where the
-   file system declares no atomic move (S3). `checkpoints.list_checkpoints` only returns
+   file system declares no atomic move (S3). `RunDir.list_checkpoints` only returns
    checkpoints named in the state file whose `.index` exists, so a save interrupted at any point
    is never chosen (the previous one is); one that exists but cannot be read (a truncated file)
-   makes `checkpoints.restore_with_fallback` fall back to the previous one with a warning.
+   makes `RunDir.restore` fall back to the previous one with a warning.
 4. metrics.jsonl (`MetricsLog`): on a local disk one JSON line is appended per loop. Object stores
    cannot append: TensorFlow's GCS "append" downloads the object and uploads it whole again, so a
    line per loop would cost O(lines^2) traffic over a run. There the trainer keeps the records in
@@ -61,8 +78,19 @@ from absl import logging
 import tensorflow as tf
 
 
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+KNN_RANDOM_INIT_FILE = "knn_random_init.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
 class RunDirError(ValueError):
   """A directory that cannot be read or written; the message names the path and the fix."""
+
+
+class CheckpointError(ValueError):
+  """A model_dir has no usable checkpoint, or one that does not fit the model. Clear message."""
 
 
 def is_local(path: str) -> bool:
@@ -128,8 +156,8 @@ def write_bytes(path: str, data: bytes) -> None:
     tf.io.gfile.makedirs(directory)
   if not is_local(path):
     if path.startswith("ram://") and tf.io.gfile.exists(path):
-      # TensorFlow's in-memory file system appends to an existing file opened for writing
-      # (measured, TF 2.21), where gs:// replaces the object: emulate the replacement.
+      # TensorFlow's in-memory file system appends to an existing file opened for writing,
+      # where gs:// replaces the object: emulate the replacement.
       tf.io.gfile.remove(path)
     with tf.io.gfile.GFile(path, "wb") as f:  # one upload at close
       f.write(data)
@@ -257,3 +285,146 @@ class MetricsLog:
       self._dirty = False
     except (tf.errors.OpError, OSError) as e:
       logging.log_first_n(logging.WARNING, "metrics.jsonl not written: %s", 1, reason(e))
+
+
+# -------------------------------------------------------------------------------------------------
+# The run directory
+
+
+# What reading a damaged or mismatched checkpoint raises; a truncated file can surface as
+# IndexError ("Read less bytes than requested").
+_CHECKPOINT_READ_ERRORS = (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError,
+                           EOFError)
+
+
+def checkpoint_step(path: str) -> int:
+  """The step number of a `ckpt-N` prefix (-1 if it has none)."""
+  try:
+    return int(path.rsplit("-", 1)[1])
+  except (IndexError, ValueError):
+    return -1
+
+
+class RunDir:
+  """`<model_dir>` of a training run: its config, checkpoints, result files and logs.
+
+  Args:
+    path: the directory (local, gs://, ram://); nothing is touched until a method is called.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def join(self, *names: str) -> str:
+    return os.path.join(self.path, *names)
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return self.join(CHECKPOINT_SUBDIR)
+
+  def check_writable(self) -> None:
+    """The write probe of rule 6 on model_dir; raises RunDirError."""
+    check_writable(self.path, "--model_dir")
+
+  # ---- JSON files: config.json, summary.json, knn_random_init.json, eval_*.json
+  def read(self, name: str) -> dict | None:
+    """The JSON file `name` of the run, or None when it does not exist."""
+    path = self.join(name)
+    return read_json(path) if tf.io.gfile.exists(path) else None
+
+  def write(self, name: str, obj) -> None:
+    """Writes the JSON file `name` whole (rule 1)."""
+    write_json(self.join(name), obj)
+
+  def read_config(self):
+    """The TrainConfig the run was started with (config.json); raises CheckpointError."""
+    from tfmochi import config as config_lib  # local: config imports the heavy modules
+
+    path = self.join(CONFIG_FILE)
+    try:
+      found = check_readable(path)
+    except RunDirError as e:  # an unknown scheme, a bucket without access, ...
+      raise CheckpointError(str(e)) from None
+    if not found:
+      if not tf.io.gfile.exists(self.path):
+        raise CheckpointError(f"--model_dir {self.path} does not exist. Point it at the directory "
+                              "a training run wrote (it holds config.json and checkpoints/).")
+      raise CheckpointError(f"{self.path} has no {CONFIG_FILE}: it is not a tfmochi training "
+                            "directory (python -m tfmochi.train --model_dir=... writes one).")
+    try:
+      return config_lib.TrainConfig.from_dict(read_json(path))
+    except (ValueError, tf.errors.OpError) as e:
+      raise CheckpointError(f"{path} cannot be read ({reason(e)}).") from None
+
+  def metrics_log(self, resume_step: int = 0) -> "MetricsLog":
+    return MetricsLog(self.join(METRICS_FILE), resume_step)
+
+  def summary_writer(self, name: str, enabled: bool = True):
+    """A TensorBoard writer into `<model_dir>/<name>` (a no-op writer when not `enabled`)."""
+    if not enabled:
+      return tf.summary.create_noop_writer()
+    return tf.summary.create_file_writer(self.join(name))
+
+  # ---- checkpoints (rule 3)
+  def checkpoint_manager(self, checkpoint: tf.train.Checkpoint, max_to_keep: int,
+                         worker: int | None = None) -> tf.train.CheckpointManager:
+    """Saves into checkpoints/, or into worker_tmp_<worker> for a multi-worker run's non-chief
+    (every worker must save, its collectives need all of them; only the chief's copy is kept)."""
+    directory = self.checkpoint_dir if worker is None else self.join(f"worker_tmp_{worker}")
+    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
+
+  def list_checkpoints(self) -> list[str]:
+    """Checkpoint prefixes of the run, newest first (empty if none)."""
+    try:
+      found = check_readable(self.checkpoint_dir, "The checkpoint directory")
+    except RunDirError as e:  # an unknown scheme, a bucket without access, ...
+      raise CheckpointError(str(e)) from None
+    state = tf.train.get_checkpoint_state(self.checkpoint_dir) if found else None
+    if state is None:
+      return []
+    paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
+    # get_checkpoint_state has already prefixed relative entries with the directory; joining
+    # them again would break a relative model_dir.
+    return [p for p in reversed(paths) if tf.io.gfile.exists(p + ".index")]
+
+  def restore(self, checkpoint: tf.train.Checkpoint, partial: bool = False,
+              paths: list[str] | None = None) -> str | None:
+    """Restores the newest *readable* checkpoint; falls back to older ones with a warning.
+
+    Args:
+      checkpoint: the object graph to restore into.
+      partial: allow the checkpoint to hold more than `checkpoint` (e.g. only the query encoder
+        is wanted).
+      paths: the candidates, newest first (default: `list_checkpoints()`).
+
+    Returns:
+      The restored checkpoint prefix, or None when there is no candidate.
+
+    Raises:
+      CheckpointError: candidates exist but none can be read into this model (e.g. another
+        architecture), with the reasons.
+    """
+    paths = self.list_checkpoints() if paths is None else paths
+    errors = []
+    for path in paths:
+      try:
+        status = checkpoint.restore(path)
+        if partial:
+          status.expect_partial()
+        # Every object of the model must be in the checkpoint (another architecture fails here).
+        status.assert_existing_objects_matched()
+      except _CHECKPOINT_READ_ERRORS as e:
+        errors.append(f"{os.path.basename(path)}: {reason(e)}")
+        logging.warning("Cannot read checkpoint %s: %s", path, reason(e))
+        continue
+      if errors:
+        logging.warning("Restored the older checkpoint %s because newer ones could not be read: "
+                        "%s", path, "; ".join(errors))
+      return path
+    if errors:
+      raise CheckpointError(
+          f"No checkpoint in {self.checkpoint_dir} could be read into this model ("
+          + "; ".join(errors) + "). If the run used another --arch, --embedding_dim, --mlp_head, "
+          "--head_bn or --small_stem, use the same values (config.json of the run has them), or a "
+          "new --model_dir.")
+    return None

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from absl import logging
 import tensorflow as tf
 
+from tfmochi import build
 from tfmochi import checkpoints as ckpt_lib
 from tfmochi import data as data_lib
 from tfmochi.evaluate import features as features_lib
@@ -107,24 +107,7 @@ def load_sources(config, settings: EvalSettings) -> tuple[data_lib.DataSource,
 
 def restore_checkpoint(model_dir: str, checkpoint_path: str | None):
   """(encoder, config, step, path) of `checkpoint_path`, or of the newest readable checkpoint."""
-  if checkpoint_path is not None:
-    encoder, config, step = ckpt_lib.restore_encoder(model_dir, checkpoint_path)
-    return encoder, config, step, checkpoint_path
-  paths = ckpt_lib.list_checkpoints(model_dir)
-  if not paths:
-    encoder, config, step = ckpt_lib.restore_encoder(model_dir)  # raises its clear message
-    return encoder, config, step, None
-  errors = []
-  for path in paths:
-    try:
-      encoder, config, step = ckpt_lib.restore_encoder(model_dir, path)
-    except ckpt_lib.CheckpointError as e:
-      errors.append(str(e))
-      continue
-    if errors:
-      logging.warning("Evaluating the older checkpoint %s: %s", path, "; ".join(errors))
-    return encoder, config, step, path
-  raise ckpt_lib.CheckpointError("; ".join(errors))
+  return build.restore_run_encoder(model_dir, checkpoint_path)
 
 
 def _restore(model_dir: str, settings: EvalSettings, checkpoint_path: str | None,
