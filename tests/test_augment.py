@@ -39,6 +39,8 @@ OPS = {
     "gaussian_blur": lambda x, s: augment.gaussian_blur(x, 1.3),
     "random_blur": lambda x, s: augment.random_blur(x, 0.5, s),
     "random_flip": lambda x, s: augment.random_flip(x, s),
+    "random_affine": lambda x, s: augment.random_affine(x, s),
+    "affine_view": lambda x, s: augment.affine_view(x, 12, s),
     "normalize": lambda x, s: augment.normalize(x),
     "moco_v2_view": lambda x, s: augment.moco_v2_view(x, 12, s),
     "moco_v1_view": lambda x, s: augment.moco_v1_view(x, 12, s),
@@ -64,7 +66,7 @@ class AugmentTest(tf.test.TestCase, parameterized.TestCase):
     # int32 seeds and Python tuples are accepted and mean the same key.
     self.assertAllClose(eager, fn(image, tf.constant(SEED, tf.int32)), atol=1e-5)
 
-  @parameterized.parameters("mocov2", "mocov1")
+  @parameterized.parameters("mocov2", "mocov1", "affine")
   def test_views_shape_range_and_seeds(self, recipe):
     image = _image()
     view_fn = augment.AUGMENTATIONS[recipe]
@@ -108,7 +110,7 @@ class AugmentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(np.all(flipped ^ kept))
     self.assertBetween(flipped.mean(), 0.38, 0.62)
 
-  @parameterized.parameters("mocov2", "mocov1", "small")
+  @parameterized.parameters("mocov2", "mocov1", "small", "affine")
   def test_hflip_off_removes_exactly_the_flip(self, recipe):
     # Every other draw uses its own sub-seed, so with hflip=False each view is the hflip=True
     # view or its mirror image, and the mirror happens about half the time.
@@ -215,6 +217,45 @@ class AugmentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIn(True, orders)
     self.assertIn(False, orders)
 
+  def test_affine_identity_and_zoom(self):
+    blob = np.zeros([16, 16, 3], np.float32)
+    blob[6:10, 6:10] = 1.0  # 4x4 square centred on the image centre (7.5, 7.5)
+    still = augment.random_affine(blob, SEED, degrees=0, translate=0, scale=(1, 1), shear=0)
+    self.assertAllClose(still, blob)
+    zoomed = augment.random_affine(blob, SEED, degrees=0, translate=0, scale=(2, 2), shear=0)
+    self.assertAllClose(zoomed[..., 0].numpy().sum(), 4 * 16.0, atol=1.0)  # area x4
+    self.assertAllClose(zoomed[4:12, 4:12], np.ones([8, 8, 3]), atol=0.5)  # about the centre
+
+  def test_affine_shift_and_rotation_ranges(self):
+    blob = np.zeros([16, 16, 3], np.float32)
+    blob[6:10, 6:10] = 1.0
+    ys, xs = np.mgrid[:16, :16]
+    for i in range(20):
+      seed = (i, 3)
+      shifted = augment.random_affine(blob, seed, degrees=0, translate=0.25, scale=(1, 1),
+                                      shear=0)[..., 0].numpy()
+      self.assertAllClose(shifted.sum(), 16.0, atol=1e-3)  # stays inside: only moved
+      dx = (shifted * xs).sum() / 16.0 - 7.5
+      dy = (shifted * ys).sum() / 16.0 - 7.5
+      self.assertLessEqual(max(abs(dx), abs(dy)), 0.25 * 16 + 1e-3)
+      turned = augment.random_affine(blob, seed, degrees=90, translate=0, scale=(1, 1),
+                                     shear=0)[..., 0].numpy()
+      # A rotation about the centre keeps the blob's centroid where it was.
+      self.assertAllClose([(turned * xs).sum() / turned.sum(), (turned * ys).sum() / turned.sum()],
+                          [7.5, 7.5], atol=1e-3)
+    # Shifted-in pixels are black, the background of digits.
+    white = augment.random_affine(np.ones([16, 16, 3], np.float32), (1, 1), degrees=0,
+                                  translate=0.25, scale=(1, 1), shear=0).numpy()
+    self.assertLess(white.min(), 1e-6)
+
+  def test_affine_recipe_has_no_colour(self):
+    gray = tf.tile(_image(channels=1), [1, 1, 3])
+    for i in range(8):
+      view = augment.to_float(augment.two_views_uint8(gray, 12, (i, 5), "affine", (1.0, 1.0),
+                                                      False)[0]).numpy()
+      self.assertAllClose(view[..., 0], view[..., 1])  # gray stays gray
+      self.assertAllClose(view[..., 0], view[..., 2])
+
   def test_normalize_matches_numpy(self):
     image = _image()
     expected = (image.numpy() / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array(
@@ -317,7 +358,7 @@ class AugmentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllEqual(augment.decode_random_resized_crop(png, 12, SEED),
                         augment.random_resized_crop(_image(), 12, SEED))
 
-  @parameterized.parameters("mocov2", "mocov1", "small")
+  @parameterized.parameters("mocov2", "mocov1", "small", "affine")
   def test_uint8_views_normalised_on_the_device(self, recipe):
     image = _image()
     views = augment.two_views(image, 12, SEED, recipe)

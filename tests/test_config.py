@@ -70,7 +70,7 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
                      ("tpu", "local", "bfloat16", "tfrecord"))
     self.assertEqual((tpu.mochi_num_hard, tpu.batch_size, tpu.queue_size, tpu.epochs),
                      (1024, 512, 65536, 200))
-    # The ImageNet recipes are MoCo v2's, not the quickstart defaults (crop 0.5, no flip, head BN).
+    # The ImageNet recipes are MoCo v2's, not the quickstart's (affine views, no flip, head BN).
     for cfg in (mochi, in100, moco, tpu):
       self.assertEqual((cfg.crop_min_scale, cfg.hflip, cfg.head_bn, cfg.learning_rate),
                        (0.2, True, False, 0.03))

@@ -240,6 +240,57 @@ def random_flip(image: tf.Tensor, seed: SeedLike, p: float = 0.5) -> tf.Tensor:
                  lambda: image)
 
 
+# Ranges of `random_affine` in the "affine" recipe: the small rotations, shears, zooms and shifts
+# under which a handwritten digit keeps its class (the usual MNIST augmentation); a flip or a
+# quarter turn would not (a mirrored 2 is a 5, a turned 6 a 9).
+AFFINE_DEGREES = 15.0
+AFFINE_TRANSLATE = 0.1
+AFFINE_SCALE = (0.9, 1.1)
+AFFINE_SHEAR_DEGREES = 10.0
+
+
+def random_affine(image: tf.Tensor, seed: SeedLike, degrees: float = AFFINE_DEGREES,
+                  translate: float = AFFINE_TRANSLATE,
+                  scale: tuple[float, float] = AFFINE_SCALE,
+                  shear: float = AFFINE_SHEAR_DEGREES) -> tf.Tensor:
+  """torchvision RandomAffine about the image centre, bilinear, outside filled with black.
+
+  The forward map is out = c + R(angle) Sh(shear) z (in - c) + t, with angle ~ U[-degrees,
+  degrees], shear angle (along x) ~ U[-shear, shear], zoom z ~ U[scale], shift t ~ U[-translate,
+  translate] * (W, H) per axis; the image is resampled through the inverse map. Black is the
+  background of the digits (and of most small-image data sets), so shifted-in borders add no edge.
+
+  Args:
+    image: [H, W, 3|1] uint8 or float in [0, 1].
+    seed: [2] int seed.
+    degrees, translate, scale, shear: the ranges above (static Python numbers).
+
+  Returns:
+    float32 [H, W, 3] in [0, 1].
+  """
+  image = to_float(image)
+  s_rot, s_shear, s_zoom, s_tx, s_ty = _split(seed, 5)
+  angle = _uniform(s_rot, -degrees, degrees) * (math.pi / 180.0)
+  shear_angle = _uniform(s_shear, -shear, shear) * (math.pi / 180.0)
+  zoom = _uniform(s_zoom, scale[0], scale[1])
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  shift = tf.stack([_uniform(s_tx, -translate, translate) * hw[1],
+                    _uniform(s_ty, -translate, translate) * hw[0]])  # (x, y)
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  forward = zoom * tf.reshape(tf.stack([cos, cos * tf.tan(shear_angle) - sin,
+                                        sin, sin * tf.tan(shear_angle) + cos]), [2, 2])
+  inverse = tf.linalg.inv(forward)
+  centre = (tf.reverse(hw, [0]) - 1.0) / 2.0  # (x, y) of the centre pixel
+  # in = c + A^-1 (out - c - t) = A^-1 out + (c - A^-1 (c + t)).
+  offset = centre - tf.linalg.matvec(inverse, centre + shift)
+  transform = tf.concat([inverse[0], offset[:1], inverse[1], offset[1:], tf.zeros([2])], 0)
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[tf.newaxis], transforms=transform[tf.newaxis],
+      output_shape=tf.shape(image)[:2], fill_value=0.0, interpolation="BILINEAR",
+      fill_mode="CONSTANT")[0]
+  return tf.clip_by_value(tf.ensure_shape(out, image.shape), 0.0, 1.0)
+
+
 def center_view(image: tf.Tensor, size: int) -> tf.Tensor:
   """MoCo lincls val transform scaled to `size`: Resize(round(size*256/224)), CenterCrop(size).
 
@@ -446,7 +497,16 @@ def _small_image(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
   return random_flip(x, s_flip) if hflip else x
 
 
-_RECIPES = {"mocov2": _moco_v2, "mocov1": _moco_v1, "small": _small_image}
+def _affine(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
+  # Digits and other gray shapes: geometry carries the invariances, colour has none to teach
+  # (saturation, hue and grayscale do nothing to a gray image), so only brightness and contrast.
+  s_crop, s_affine, s_jitter, s_flip = _split(seed, 4)
+  x = random_affine(crop(s_crop), s_affine)
+  x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.0, 0.0, s_jitter)
+  return random_flip(x, s_flip) if hflip else x
+
+
+_RECIPES = {"mocov2": _moco_v2, "mocov1": _moco_v1, "small": _small_image, "affine": _affine}
 
 
 def _normalized_view(recipe: str):
@@ -482,10 +542,21 @@ def small_image_view(image: tf.Tensor, size: int, seed: SeedLike,
   return _normalized_view("small")(image, size, seed, crop_scale, hflip)
 
 
+def affine_view(image: tf.Tensor, size: int, seed: SeedLike,
+                crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> tf.Tensor:
+  """For small gray shapes such as digits: crop, `random_affine`, brightness/contrast jitter.
+
+  The crop's scale range still applies (a range of (1, 1) leaves the affine map as the only
+  geometric change). Returns float32 [S, S, 3], normalised.
+  """
+  return _normalized_view("affine")(image, size, seed, crop_scale, hflip)
+
+
 AUGMENTATIONS: dict[str, Callable[[tf.Tensor, int, SeedLike], tf.Tensor]] = {
     "mocov2": moco_v2_view,
     "mocov1": moco_v1_view,
     "small": small_image_view,
+    "affine": affine_view,
 }
 
 

@@ -32,7 +32,7 @@ from tfmochi import objective as objective_lib
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet10_tiny")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "bfloat16", "float16")
-AUGMENTATIONS = ("mocov2", "mocov1", "small")
+AUGMENTATIONS = ("mocov2", "mocov1", "small", "affine")
 AUTO_BOOL = ("auto", "true", "false")
 EXPORT_FORMATS = ("saved_model", "hub", "keras", "detectron2", "torchvision", "none")
 NONFINITE = ("stop", "skip")
@@ -60,8 +60,8 @@ class TrainConfig:
   model_dir: str = "runs/quickstart"
   image_size: int = 16
   batch_size: int = 64
-  augmentation: str = "small"
-  crop_min_scale: float = 0.5
+  augmentation: str = "affine"
+  crop_min_scale: float = 1.0
   hflip: bool = _added_later(False, older_runs=True)  # views were always flipped
   validate_images: bool = False
   tfrecord_label_offset: int = 1
@@ -96,7 +96,7 @@ class TrainConfig:
   mochi_topn: str = "exact"
   mochi_topn_recall: float = 0.95
   # optimisation
-  epochs: float = 9.0
+  epochs: float = 18.0
   train_steps: int | None = None
   learning_rate: float = 0.06
   weight_decay: float = 5e-4
@@ -293,8 +293,10 @@ _HELP = {
                  "A run restarted with the same --model_dir resumes.",
     "image_size": "Training crop size in pixels (224 for ImageNet).",
     "batch_size": "Global batch size over all replicas.",
-    "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter), mocov1, or small (MoCo v2 "
-                    "without blur, for images of 16-64 px as in the MoCo CIFAR demo).",
+    "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter), mocov1, small (MoCo v2 "
+                    "without blur, for images of 16-64 px as in the MoCo CIFAR demo) or affine "
+                    "(for gray shapes such as digits: the crop, then a random rotation, shear, "
+                    "zoom and shift, then brightness/contrast jitter; no colour jitter).",
     "crop_min_scale": "Smallest area fraction of the random resized crop (MoCo: 0.2).",
     "hflip": "Random horizontal flips in the views (MoCo: on). Turn off for digits or text, whose "
              "classes are not mirror-symmetric.",
