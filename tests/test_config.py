@@ -132,6 +132,19 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual((config_lib.TrainConfig().head_bn, config_lib.TrainConfig().hflip),
                      (True, False))
 
+  def test_held_out_split_is_fixed_across_run_seeds(self):
+    # New runs: one held-out split for every --seed, so seeds measure training, not the split.
+    for seed in (0, 1, 7):
+      self.assertEqual(config_lib.TrainConfig(seed=seed).held_out_seed, 0)
+    self.assertEqual(config_lib.TrainConfig(seed=3, split_seed=5).held_out_seed, 5)
+    self.assertEqual(config_lib.TrainConfig(seed=3, split_seed=-1).held_out_seed, 3)
+    # Runs written before --split_seed drew their split with --seed: they keep it.
+    values = __import__("json").loads(config_lib.TrainConfig(seed=4).to_json())
+    del values["split_seed"]
+    self.assertEqual(config_lib.TrainConfig.from_dict(values).held_out_seed, 4)
+    with self.assertRaisesRegex(config_lib.ConfigError, "--split_seed must be >= -1"):
+      config_lib.TrainConfig(split_seed=-2).validate()
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -65,6 +65,8 @@ class TrainConfig:
   hflip: bool = _added_later(False, older_runs=True)  # views were always flipped
   validate_images: bool = False
   tfrecord_label_offset: int = 1
+  # -1: the run's --seed, as runs drew the held-out split before this flag existed.
+  split_seed: int = _added_later(0, older_runs=-1)
   # model
   arch: str = "resnet18"
   small_stem: bool = True
@@ -147,6 +149,11 @@ class TrainConfig:
         mochi_warmup_steps=int(round(self.mochi_warmup_epochs * steps_per_epoch)),
         seed=self.seed, objective=self.objective_config())
 
+  @property
+  def held_out_seed(self) -> int:
+    """The seed `data.load` draws the held-out split with (--split_seed; -1: --seed)."""
+    return self.seed if self.split_seed < 0 else self.split_seed
+
   def total_steps(self, steps_per_epoch: int) -> int:
     if self.train_steps:
       return int(self.train_steps)
@@ -195,6 +202,7 @@ class TrainConfig:
   def _check_data_and_model(self) -> None:
     _need(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, "
           "TensorBoard logs and the exported backbone.")
+    _need(self.split_seed >= -1, f"--split_seed must be >= -1 (-1: --seed), got {self.split_seed}.")
     _need(0.0 < self.crop_min_scale <= 1.0,
           f"--crop_min_scale must be in (0, 1], got {self.crop_min_scale}.")
     _need(self.tfrecord_label_offset >= 0,
@@ -362,7 +370,11 @@ _HELP = {
     "tf32": "Allow TensorFloat-32 in float32 matmuls and convolutions on Ampere and later GPUs "
             "(faster; q.Q^T and MoCHi's top-N then use 10-bit mantissas). Off: exact float32, as "
             "PyTorch's matmuls. No effect on CPU/TPU.",
-    "seed": "Run seed: data order, augmentations, MoCHi draws, shuffle BN.",
+    "seed": "Run seed: initial weights, data order, augmentations, MoCHi draws, shuffle BN.",
+    "split_seed": "Seed of the held-out split tfmochi makes for data sets that have none "
+                  "(quickstart, folders without split folders). Fixed (0) by default so that runs "
+                  "with different --seed are evaluated on the same held-out images: the spread "
+                  "over seeds then measures training, not the split. -1: the run's --seed.",
     "deterministic": "Deterministic ops and input pipeline (slower): a resumed run repeats the "
                      "uninterrupted one step for step.",
     "steps_per_loop": "Training steps per tf.function call.",

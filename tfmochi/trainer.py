@@ -117,7 +117,8 @@ class Trainer:
     keras.utils.set_random_seed(build.weight_init_seed(cfg))
     build.set_precision(cfg.mixed_precision, cfg.tf32)
     # Data first: a missing data set must fail in seconds, before any device set-up.
-    self.train_source = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir, seed=cfg.seed,
+    self.train_source = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir,
+                                      seed=cfg.held_out_seed,
                                       validate="decode" if cfg.validate_images else "none",
                                       tfrecord_label_offset=cfg.tfrecord_label_offset)
     if cfg.label_mode != "none" and not self.train_source.has_labels:
@@ -281,7 +282,7 @@ class Trainer:
     if self._knn_test_source is None:
       try:
         self._knn_test_source = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir,
-            seed=cfg.seed, tfrecord_label_offset=cfg.tfrecord_label_offset)
+            seed=cfg.held_out_seed, tfrecord_label_offset=cfg.tfrecord_label_offset)
       except data_lib.DataError as e:
         logging.warning("kNN monitor skipped: %s", e)
         return None

@@ -147,7 +147,7 @@ def _labelled_source(config, model_dir: str, checkpoint_path: str | None, *, spl
   if checkpoint_path is None and not ckpt_lib.list_checkpoints(model_dir):
     ckpt_lib.restore_encoder(model_dir)  # raises its clear "no checkpoint yet" message
   if source is None:
-    source = data_lib.load(dataset, split, data_dir=data_dir, seed=config.seed,
+    source = data_lib.load(dataset, split, data_dir=data_dir, seed=config.held_out_seed,
                            tfrecord_label_offset=config.tfrecord_label_offset)
   if not source.has_labels:
     raise AnalyzeError(f"{source.name}/{source.split} has no labels; the analysis needs them "

@@ -48,7 +48,7 @@ def _define_flags() -> None:
                     "(fast, no augmentation) instead of fresh crops every epoch (the protocol).")
   flags.DEFINE_string("dataset", None, "Evaluate on this data set (default: the run's).")
   flags.DEFINE_string("data_dir", None, "Data directory (default: the run's).")
-  flags.DEFINE_integer("seed", None, "Seed (default: the run's; fixes the quickstart split).")
+  flags.DEFINE_integer("seed", None, "Seed of the held-out split tfmochi makes (default: the run's --split_seed).")
   flags.DEFINE_bool("random_init", False,
                     "Evaluate the run's network at its random initialisation (no checkpoint): the "
                     "baseline pretraining must beat. Writes eval_<mode>_random_init.json, which "

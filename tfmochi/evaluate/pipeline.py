@@ -93,7 +93,7 @@ def load_sources(config, settings: EvalSettings) -> tuple[data_lib.DataSource,
   """The (train, held-out) splits to evaluate on: the run's data set unless overridden."""
   dataset = settings.dataset or config.dataset
   data_dir = settings.data_dir if settings.data_dir is not None else config.data_dir
-  seed = config.seed if settings.seed is None else settings.seed
+  seed = config.held_out_seed if settings.seed is None else settings.seed
   offset = getattr(config, "tfrecord_label_offset", 1)
   train = data_lib.load(dataset, "train", data_dir=data_dir, seed=seed,
                         tfrecord_label_offset=offset)
@@ -182,7 +182,7 @@ def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
   if sources is not None:
     features_lib.require_labels(train, f"{settings.mode} evaluation")
     features_lib.require_labels(test, f"{settings.mode} evaluation")
-  seed = config.seed if settings.seed is None else settings.seed
+  seed = config.held_out_seed if settings.seed is None else settings.seed
   result = _evaluate_mode(encoder, config, train, test, settings, seed=seed, step=step,
                           strategy=strategy, progress=progress)
   result = {**result, "mode": settings.mode, "checkpoint_step": int(step), "checkpoint": path,
