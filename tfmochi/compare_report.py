@@ -155,7 +155,8 @@ def markdown(results: dict) -> str:
     lines += [f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed]
   pending = [r for r in results["runs"] if r["status"] == "pending"]
   if pending:
-    lines += ["", f"Not finished yet: {len(pending)} run(s); rerun the command to continue."]
+    lines += ["", f"Not finished yet: {len(pending)} run(s) (the sweep is still running, or was "
+              "stopped: the same command continues it)."]
   worked = [r for r in results["runs"] if (r.get("sweep_cpu_seconds") or 0) > 1.0
             and r["status"] == "ok"]
   if worked:
