@@ -1,0 +1,208 @@
+"""Tests of `python -m tfmochi.compare` (tfmochi.compare, compare_variants, compare_eval,
+compare_report): variant names, mean ± std against NumPy, and one real sweep of resnet10_tiny on
+the offline digits that is killed half-way, resumed, and holds a failing variant."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+import numpy as np
+
+from tfmochi import compare
+from tfmochi import compare_report
+from tfmochi import compare_variants
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class VariantsTest(absltest.TestCase):
+
+  def test_registry_and_parametric_names(self):
+    variants = compare_variants.resolve(compare_variants.split_names(
+        "moco_v2, mochi(256,512,0), mochi_128_1024_512, drop_hardest(1), keep_hardest_5, hard"))
+    self.assertEqual([v.name for v in variants],
+                     ["moco_v2", "mochi_256_512_0", "mochi_128_1024_512", "drop_hardest_1",
+                      "keep_hardest_5", "hard"])
+    self.assertEqual(variants[1].flags, ("--mochi_num_hard=256", "--mochi_num_mix=512",
+                                         "--mochi_num_query_mix=0"))
+    self.assertIn("--drop_hardest=1", variants[3].flags)
+    self.assertIn("--mochi_num_hard=0", variants[4].flags)  # Cai et al. on MoCo v2
+    for name in ("debiased", "oracle", "supcon", "mochi_s_only", "mochi_sprime_only"):
+      self.assertEqual(compare_variants.resolve([name])[0].name, name)
+
+  def test_variants_file(self):
+    defined, listed = compare_variants.parse_variants_file(
+        "# comment\nmine: --loss=hard --tau_plus=0.05  # my hard\nmoco_v2\nmine\n")
+    self.assertEqual(listed, ["mine", "moco_v2"])
+    self.assertEqual(defined["mine"].flags, ("--loss=hard", "--tau_plus=0.05"))
+    self.assertEqual(defined["mine"].about, "my hard")
+    self.assertEqual([v.name for v in compare_variants.resolve(["mine", "moco_v2"], defined)],
+                     ["mine", "moco_v2"])
+
+  def test_bad_names(self):
+    with self.assertRaisesRegex(compare_variants.VariantError, "Unknown variant 'mocoo'.*Known"):
+      compare_variants.resolve(["mocoo"])
+    with self.assertRaisesRegex(compare_variants.VariantError, "listed twice"):
+      compare_variants.resolve(["hard", "hard"])
+    with self.assertRaisesRegex(compare_variants.VariantError, "is not a flag"):
+      compare_variants.parse_variants_file("x: loss=hard")
+
+  def test_train_command_puts_seed_and_model_dir_last(self):
+    config = compare.SweepConfig("base.flags", (), (0,), "/out", train_steps=5,
+                                 train_flags=("--seed=9",), python="py")
+    cmd = compare.train_command(config, compare_variants.resolve(["hard"])[0], 3)
+    self.assertEqual(cmd[:4], ["py", "-m", "tfmochi.train", "--flagfile=base.flags"])
+    self.assertIn("--train_steps=5", cmd)
+    self.assertEqual(cmd[-2:], ["--seed=3", "--model_dir=/out/runs/hard/seed3"])
+
+
+class StatisticsTest(absltest.TestCase):
+
+  def _run(self, variant, seed, knn, status="ok", random_init=50.0):
+    metrics = {key: None for key, *_ in compare_report.METRICS}
+    metrics["knn_top1"] = knn
+    baselines = {key: None for key, *_ in compare_report.BASELINES}
+    baselines["knn_random_init"] = random_init
+    return {"variant": variant, "seed": seed, "status": status, "metrics": metrics,
+            "baselines": baselines, "knn_history": [], "error": None if status == "ok" else "x"}
+
+  def test_mean_std_matches_numpy(self):
+    values = [91.25, 93.5, 90.0]
+    stat = compare_report.mean_std(values + [None])
+    self.assertAlmostEqual(stat["mean"], np.mean(values), places=12)
+    self.assertAlmostEqual(stat["std"], np.std(values, ddof=1), places=12)
+    self.assertEqual(stat["n"], 3)
+    self.assertIsNone(compare_report.mean_std([4.0])["std"])
+    self.assertEqual(compare_report.format_mean_std(stat, 2),
+                     f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (3)")
+
+  def test_aggregate_skips_failures_and_averages_baselines_per_seed(self):
+    runs = [self._run("a", 0, 90.0, random_init=50.0), self._run("a", 1, 94.0, random_init=60.0),
+            self._run("b", 0, 80.0, random_init=50.0), self._run("b", 1, 0.0, status="failed",
+                                                                 random_init=99.0)]
+    summary, baselines = compare_report.aggregate(runs)
+    self.assertEqual(summary["a"]["knn_top1"]["values"], [90.0, 94.0])
+    self.assertAlmostEqual(summary["a"]["knn_top1"]["std"], np.std([90.0, 94.0], ddof=1))
+    self.assertEqual(summary["b"]["knn_top1"]["n"], 1)
+    # Seed 0's two runs count once; the failed run's baseline not at all.
+    self.assertEqual(baselines["knn_random_init"]["values"], [50.0, 60.0])
+
+  def test_last_error_line(self):
+    path = os.path.join(self.create_tempdir().full_path, "log")
+    with open(path, "w") as f:
+      f.write("step 1/6\r step 2/6\nTraceback (most recent call last):\n  x\n"
+              "tfmochi.train: error: --queue_size (K) must be a multiple\nbye\n")
+    self.assertEqual(compare.last_error_line(path),
+                     "tfmochi.train: error: --queue_size (K) must be a multiple")
+
+
+# resnet10_tiny at 16 px, 6 steps, a checkpoint every 2 and a kNN pass every ~3 steps.
+_TINY = ["--arch=resnet10_tiny", "--image_size=16", "--batch_size=16", "--queue_size=64",
+         "--embedding_dim=16", "--mochi_num_hard=8", "--mochi_num_mix=4",
+         "--mochi_num_query_mix=2", "--mochi_warmup_epochs=0", "--train_steps=6",
+         "--steps_per_loop=2", "--checkpoint_every_steps=2", "--knn_every_epochs=0.03",
+         "--export_format=none"]
+
+
+class SweepTest(absltest.TestCase):
+  """One real sweep: moco_v2 (2 seeds) and a variant whose flags are invalid."""
+
+  def _sweep(self, base, variants_file, out, **popen):
+    cmd = [sys.executable, "-m", "tfmochi.compare", f"--base_flagfile={base}",
+           f"--variants_file={variants_file}", "--seeds=2", f"--output_dir={out}",
+           "--linear_epochs=2", "--num_queries=32"]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+  def test_kill_resume_failure_and_table(self):
+    tmp = self.create_tempdir().full_path
+    base = os.path.join(tmp, "tiny.flags")
+    with open(base, "w") as f:
+      f.write("\n".join([f"--flagfile={REPO}/configs/quickstart.flags", *_TINY]) + "\n")
+    variants_file = os.path.join(tmp, "variants")
+    with open(variants_file, "w") as f:
+      f.write("moco_v2\nbroken: --queue_size=7  # not a multiple of the batch: fails\n")
+    out = os.path.join(tmp, "out")
+    runs = os.path.join(out, "runs")
+    first, second = (os.path.join(runs, "moco_v2", f"seed{s}") for s in (0, 1))
+
+    # 1. Kill the whole sweep (driver and trainer) once seed 1 has a checkpoint.
+    proc = self._sweep(base, variants_file, out, start_new_session=True)
+    deadline = time.time() + 600
+    while not os.path.exists(os.path.join(second, "checkpoints", "checkpoint")):
+      self.assertIsNone(proc.poll(), proc.stdout.read() if proc.poll() is not None else "")
+      self.assertLess(time.time(), deadline)
+      time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    self.assertTrue(os.path.exists(os.path.join(first, "compare_eval.json")))
+    done_mtime = os.path.getmtime(os.path.join(first, "summary.json"))
+
+    # 2. The same command continues: seed 0 is not redone, seed 1 resumes, "broken" fails alone.
+    proc = self._sweep(base, variants_file, out)
+    output, _ = proc.communicate(timeout=900)
+    self.assertEqual(proc.returncode, 0, output)
+    self.assertIn("moco_v2 seed 0: finished earlier, skipped", output)
+    self.assertIn("broken seed 1: FAILED", output)
+    self.assertEqual(os.path.getmtime(os.path.join(first, "summary.json")), done_mtime)
+    for name, commands in (("train.log", 1), ("eval.log", 1)):
+      with open(os.path.join(first, name)) as f:
+        self.assertEqual(f.read().count("\n$ "), commands, name)
+    with open(os.path.join(second, "train.log")) as f:
+      log = f.read()
+    self.assertEqual(log.count("\n$ "), 2)
+    self.assertRegex(log, r"Resumed from .* \(step [246]/6\)")
+
+    results = json.load(open(os.path.join(out, "results.json")))
+    status = {(r["variant"], r["seed"]): r for r in results["runs"]}
+    self.assertEqual(status[("broken", 0)]["status"], "failed")
+    self.assertIn("queue_size", status[("broken", 1)]["error"])
+    self.assertIn("broken", results["failed_variants"])
+    self._check_table(results, [status[("moco_v2", s)] for s in (0, 1)], out)
+
+  def _check_table(self, results, ok_runs, out):
+    """The table's numbers are the runs' eval files' numbers, and their mean ± std."""
+    values = {}
+    for run in ok_runs:
+      self.assertEqual(run["status"], "ok")
+      files = {name: json.load(open(os.path.join(run["run_dir"], name))) for name in
+               ("eval_knn.json", "eval_linear.json", "eval_linear_random_init.json",
+                "eval_linear_raw_pixels.json", "analysis/report.json", "summary.json")}
+      self.assertEqual(files["summary.json"]["global_step"], 6)
+      expected = {"knn_top1": files["eval_knn.json"]["top1"],
+                  "linear_top1": files["eval_linear.json"]["top1"],
+                  "alignment": files["analysis/report.json"]["alignment"],
+                  "uniformity": files["analysis/report.json"]["uniformity"],
+                  "same_class_hardest_1pct":
+                      100 * files["analysis/report.json"]["false_negatives"]["hardest_1pct"]}
+      for key, value in expected.items():
+        self.assertAlmostEqual(run["metrics"][key], value, places=9, msg=key)
+        values.setdefault(key, []).append(value)
+      self.assertEqual(run["baselines"]["knn_raw_pixels"],
+                       files["eval_knn.json"]["raw_pixels_top1"])
+      self.assertEqual(run["baselines"]["linear_random_init"],
+                       files["eval_linear_random_init.json"]["top1"])
+      self.assertTrue(files["eval_linear.json"]["cache_features"])
+      self.assertEqual([s for s, _ in run["knn_history"]], [0, 3, 6])
+    table = open(os.path.join(out, "results.md")).read()
+    row = next(line for line in table.splitlines() if line.startswith("| moco_v2 |"))
+    for key, decimals in (("knn_top1", 2), ("linear_top1", 2), ("alignment", 3),
+                          ("uniformity", 3), ("same_class_hardest_1pct", 1)):
+      stat = results["summary"]["moco_v2"][key]
+      self.assertAlmostEqual(stat["mean"], np.mean(values[key]), places=9)
+      self.assertAlmostEqual(stat["std"], np.std(values[key], ddof=1), places=9)
+      self.assertIn(f"{np.mean(values[key]):.{decimals}f} ± "
+                    f"{np.std(values[key], ddof=1):.{decimals}f} (2)", row)
+    self.assertIn("| broken | - |", table)
+    self.assertIn("cache_features=True", table)
+    for plot in ("knn_over_steps.png", "alignment_uniformity.png"):
+      self.assertGreater(os.path.getsize(os.path.join(out, plot)), 1000)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,365 @@
+"""`python -m tfmochi.compare`: trains named variants over several seeds, evaluates every run the
+same way, and writes the results table with mean ± std over seeds.
+
+  python -m tfmochi.compare --base_flagfile=configs/quickstart.flags \\
+      --variants=moco_v2,mochi,hard --seeds=3 --output_dir=runs/compare
+
+Each (variant, seed) is one `python -m tfmochi.train` process, `--flagfile=BASE` followed by the
+variant's flags (`tfmochi.compare_variants`), the sweep's overrides (`--train_steps`/`--epochs`,
+`--strategy`, `--train_flags`) and `--seed=k --model_dir=OUTPUT/runs/<variant>/seed<k>`; then one
+`python -m tfmochi.compare_eval` process measures it (kNN, the linear probe on cached features,
+the random-init and raw-pixel baselines on the same split, the negatives analysis). Separate
+processes isolate the runs: a crash or a failing variant is reported (exit status and the log's
+last line) and the sweep goes on. The driver itself needs no TensorFlow.
+
+Resuming: a run with summary.json is not trained again, one with compare_eval.json of its final
+step is not evaluated again; a run killed half-way resumes from its last checkpoint (the
+trainer's own resume). So after a kill, the same command continues the sweep. A Ctrl-C / SIGTERM
+reaches the training process too: it checkpoints, and the sweep stops.
+
+Outputs in OUTPUT: results.json (every run's numbers, means and spreads, failures), results.md
+(the Markdown table), knn_over_steps.png, alignment_uniformity.png (`tfmochi.compare_report`),
+rewritten after every run. Logs: OUTPUT/runs/<variant>/seed<k>/train.log and eval.log.
+
+Under `--strategy=multi_worker` run the same command on every worker (TF_CONFIG): all of them
+train each run together, only the chief evaluates and writes the results (not tested here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from tfmochi import compare_report
+from tfmochi import compare_variants
+
+FLAGS = flags.FLAGS
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """What `run_sweep` does (the command's flags)."""
+  base_flagfile: str
+  variants: tuple  # of compare_variants.Variant
+  seeds: tuple[int, ...]
+  output_dir: str
+  train_steps: int | None = None
+  epochs: float | None = None
+  strategy: str = "default"
+  cpu_replicas: int = 1
+  tpu: str | None = None
+  train_flags: tuple[str, ...] = ()
+  linear_epochs: int | None = None
+  linear_cache_features: bool = True
+  num_queries: int = 512
+  python: str = sys.executable
+
+
+def run_dir(config: SweepConfig, variant: str, seed: int) -> str:
+  return os.path.join(config.output_dir, "runs", variant, f"seed{seed}")
+
+
+def train_command(config: SweepConfig, variant, seed: int) -> list[str]:
+  """The `tfmochi.train` command of one run; later flags win, so seed and model_dir come last."""
+  overrides = []
+  if config.train_steps:
+    overrides.append(f"--train_steps={config.train_steps}")
+  if config.epochs:
+    overrides.append(f"--epochs={config.epochs}")
+  overrides.append(f"--strategy={config.strategy}")
+  if config.strategy == "mirrored":
+    overrides.append(f"--cpu_replicas={config.cpu_replicas}")
+  if config.tpu:
+    overrides.append(f"--tpu={config.tpu}")
+  return [config.python, "-m", "tfmochi.train", f"--flagfile={config.base_flagfile}",
+          *variant.flags, *overrides, *config.train_flags, f"--seed={seed}",
+          f"--model_dir={run_dir(config, variant.name, seed)}"]
+
+
+def eval_command(config: SweepConfig, model_dir: str) -> list[str]:
+  strategy = "default" if config.strategy == "multi_worker" else config.strategy
+  command = [config.python, "-m", "tfmochi.compare_eval", f"--model_dir={model_dir}",
+             f"--strategy={strategy}", f"--cpu_replicas={config.cpu_replicas}",
+             f"--num_queries={config.num_queries}"]
+  if config.tpu:
+    command.append(f"--tpu={config.tpu}")
+  if config.linear_epochs:
+    command.append(f"--linear_epochs={config.linear_epochs}")
+  if not config.linear_cache_features:
+    command.append("--nolinear_cache_features")
+  return command
+
+
+def is_chief() -> bool:
+  """Whether this process writes the results: always, except on the non-chief workers of a
+  TF_CONFIG cluster (the chief, or worker 0 when there is no chief, writes)."""
+  try:
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+  except ValueError:
+    return True
+  task = tf_config.get("task", {})
+  has_chief = "chief" in tf_config.get("cluster", {})
+  kind, index = task.get("type", "chief"), int(task.get("index", 0))
+  return kind == "chief" or (not has_chief and kind == "worker" and index == 0)
+
+
+def _run_logged(command: list[str], log_path: str) -> int:
+  """Runs `command`, stdout and stderr into `log_path` (appended: a resumed run keeps both)."""
+  with open(log_path, "a", encoding="utf-8") as log:
+    log.write(f"\n$ {shlex.join(command)}\n")
+    log.flush()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def last_error_line(log_path: str) -> str:
+  """The most telling line of a failed process' log: its 'error:' line, else its last line."""
+  try:
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+      lines = [ln.strip() for ln in f.read().replace("\r", "\n").splitlines() if ln.strip()]
+  except OSError:
+    return "no log"
+  errors = [ln for ln in lines if "error:" in ln.lower() or ln.startswith(("Error", "Traceback"))]
+  picked = [ln for ln in errors if not ln.startswith("Traceback")] or lines[-1:]
+  return picked[-1][:400] if picked else "no output"
+
+
+def _children_cpu() -> float:
+  """User + system CPU seconds of the finished child processes so far (the runs' true cost on a
+  shared machine, where wall time depends on the other jobs)."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _fmt(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _train(config: SweepConfig, variant, seed: int, path: str) -> tuple[str, str | None]:
+  """("ok" | "failed" | "stopped", error) of training one run (skipped when finished)."""
+  if os.path.exists(os.path.join(path, "summary.json")):
+    return "ok", None
+  os.makedirs(path, exist_ok=True)
+  log = os.path.join(path, "train.log")
+  code = _run_logged(train_command(config, variant, seed), log)
+  if code != 0:
+    return "failed", f"training exited with status {code}: {last_error_line(log)} (log: {log})"
+  if not os.path.exists(os.path.join(path, "summary.json")):
+    return "stopped", "training was stopped (SIGTERM/Ctrl-C) after checkpointing"
+  return "ok", None
+
+
+def _evaluated(path: str) -> bool:
+  summary = compare_report.read_json(os.path.join(path, "summary.json")) or {}
+  done = compare_report.read_json(os.path.join(path, "compare_eval.json")) or {}
+  return done.get("checkpoint_step") is not None \
+      and done.get("checkpoint_step") == summary.get("global_step")
+
+
+def _evaluate(config: SweepConfig, path: str) -> tuple[str, str | None]:
+  if _evaluated(path):
+    return "ok", None
+  log = os.path.join(path, "eval.log")
+  code = _run_logged(eval_command(config, path), log)
+  if code != 0:
+    return "failed", f"evaluation exited with status {code}: {last_error_line(log)} (log: {log})"
+  return "ok", None
+
+
+def _record(variant: str, seed: int, path: str, status: str, error: str | None) -> dict:
+  record = {"variant": variant, "seed": seed, "run_dir": path, "status": status, "error": error}
+  return {**record, **compare_report.read_run_metrics(path)}
+
+
+def _pct(value: float | None) -> str:
+  return "-" if value is None else f"{value:.2f}%"
+
+
+class _Eta:
+  """Remaining time of the sweep from the runs trained and evaluated by this invocation."""
+
+  def __init__(self, total: int):
+    self.total, self.done, self.durations = total, 0, []
+
+  def finished(self, seconds: float | None) -> str:
+    self.done += 1
+    if seconds is not None:
+      self.durations.append(seconds)
+    left = self.total - self.done
+    if not left:
+      return "sweep done"
+    if not self.durations:
+      return f"{left} run(s) left"
+    per_run = sum(self.durations) / len(self.durations)
+    return f"{left} run(s) left, ETA {_fmt(left * per_run)} (~{_fmt(per_run)} per run)"
+
+
+def _notes(config: SweepConfig) -> list[str]:
+  return [
+      "mean ± sample standard deviation (ddof = 1) over seeds; (n) = seeds that finished.",
+      "kNN: weighted, k from the data, t = 0.1, held-out split, pooled backbone features.",
+      ("linear: the linear probe on centre-view features extracted once "
+       "(`linear_probe(cache_features=True)`), fast but not MoCo's augmented protocol"
+       if config.linear_cache_features else "linear: MoCo's linear protocol (fresh crops every "
+       "epoch); the raw-pixel probe on cached pixels")
+      + f"; epochs: {config.linear_epochs or 'the data set default'}.",
+      "alignment (α = 2), uniformity (t = 2), same-class share of each query's hardest 1% of "
+      f"the queue and proxy top-1: `tfmochi.analyze` on {config.num_queries} training queries.",
+      f"base: {config.base_flagfile}; seeds {', '.join(map(str, config.seeds))}; overrides: "
+      + (" ".join(train_command(config, compare_variants.Variant("V", ()), 0)[4:-2]) or "none"),
+      "variants: " + "; ".join(f"{v.name} = {' '.join(v.flags) or '(base)'}"
+                               for v in config.variants),
+  ]
+
+
+def _run_one(config: SweepConfig, variant, seed: int, chief: bool) -> tuple[dict, str, str]:
+  """Trains and (on the chief) evaluates one run. Returns (its record, status, what to print);
+  the record holds the wall and CPU seconds this invocation spent on it."""
+  path = run_dir(config, variant.name, seed)
+  start, cpu_start = time.time(), _children_cpu()
+  status, error = _train(config, variant, seed, path)
+  if status == "ok" and chief:
+    status, error = _evaluate(config, path)
+  wall, cpu = time.time() - start, _children_cpu() - cpu_start
+  record = _record(variant.name, seed, path, "pending" if status == "stopped" else status, error)
+  record.update(sweep_wall_seconds=wall, sweep_cpu_seconds=cpu)
+  metrics = record["metrics"]
+  what = (f"FAILED: {error}" if status == "failed" else error if status == "stopped" else
+          f"kNN {_pct(metrics['knn_top1'])}, linear {_pct(metrics['linear_top1'])}" if chief
+          else "trained")
+  return record, status, f"{what} ({_fmt(wall)} wall, {_fmt(cpu)} CPU)"
+
+
+def run_sweep(config: SweepConfig, log=print) -> dict:
+  """Trains and evaluates every (variant, seed), skipping finished work; returns the results."""
+  os.makedirs(config.output_dir, exist_ok=True)
+  chief = is_chief()
+  jobs = [(v, s) for v in config.variants for s in config.seeds]
+  eta = _Eta(len(jobs))
+  records = {(v.name, s): _record(v.name, s, run_dir(config, v.name, s), "pending", None)
+             for v, s in jobs}
+  results = {"base_flagfile": config.base_flagfile, "seeds": list(config.seeds),
+             "variants": [dataclasses.asdict(v) for v in config.variants],
+             "notes": _notes(config), "runs": list(records.values()), "stopped": False}
+  for i, (variant, seed) in enumerate(jobs, 1):
+    path = run_dir(config, variant.name, seed)
+    tag = f"[{i}/{len(jobs)}] {variant.name} seed {seed}"
+    fresh = not (os.path.exists(os.path.join(path, "summary.json")) and _evaluated(path))
+    log(f"{tag}: " + (f"training + evaluation (logs: {path}/train.log, eval.log)" if fresh
+                      else "finished earlier, skipped"), flush=True)
+    record, status, what = _run_one(config, variant, seed, chief)
+    records[(variant.name, seed)] = record
+    results["runs"] = list(records.values())
+    results["stopped"] = status == "stopped"
+    if chief:
+      compare_report.write_results(results, config.output_dir)
+    if status == "stopped":
+      log(f"{tag}: {what}; rerun the same command to continue the sweep.", flush=True)
+      break
+    ran = record["sweep_wall_seconds"] if fresh and status == "ok" else None
+    log(f"{tag}: {what}; {eta.finished(ran)}", flush=True)
+  if chief:  # with the aggregates
+    results = compare_report.read_json(os.path.join(config.output_dir, "results.json"))
+  return results
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+
+def _define_flags() -> None:
+  """The command's flags (defined when it runs: the names overlap tfmochi.train's)."""
+  flags.DEFINE_string("base_flagfile", None,
+                      "The tfmochi.train flag file every variant starts from.")
+  flags.DEFINE_string("variants", None, "Comma-separated variant names (tfmochi.compare_variants: "
+                      "moco_v2, mochi, mochi_N_s_s', mochi_s_only, mochi_sprime_only, debiased, "
+                      "hard, drop_hardest_P, keep_hardest_P, oracle, supcon, or a --variants_file "
+                      "name). Default: the names the --variants_file lists.")
+  flags.DEFINE_string("variants_file", None, "A file of 'name: --flag=value ...' lines (and "
+                      "names to run).")
+  flags.DEFINE_integer("seeds", 3, "Seeds per variant: --first_seed .. --first_seed + seeds - 1.")
+  flags.DEFINE_integer("first_seed", 0, "The first seed.")
+  flags.DEFINE_string("output_dir", None, "Where runs/, results.json, results.md and plots go.")
+  flags.DEFINE_integer("train_steps", None, "Override the base's schedule: training steps.")
+  flags.DEFINE_float("epochs", None, "Override the base's schedule: epochs.")
+  flags.DEFINE_enum("strategy", "default", STRATEGIES, "Training (and evaluation) strategy.")
+  flags.DEFINE_integer("cpu_replicas", 1, "--strategy=mirrored without GPUs: logical CPUs.")
+  flags.DEFINE_string("tpu", None, "--strategy=tpu: the TPU name ('local' on a TPU VM).")
+  flags.DEFINE_string("train_flags", "", "More tfmochi.train flags for every run, e.g. "
+                      "'--data_dir=/data --knn_every_epochs=1'.")
+  flags.DEFINE_integer("linear_epochs", None, "Linear probe epochs (default: the data set's).")
+  flags.DEFINE_bool("linear_cache_features", True, "Linear probes on cached centre-view features "
+                    "(fast); --nolinear_cache_features: MoCo's protocol, fresh crops every epoch.")
+  flags.DEFINE_integer("num_queries", 512, "Queries of the negatives analysis.")
+
+
+def config_from_flags() -> SweepConfig:
+  """A SweepConfig from the parsed flags; raises VariantError / ValueError with the fix."""
+  if not FLAGS.base_flagfile or not os.path.isfile(FLAGS.base_flagfile):
+    raise ValueError(f"--base_flagfile must name an existing tfmochi.train flag file, got "
+                     f"{FLAGS.base_flagfile!r} (e.g. configs/compare_digits.flags).")
+  if not FLAGS.output_dir:
+    raise ValueError("--output_dir is required (runs/, results.json and results.md go there).")
+  if FLAGS.seeds < 1 or FLAGS.first_seed < 0:
+    raise ValueError(f"--seeds must be >= 1 and --first_seed >= 0; got {FLAGS.seeds}, "
+                     f"{FLAGS.first_seed}.")
+  defined, listed = ({}, [])
+  if FLAGS.variants_file:
+    defined, listed = compare_variants.read_variants_file(FLAGS.variants_file)
+  names = compare_variants.split_names(FLAGS.variants) if FLAGS.variants else listed
+  train_flags = tuple(shlex.split(FLAGS.train_flags))
+  if any(not f.startswith("--") for f in train_flags):
+    raise ValueError("--train_flags must hold only flags (--name=value); got "
+                     f"{FLAGS.train_flags!r}.")
+  return SweepConfig(
+      base_flagfile=FLAGS.base_flagfile, variants=tuple(compare_variants.resolve(names, defined)),
+      seeds=tuple(range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds)),
+      output_dir=FLAGS.output_dir, train_steps=FLAGS.train_steps, epochs=FLAGS.epochs,
+      strategy=FLAGS.strategy, cpu_replicas=FLAGS.cpu_replicas, tpu=FLAGS.tpu,
+      train_flags=train_flags, linear_epochs=FLAGS.linear_epochs,
+      linear_cache_features=FLAGS.linear_cache_features, num_queries=FLAGS.num_queries)
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    print(f"tfmochi.compare: error: unexpected arguments {' '.join(argv[1:])} (flags start with "
+          "--).", file=sys.stderr)
+    return 2
+  try:
+    config = config_from_flags()
+  except ValueError as e:  # VariantError too
+    print(f"tfmochi.compare: error: {e}", file=sys.stderr)
+    return 2
+  start = time.time()
+  print(f"Sweep: {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) -> "
+        f"{config.output_dir}", flush=True)
+  try:
+    results = run_sweep(config)
+  except KeyboardInterrupt:
+    print("Interrupted; rerun the same command to continue the sweep.", file=sys.stderr)
+    return 130
+  failed = sorted({r["variant"] for r in results["runs"] if r["status"] == "failed"})
+  print(f"Done in {time.time() - start:.0f} s: {os.path.join(config.output_dir, 'results.md')}"
+        + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+  return 1 if results.get("stopped") else 0
+
+
+def run():
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

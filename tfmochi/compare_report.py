@@ -1,0 +1,244 @@
+"""The results of a comparison sweep: per-run metrics read from the runs' own files, mean ± std
+over seeds per variant, results.json, the Markdown table results.md and the plots.
+
+Every number comes from a file the evaluation wrote into the run (`METRICS`, `BASELINES`), so the
+table can be checked against `eval_knn.json`, `eval_linear.json` and `analysis/report.json`. The
+spread is the sample standard deviation over seeds (ddof = 1; none with one seed).
+Needs no TensorFlow (run directories on gs:// are read through tf.io.gfile, imported then).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+# (key, column title, file in the run directory, JSON path, scale, decimals)
+METRICS = (
+    ("knn_top1", "kNN top-1 (%)", "eval_knn.json", ("top1",), 1.0, 2),
+    ("linear_top1", "linear top-1 (%)", "eval_linear.json", ("top1",), 1.0, 2),
+    ("alignment", "alignment (lower: positives closer)", "analysis/report.json",
+     ("alignment",), 1.0, 3),
+    ("uniformity", "uniformity (lower: more uniform)", "analysis/report.json",
+     ("uniformity",), 1.0, 3),
+    ("same_class_hardest_1pct", "same class among hardest 1% (%)", "analysis/report.json",
+     ("false_negatives", "hardest_1pct"), 100.0, 1),
+    ("proxy_top1", "proxy top-1 vs queue (%)", "analysis/report.json", ("proxy_top1",), 1.0, 1),
+)
+# The same split's baselines, recorded by the evaluations of every run.
+BASELINES = (
+    ("knn_random_init", "random init", "knn_top1", "eval_knn.json", ("random_init_top1",)),
+    ("knn_raw_pixels", "raw pixels", "knn_top1", "eval_knn.json", ("raw_pixels_top1",)),
+    ("linear_random_init", "random init", "linear_top1", "eval_linear_random_init.json",
+     ("top1",)),
+    ("linear_raw_pixels", "raw pixels", "linear_top1", "eval_linear_raw_pixels.json", ("top1",)),
+    ("same_class_chance", "chance", "same_class_hardest_1pct", "analysis/report.json",
+     ("false_negatives", "chance")),
+)
+_SCALE = {key: scale for key, _, _, _, scale, _ in METRICS}
+_DECIMALS = {key: decimals for key, _, _, _, _, decimals in METRICS}
+
+
+def read_json(path: str):
+  """The JSON at `path` (local, or gs:// through tf.io.gfile), or None when absent/unreadable."""
+  try:
+    if "://" in path:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with tf.io.gfile.GFile(path) as f:
+        return json.loads(f.read())
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+  except Exception as e:  # noqa: BLE001  tf.errors.NotFoundError without importing TF here
+    if type(e).__name__ == "NotFoundError":
+      return None
+    raise
+
+
+def _lookup(obj, keys):
+  for key in keys:
+    if not isinstance(obj, dict) or obj.get(key) is None:
+      return None
+    obj = obj[key]
+  return float(obj)
+
+
+def read_run_metrics(run_dir: str) -> dict:
+  """{"metrics": {key: value}, "baselines": {key: value}, "train_seconds", "knn_history"} of a run
+  (values None where a file or field is missing). Same-class shares are in %."""
+  cache = {}
+
+  def value(filename, keys, scale=1.0):
+    if filename not in cache:
+      cache[filename] = read_json(os.path.join(run_dir, filename))
+    found = _lookup(cache[filename], keys)
+    return None if found is None else found * scale
+
+  metrics = {key: value(f, keys, scale) for key, _, f, keys, scale, _ in METRICS}
+  baselines = {key: value(f, keys, _SCALE[metric]) for key, _, metric, f, keys in BASELINES}
+  summary = read_json(os.path.join(run_dir, "summary.json")) or {}
+  extra = read_json(os.path.join(run_dir, "compare_eval.json")) or {}
+  return {"metrics": metrics, "baselines": baselines,
+          "train_seconds": summary.get("wall_seconds"), "global_step": summary.get("global_step"),
+          "knn_history": extra.get("knn_history", []), "eval_seconds": extra.get("seconds", {})}
+
+
+def mean_std(values) -> dict:
+  """{"mean", "std" (sample, ddof=1; None for one value), "n", "values"} of the non-None values."""
+  kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+  if not kept:
+    return {"mean": None, "std": None, "n": 0, "values": []}
+  arr = np.asarray(kept, np.float64)
+  return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else None,
+          "n": len(arr), "values": kept}
+
+
+def aggregate(runs: list[dict]) -> tuple[dict, dict]:
+  """(per variant {metric: mean_std}, baselines {key: mean_std}) over the finished runs.
+
+  A baseline belongs to a seed (its split and its random init), not to a variant: each seed's
+  value is the mean over the runs of that seed (equal up to float rounding), then mean ± std is
+  taken over seeds."""
+  per_variant = {}
+  for run in runs:
+    if run["status"] == "ok":
+      per_variant.setdefault(run["variant"], []).append(run)
+  summary = {variant: {key: mean_std([r["metrics"][key] for r in rs]) for key, *_ in METRICS}
+             for variant, rs in per_variant.items()}
+  baselines = {}
+  for key, *_ in BASELINES:
+    by_seed = {}
+    for run in runs:
+      if run["status"] == "ok" and run["baselines"].get(key) is not None:
+        by_seed.setdefault(run["seed"], []).append(run["baselines"][key])
+    baselines[key] = mean_std([float(np.mean(v)) for _, v in sorted(by_seed.items())])
+  return summary, baselines
+
+
+def format_mean_std(stat: dict, decimals: int) -> str:
+  """'95.00 ± 0.42 (3)', '95.00 (1)' for one seed, '-' for none."""
+  if not stat or stat["mean"] is None:
+    return "-"
+  text = f"{stat['mean']:.{decimals}f}"
+  if stat["std"] is not None:
+    text += f" ± {stat['std']:.{decimals}f}"
+  return f"{text} ({stat['n']})"
+
+
+def markdown(results: dict) -> str:
+  """results.md: the variants' table, the baselines' table, the failures, the settings."""
+  head = "| variant | " + " | ".join(title for _, title, *_ in METRICS) + " |"
+  lines = [f"# Comparison: {results['base_flagfile']}", "", head,
+           "|" + "---|" * (len(METRICS) + 1)]
+  for variant in results["variants"]:
+    stats = results["summary"].get(variant["name"])
+    cells = [format_mean_std(stats.get(key) if stats else None, _DECIMALS[key])
+             for key, *_ in METRICS]
+    lines.append(f"| {variant['name']} | " + " | ".join(cells) + " |")
+  lines += ["", "Baselines on the same split (the same network at random initialisation, the "
+            "raw eval views' pixels; chance = the same-class share of all negatives):", "",
+            "| baseline | " + " | ".join(title for _, title, *_ in METRICS) + " |",
+            "|" + "---|" * (len(METRICS) + 1)]
+  for label in ("random init", "raw pixels", "chance"):
+    cells = []
+    for key, *_ in METRICS:
+      found = [b for b, lab, metric, *_ in BASELINES if lab == label and metric == key]
+      cells.append(format_mean_std(results["baselines"].get(found[0]), _DECIMALS[key])
+                   if found else "")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  failed = [r for r in results["runs"] if r["status"] == "failed"]
+  if failed:
+    lines += ["", "Failed runs (the rest of the sweep went on):", ""]
+    lines += [f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed]
+  pending = [r for r in results["runs"] if r["status"] == "pending"]
+  if pending:
+    lines += ["", f"Not finished yet: {len(pending)} run(s) (the sweep is still running, or was "
+              "stopped: the same command continues it)."]
+  worked = [r for r in results["runs"] if (r.get("sweep_cpu_seconds") or 0) > 1.0
+            and r["status"] == "ok"]
+  if worked:
+    lines += ["", f"Cost of the {len(worked)} run(s) trained and evaluated by the last invocation: "
+              f"{np.mean([r['sweep_wall_seconds'] for r in worked]):.0f} s wall and "
+              f"{np.mean([r['sweep_cpu_seconds'] for r in worked]):.0f} s CPU per run (mean)."]
+  lines += ["", *[f"- {note}" for note in results["notes"]], ""]
+  return "\n".join(lines)
+
+
+def _mean_curve(histories: list[list[list[float]]]):
+  """(steps, mean, std) over seeds at the steps every seed logged."""
+  common = set.intersection(*[{int(s) for s, _ in h} for h in histories])
+  steps = sorted(common)
+  values = np.array([[dict((int(s), v) for s, v in h)[step] for step in steps]
+                     for h in histories], np.float64)
+  return steps, values.mean(0), values.std(0, ddof=1) if len(values) > 1 else 0 * values[0]
+
+
+def _knn_axes(ax, results: dict, ok: list[dict]) -> None:
+  """kNN top-1 over training steps per variant: mean over seeds, ± std shaded; raw pixels."""
+  for variant in results["variants"]:
+    histories = [r["knn_history"] for r in ok if r["variant"] == variant["name"]
+                 and r["knn_history"]]
+    if histories:
+      steps, mean, std = _mean_curve(histories)
+      line, = ax.plot(steps, mean, marker="o", ms=3, label=variant["name"])
+      ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+  raw = results["baselines"].get("knn_raw_pixels", {}).get("mean")
+  if raw is not None:
+    ax.axhline(raw, color="k", ls="--", lw=1, label="raw pixels")
+  ax.set(xlabel="training step", ylabel="kNN top-1 (%)",
+         title="kNN monitor over training (mean ± std over seeds)")
+
+
+def _alignment_axes(ax, results: dict, ok: list[dict]) -> None:
+  """Alignment vs uniformity: one dot per run, one diamond per variant's mean."""
+  for variant in results["variants"]:
+    runs = [r for r in ok if r["variant"] == variant["name"]
+            and r["metrics"]["alignment"] is not None and r["metrics"]["uniformity"] is not None]
+    if runs:
+      x = [r["metrics"]["alignment"] for r in runs]
+      y = [r["metrics"]["uniformity"] for r in runs]
+      points = ax.scatter(x, y, s=14, alpha=0.5)
+      ax.scatter([np.mean(x)], [np.mean(y)], s=60, marker="D",
+                 color=points.get_facecolor()[0][:3], label=variant["name"])
+  ax.set(xlabel="alignment (lower: positive pairs closer)",
+         ylabel="uniformity (lower: more uniform)",
+         title="Alignment vs uniformity (dots: seeds, diamonds: means)")
+
+
+def write_plots(results: dict, output_dir: str) -> list[str]:
+  """knn_over_steps.png and alignment_uniformity.png; returns their file names."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  ok = [r for r in results["runs"] if r["status"] == "ok"]
+  written = []
+  for name, draw, size in (("knn_over_steps.png", _knn_axes, (7, 4.5)),
+                           ("alignment_uniformity.png", _alignment_axes, (6, 5))):
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax, results, ok)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, name), dpi=110)
+    plt.close(fig)
+    written.append(name)
+  return written
+
+
+def write_results(results: dict, output_dir: str) -> None:
+  """results.json, results.md and the plots into output_dir (local), each written whole."""
+  results = dict(results)
+  results["summary"], results["baselines"] = aggregate(results["runs"])
+  results["failed_variants"] = sorted({r["variant"] for r in results["runs"]
+                                       if r["status"] == "failed"})
+  results["plots"] = write_plots(results, output_dir)
+  for name, text in (("results.json", json.dumps(results, indent=2, sort_keys=True) + "\n"),
+                     ("results.md", markdown(results))):
+    tmp = os.path.join(output_dir, f".{name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(output_dir, name))  # a kill never leaves half a table
