@@ -1,9 +1,10 @@
-"""The command-line plumbing shared by tfmochi's `python -m` tools (evaluate, analyze).
+"""The command-line plumbing shared by tfmochi's `python -m` tools (evaluate, analyze, compare).
 
 Every tool ends a bad invocation the same way: one line `tfmochi.<tool>: error: <message>` on
 stderr and exit status 2, without a traceback, whether the flag parser (e.g. `--knn_k=abc`), the
 tool's own argument checks or the library (a missing run, unlabelled data) found the problem.
-absl FLAGS are read only here and by the tools' `main`, never by library code.
+absl FLAGS are read only here and by the tools' `main`, never by library code. Importing this
+module does not import TensorFlow (the sweep driver `tfmochi.compare` runs without it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 from absl import logging
-import tensorflow as tf
 
 
 def error(program: str, message: str) -> int:
@@ -42,6 +42,8 @@ def check_invocation(program: str, argv: Sequence[str], *,
     if not flags.FLAGS[name].value:
       return error(program, f"--{name} is required ({what}).")
   logging.set_verbosity(logging.WARNING)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.get_logger().setLevel("ERROR")  # e.g. checkpoints_iterator logs every wait at INFO
   return None
 

@@ -36,14 +36,15 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 
+from tfmochi import cli
 from tfmochi import compare_report
 from tfmochi import compare_variants
 
 FLAGS = flags.FLAGS
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+_PROGRAM = "tfmochi.compare"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,14 +335,11 @@ def config_from_flags() -> SweepConfig:
 
 def main(argv) -> int:
   if len(argv) > 1:
-    print(f"tfmochi.compare: error: unexpected arguments {' '.join(argv[1:])} (flags start with "
-          "--).", file=sys.stderr)
-    return 2
+    return cli.error(_PROGRAM, f"unexpected arguments {' '.join(argv[1:])} (flags start with --).")
   try:
     config = config_from_flags()
   except ValueError as e:  # VariantError too
-    print(f"tfmochi.compare: error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(_PROGRAM, str(e))
   start = time.time()
   print(f"Sweep: {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) -> "
         f"{config.output_dir}", flush=True)
@@ -357,8 +355,7 @@ def main(argv) -> int:
 
 
 def run():
-  _define_flags()
-  app.run(main)
+  cli.run(_PROGRAM, _define_flags, main)
 
 
 if __name__ == "__main__":

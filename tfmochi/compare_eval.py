@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import logging  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfmochi import analyze  # noqa: E402
+from tfmochi import cli  # noqa: E402
 from tfmochi import checkpoints as ckpt_lib  # noqa: E402
 from tfmochi import data as data_lib  # noqa: E402
 from tfmochi import evaluate  # noqa: E402
@@ -42,6 +41,7 @@ from tfmochi import rundir  # noqa: E402
 RAW_PIXELS_LINEAR_FILE = "eval_linear_raw_pixels.json"
 ANALYSIS_DIR = "analysis"
 COMPARE_EVAL_FILE = "compare_eval.json"
+_PROGRAM = "tfmochi.compare_eval"
 TRAIN_EVENTS_DIR = "train"  # the trainer's TensorBoard scalars, among them the kNN monitor's
 
 
@@ -196,12 +196,9 @@ def main(argv) -> int:
   from tfmochi import distribute  # pylint: disable=g-import-not-at-top
 
   flag_values = flags.FLAGS
-  if len(argv) > 1 or not flag_values.model_dir:
-    print("tfmochi.compare_eval: error: give --model_dir=RUN and nothing else (flags start with "
-          "--).", file=sys.stderr, flush=True)
-    return 2
-  logging.set_verbosity(logging.WARNING)
-  tf.get_logger().setLevel("ERROR")
+  status = cli.check_invocation(_PROGRAM, argv, required={"model_dir": "the finished run to measure"})
+  if status is not None:
+    return status
   try:
     strategy = None
     if flag_values.strategy != "default":
@@ -213,16 +210,12 @@ def main(argv) -> int:
                  num_queries=flag_values.num_queries)
   except (evaluate.EvalError, evaluate.BackboneChangedError, analyze.AnalyzeError,
           ckpt_lib.CheckpointError, data_lib.DataError) as e:
-    print(f"tfmochi.compare_eval: error: {e}", file=sys.stderr, flush=True)
-    return 2
+    return cli.error(_PROGRAM, str(e))
   return 0
 
 
 def run():
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  _define_flags()
-  app.run(main)
+  cli.run(_PROGRAM, _define_flags, main)
 
 
 if __name__ == "__main__":

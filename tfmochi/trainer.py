@@ -350,9 +350,7 @@ class Trainer:
     progress = hooks_lib.ProgressHook(self.total_steps, start_step, cfg.verbose and self.chief,
                                       show_skipped=cfg.nonfinite == "skip",
                                       show_scale_skips=cfg.mixed_precision == "float16")
-    # Through the method at call time, so that a test may wrap it on the instance.
-    self.metrics = hooks_lib.MetricsHook(
-        writer, (lambda record: self._log_metrics(record)) if self.chief else None)
+    self.metrics = hooks_lib.MetricsHook(writer, self._log_metrics if self.chief else None)
     self.knn_monitor = hooks_lib.KnnMonitorHook(
         self.knn_eval, self.knn_monitor_cost, final=cfg.knn_eval and self.train_source.has_labels,
         every=self.knn_every, total=self.total_steps, run_dir=self.run_dir, chief=self.chief,
