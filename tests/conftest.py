@@ -36,3 +36,14 @@ def no_rename_on_object_stores(test) -> None:
 
   tf.io.gfile.rename = rename
   test.addCleanup(setattr, tf.io.gfile, "rename", original)
+
+
+def pytest_configure(config) -> None:
+  config.addinivalue_line(
+      "markers", "heavy: a test that runs for minutes (whole runs in subprocesses); started first")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+  """Heavy tests first, so that pytest-xdist spreads them over its workers from the start
+  instead of leaving one of them to finish a long test alone at the end of the suite."""
+  items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: else file order

@@ -53,6 +53,7 @@ if cli_harness.overlap_with_other_tests():
 class CommandLineTest(tf.test.TestCase):
 
   @pytest.mark.filterwarnings("ignore")
+  @pytest.mark.heavy
   def test_cli(self):
     """One test, so that under pytest-xdist a single worker starts the subprocesses."""
     import matplotlib.image  # pylint: disable=g-import-not-at-top

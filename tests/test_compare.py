@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from absl.testing import absltest
 import numpy as np
 
@@ -119,6 +120,7 @@ class SweepTest(absltest.TestCase):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
 
+  @pytest.mark.heavy
   def test_kill_resume_failure_and_table(self):
     tmp = self.create_tempdir().full_path
     base = os.path.join(tmp, "tiny.flags")

@@ -54,6 +54,7 @@ class CommandLineTest(tf.test.TestCase):
       return stdout, json.load(f), model_dir
 
   @pytest.mark.filterwarnings("ignore")
+  @pytest.mark.heavy
   def test_cli(self):
     """One test, so that under pytest-xdist a single worker starts the subprocesses."""
     _cli()

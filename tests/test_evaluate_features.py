@@ -7,6 +7,7 @@ import tensorflow as tf
 from tfmochi import data as data_lib
 from tfmochi import distribute
 from tfmochi import evaluate
+from tfmochi.evaluate import features as features_lib
 import eval_fixtures as fx  # tests/ is on sys.path under pytest
 
 
@@ -42,6 +43,13 @@ class DistributedTest(tf.test.TestCase):
     self.assertEqual(feats_two.shape, (39, 16))
     self.assertAllEqual(labels_one, labels_two)  # same rows, same order
     self.assertAllClose(feats_one, feats_two, atol=1e-6)
+    # knn_eval's train and test passes and the extraction above used one traced step.
+    step = features_lib._gathering_step_of(backbone, strategy)
+    self.assertEqual(step.experimental_get_tracing_count(), 1)
+    with strategy.scope():
+      other = fx.tiny_bn_backbone()
+    self.assertIsNot(features_lib._gathering_step_of(other, strategy), step)
+    self.assertIs(features_lib._gathering_step_of(backbone, strategy), step)
 
   def test_batch_must_split_over_the_replicas(self):
     strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])

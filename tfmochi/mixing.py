@@ -290,7 +290,7 @@ def _compiled(num_hard: int, num_mix: int, num_query_mix: int, beta_max: float,
     # `hard` is an input: returning it would make XLA copy it (the caller already has it).
     return out._replace(hard_indices=None)
 
-  return tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
+  return tf.function(fn, jit_compile=jit_compile, reduce_retracing=True, autograph=False)
 
 
 def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor,

@@ -208,7 +208,8 @@ def _chunked_stages(k: int, n: int, c: int, slack: int, cap: int):
     chunk = tf.gather(tf.reshape(chunk_ids, [-1]), tf.range(b)[:, None] * m + pos // c)
     return chunk * c + pos % c
 
-  compile_ = functools.partial(tf.function, jit_compile=True, reduce_retracing=True)
+  compile_ = functools.partial(tf.function, jit_compile=True, reduce_retracing=True,
+                               autograph=False)
   return tuple(compile_(f) for f in (select_chunks, candidates, exact, indices))
 
 
