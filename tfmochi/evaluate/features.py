@@ -10,6 +10,7 @@ counts nowhere; results match one device up to float rounding.
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 
 from absl import logging
 import numpy as np
@@ -131,22 +132,15 @@ def extract_pooled(model, dataset: tf.data.Dataset, *, batch_size: int,
   return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
 
 
-# The last traced steps, by (backbone, strategy): an evaluation extracts its train and test
-# features with the same network, and the kNN monitor reuses it every pass; tracing a replicated
-# forward pass is the slow part on many replicas (8 logical CPU replicas: ~45 s per trace on 2
-# cores, against seconds of actual work). Two entries, held strongly, so a step is never reused
-# for a new object that happens to get an old one's id.
-_RECENT_STEPS: list = []
-
-
+# The last traced steps, by (backbone, strategy) identity (neither type defines __eq__): an
+# evaluation extracts its train and test features with the same network, and the kNN monitor
+# reuses it every pass; tracing a replicated forward pass is the slow part on many replicas (8
+# logical CPU replicas: ~45 s per trace on 2 cores, against seconds of actual work). The cache
+# holds its two entries strongly, so a step is never reused for a new object with an old id.
+@functools.lru_cache(maxsize=2)
 def _gathering_step_of(backbone, strategy: tf.distribute.Strategy):
   """`_gathering_step(backbone, strategy)`, built once for the two most recent pairs."""
-  for entry in _RECENT_STEPS:
-    if entry[0] is backbone and entry[1] is strategy:
-      return entry[2]
-  step = _gathering_step(backbone, strategy)
-  _RECENT_STEPS[:] = [(backbone, strategy, step)] + _RECENT_STEPS[:1]
-  return step
+  return _gathering_step(backbone, strategy)
 
 
 def _gathering_step(backbone, strategy: tf.distribute.Strategy):
