@@ -194,7 +194,7 @@ def replica_step_function(fn, jit_compile: bool, strategy: tf.distribute.Strateg
 
   AutoGraph does not rewrite the step: it is written with explicit `tf.cond`/`tf.where` (a
   Python `if` on a tensor fails at trace time instead of being converted), and converting the
-  ~60 functions it calls took ~12 s of every run's start-up on a 2-core CPU.
+  ~60 functions it calls cost every run's start-up 6-11 s on a 2-core CPU (docs/BENCHMARKS.md).
   """
   if jit_compile and not isinstance(strategy, tf.distribute.TPUStrategy):
     return tf.function(fn, jit_compile=True, autograph=False)
