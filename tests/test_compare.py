@@ -125,7 +125,7 @@ class SweepTest(absltest.TestCase):
     tmp = self.create_tempdir().full_path
     base = os.path.join(tmp, "tiny.flags")
     with open(base, "w") as f:
-      f.write("\n".join([f"--flagfile={REPO}/configs/quickstart.flags", *_TINY]) + "\n")
+      f.write("\n".join([f"--flagfile={REPO}/configs/digits.flags", *_TINY]) + "\n")
     variants_file = os.path.join(tmp, "variants")
     with open(variants_file, "w") as f:
       f.write("moco_v2\nbroken: --queue_size=7  # not a multiple of the batch: fails\n")

@@ -21,12 +21,12 @@ def _parse(argv):
 
 class ConfigTest(tf.test.TestCase, parameterized.TestCase):
 
-  def test_defaults_are_the_offline_quickstart(self):
+  def test_defaults_are_the_offline_digits_run(self):
     cfg = config_lib.TrainConfig().validate()
     self.assertEqual(cfg.dataset, "quickstart")
     self.assertEqual(_parse([]), cfg)
-    # configs/quickstart.flags says its values are the defaults: keep the two identical.
-    self.assertEqual(_parse([f"--flagfile={ROOT}/configs/quickstart.flags"]), cfg)
+    # configs/digits.flags says its values are the defaults: keep the two identical.
+    self.assertEqual(_parse([f"--flagfile={ROOT}/configs/digits.flags"]), cfg)
 
   def test_every_issue_flag_exists_with_help(self):
     fv = flags.FlagValues()

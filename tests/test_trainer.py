@@ -19,7 +19,8 @@ from tfmochi import evaluate
 from tfmochi import trainer
 
 # resnet10_tiny: the trainer's logic does not depend on the backbone, and the narrow ResNet keeps
-# these runs (and the suite) short; test_tiny_run_writes_everything keeps the default resnet18.
+# these runs (and the suite) short. The default resnet18 runs the same replica step (tfmochi.build)
+# in tests/test_benchmark.py and is exported in tests/test_export.py.
 TINY = dict(dataset="quickstart", arch="resnet10_tiny", image_size=16, batch_size=16,
             queue_size=64, bn_splits=2, embedding_dim=16, train_steps=6, steps_per_loop=3,
             checkpoint_every_steps=3, export_format="none", verbose=False, learning_rate=0.03,
@@ -36,7 +37,7 @@ class TrainerTest(tf.test.TestCase):
 
   def test_tiny_run_writes_everything(self):
     model_dir = self.create_tempdir().full_path
-    summary = trainer.train(tiny(model_dir, arch="resnet18", mochi_num_hard=8, mochi_num_mix=4,
+    summary = trainer.train(tiny(model_dir, mochi_num_hard=8, mochi_num_mix=4,
                                  mochi_num_query_mix=2, mochi_warmup_epochs=0.05, knn_eval=True))
     for key in ("global_step", "final_loss", "knn_top1", "images_per_sec", "wall_seconds",
                 "knn_top1_random_init", "knn_top1_raw_pixels", "knn_k"):
@@ -55,18 +56,6 @@ class TrainerTest(tf.test.TestCase):
     written = json.load(open(os.path.join(model_dir, checkpoints.CONFIG_FILE)))
     self.assertEqual((written["jit_compile"], written["fast_grad"]), ("auto", "auto"))
     self.assertEqual(written["resolved"], {"jit_compile": False, "fast_grad": True})
-
-  def test_resume_continues_from_the_checkpoint(self):
-    model_dir = self.create_tempdir().full_path
-    trainer.train(tiny(model_dir, train_steps=3))
-    t = trainer.Trainer(tiny(model_dir, train_steps=6))
-    self.assertEqual(t.restore(), 3)
-    queue_before = t.moco.queue.keys.numpy()
-    self.assertFalse(np.allclose(queue_before[:48],
-                                 trainer.Trainer(tiny(self.create_tempdir().full_path))
-                                 .moco.queue.keys.numpy()[:48]))  # queue restored, not re-init
-    summary = t.run()
-    self.assertEqual(summary["global_step"], 6)
 
   @pytest.mark.heavy
   def test_mirrored_two_replicas(self):
@@ -507,7 +496,7 @@ class ReliabilityTest(tf.test.TestCase):
           f"(peak {peak:.1f} MB, {100 * (end - first) / first:+.1f}%)", flush=True)
     self.assertLessEqual(end, 1.05 * first)
 
-  def test_unreadable_newest_checkpoint_falls_back_to_the_previous(self):
+  def test_unreadable_newest_checkpoint_falls_back_and_the_run_continues(self):
     model_dir = self.create_tempdir().full_path
     trainer.train(tiny(model_dir, train_steps=6))
     data_file = [f for f in os.listdir(os.path.join(model_dir, "checkpoints"))
@@ -518,7 +507,13 @@ class ReliabilityTest(tf.test.TestCase):
     with self.assertLogs(level="WARNING") as logs:
       self.assertEqual(t.restore(), 3)
     self.assertTrue(any("ckpt-6" in line for line in logs.output))
-
+    queue_restored = t.moco.queue.keys.numpy()
+    self.assertFalse(np.allclose(queue_restored[:48],
+                                 trainer.Trainer(tiny(self.create_tempdir().full_path))
+                                 .moco.queue.keys.numpy()[:48]))  # queue restored, not re-init
+    summary = t.run()  # continues from step 3 and writes a readable ckpt-6 over the broken one
+    self.assertEqual(summary["global_step"], 6)
+    self.assertEqual(checkpoints.checkpoint_step(checkpoints.list_checkpoints(model_dir)[0]), 6)
 
 if __name__ == "__main__":
   tf.test.main()

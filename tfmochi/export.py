@@ -672,8 +672,8 @@ def export_run(model_dir: str, export_dir: str | None = None, fmt: str = "saved_
   arch = ckpt_lib.load_run_config(model_dir).arch
   _refuse_existing(export_dir, overwrite)  # before the (slow) restore
   if arch in models.SMOKE_ARCHS:
-    raise ExportError(f"{model_dir} was trained with --arch={arch}, an architecture for tests and "
-                      "smoke runs with no torchvision counterpart: it cannot be exported "
+    raise ExportError(f"{model_dir} was trained with --arch={arch}, a small architecture "
+                      "with no torchvision counterpart: it cannot be exported "
                       "(tfmochi.evaluate and tfmochi.analyze work on it).")
   encoder, config, step = ckpt_lib.restore_encoder(model_dir, checkpoint_path)
   info = export_backbone(encoder.backbone, export_dir, fmt, image_size=config.image_size,

@@ -42,10 +42,11 @@ import tensorflow as tf
 # The torchvision-layout ResNets: every weight maps to torchvision, detectron2 and keras-hub, and
 # tfmochi.export accepts them.
 ARCHS = ("resnet18", "resnet34", "resnet50")
-# For tests and smoke runs only (soak tests, multi-process fault tests on a 2-core CI machine):
-# the same layer names and code paths at 1/36 of ResNet-18's parameters (one basic block per
-# stage, widths 16-128). No pretrained or torchvision counterpart exists, so tfmochi.export
-# rejects it (and the trainer refuses --export_format other than none with it).
+# Small: the same layer names and code paths at 1/36 of ResNet-18's parameters (one basic block per
+# stage, widths 16-128), for what must run in minutes on 2 CPU cores: tests (soak, multi-process
+# faults), the quickstart (configs/quickstart.flags) and the digits comparison. No pretrained or
+# torchvision counterpart exists, so tfmochi.export rejects it (and the trainer refuses
+# --export_format other than none with it).
 SMOKE_ARCHS = ("resnet10_tiny",)
 BN_MODES = ("standard", "sync", "split")
 

