@@ -92,6 +92,20 @@ class StatisticsTest(absltest.TestCase):
     # Seed 0's two runs count once; the failed run's baseline not at all.
     self.assertEqual(baselines["knn_random_init"]["values"], [50.0, 60.0])
 
+  def test_tail_mean_reads_the_last_tenth_of_the_training_log(self):
+    path = os.path.join(self.create_tempdir().full_path, "metrics.jsonl")
+    rows = [{"step": step, "acc1": step / 100.0} for step in range(10, 101, 10)]
+    with open(path, "w") as f:
+      f.write("\n".join(json.dumps(r) for r in rows[:8]) + "\n")
+      f.write(json.dumps({"step": 85, "knn_top1": 50.0}) + "\n")  # an evaluation row: skipped
+      f.write("\n".join(json.dumps(r) for r in rows[8:]) + "\n" + '{"step": 10')  # cut by a kill
+    # Steps >= 90 of 100: 0.9 and 1.0.
+    self.assertAlmostEqual(compare_report.tail_mean(path, "acc1"), 0.95, places=12)
+    self.assertAlmostEqual(compare_report.tail_mean(path, "acc1", tail=0.5), np.mean(
+        [r["acc1"] for r in rows if r["step"] >= 50]), places=12)
+    self.assertIsNone(compare_report.tail_mean(path, "loss"))
+    self.assertIsNone(compare_report.tail_mean(path + ".absent", "acc1"))
+
   def test_last_error_line(self):
     path = os.path.join(self.create_tempdir().full_path, "log")
     with open(path, "w") as f:
@@ -182,6 +196,11 @@ class SweepTest(absltest.TestCase):
                   "uniformity": files["analysis/report.json"]["uniformity"],
                   "same_class_hardest_1pct":
                       100 * files["analysis/report.json"]["false_negatives"]["hardest_1pct"]}
+      logged = [json.loads(line) for line in open(os.path.join(run["run_dir"],
+                                                                  "metrics.jsonl"))]
+      acc1 = [(r["step"], r["acc1"]) for r in logged if "acc1" in r]
+      expected["train_top1"] = 100 * np.mean([a for step, a in acc1
+                                              if step >= 0.9 * max(s for s, _ in acc1)])
       for key, value in expected.items():
         self.assertAlmostEqual(run["metrics"][key], value, places=9, msg=key)
         values.setdefault(key, []).append(value)
@@ -194,12 +213,20 @@ class SweepTest(absltest.TestCase):
     table = open(os.path.join(out, "results.md")).read()
     row = next(line for line in table.splitlines() if line.startswith("| moco_v2 |"))
     for key, decimals in (("knn_top1", 2), ("linear_top1", 2), ("alignment", 3),
-                          ("uniformity", 3), ("same_class_hardest_1pct", 1)):
+                          ("uniformity", 3), ("same_class_hardest_1pct", 1), ("train_top1", 1)):
       stat = results["summary"]["moco_v2"][key]
       self.assertAlmostEqual(stat["mean"], np.mean(values[key]), places=9)
       self.assertAlmostEqual(stat["std"], np.std(values[key], ddof=1), places=9)
       self.assertIn(f"{np.mean(values[key]):.{decimals}f} ± "
                     f"{np.std(values[key], ddof=1):.{decimals}f} (2)", row)
+    # Each run's cost, kept across invocations: seed 0 was skipped by the second one (still one
+    # invocation), seed 1's killed first share is not recorded (one).
+    for run in ok_runs:
+      cost = json.load(open(os.path.join(run["run_dir"], compare_report.COST_FILE)))
+      self.assertEqual(cost["invocations"], 1)
+      self.assertGreater(cost["cpu_seconds"], 1.0)
+      self.assertEqual(run["sweep_wall_seconds"], cost["wall_seconds"])
+    self.assertIn("Cost of the 2 finished run(s)", table)
     self.assertIn("| broken | - |", table)
     self.assertIn("cache_features=True", table)
     for plot in ("knn_over_steps.png", "alignment_uniformity.png"):

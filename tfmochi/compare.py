@@ -219,6 +219,9 @@ def _notes(config: SweepConfig) -> list[str]:
       + f"; epochs: {config.linear_epochs or 'the data set default'}.",
       "alignment (α = 2), uniformity (t = 2), same-class share of each query's hardest 1% of "
       f"the queue and proxy top-1: `tfmochi.analyze` on {config.num_queries} training queries.",
+      ("training top-1: the trainer's proxy accuracy (acc1 in metrics.jsonl: the positive "
+       "above every negative, MoCHi's synthetic ones included) over the last 10% of the logged "
+       "steps; proxy top-1 vs queue scores the final model against the real queue only."),
       f"base: {config.base_flagfile}; seeds {', '.join(map(str, config.seeds))}; overrides: "
       + (" ".join(train_command(config, compare_variants.Variant("V", ()), 0)[4:-2]) or "none"),
       "variants: " + "; ".join(f"{v.name} = {' '.join(v.flags) or '(base)'}"
@@ -226,22 +229,36 @@ def _notes(config: SweepConfig) -> list[str]:
   ]
 
 
-def _run_one(config: SweepConfig, variant, seed: int, chief: bool) -> tuple[dict, str, str]:
-  """Trains and (on the chief) evaluates one run. Returns (its record, status, what to print);
-  the record holds the wall and CPU seconds this invocation spent on it."""
+def _add_cost(path: str, wall: float, cpu: float) -> None:
+  """Adds this invocation's seconds to the run's cost file (written whole: tmp + rename)."""
+  cost = compare_report.read_json(os.path.join(path, compare_report.COST_FILE)) or {}
+  cost = {"wall_seconds": (cost.get("wall_seconds") or 0.0) + wall,
+          "cpu_seconds": (cost.get("cpu_seconds") or 0.0) + cpu,
+          "invocations": (cost.get("invocations") or 0) + 1}
+  tmp = os.path.join(path, f".{compare_report.COST_FILE}.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(cost, f)
+  os.replace(tmp, os.path.join(path, compare_report.COST_FILE))
+
+
+def _run_one(config: SweepConfig, variant, seed: int,
+             chief: bool) -> tuple[dict, str, str, float]:
+  """Trains and (on the chief) evaluates one run. Returns (its record, status, what to print,
+  the wall seconds this invocation spent on it); its cost file accumulates wall and CPU."""
   path = run_dir(config, variant.name, seed)
   start, cpu_start = time.time(), _children_cpu()
   status, error = _train(config, variant, seed, path)
   if status == "ok" and chief:
     status, error = _evaluate(config, path)
   wall, cpu = time.time() - start, _children_cpu() - cpu_start
+  if chief and cpu > 1.0:  # this invocation trained or evaluated (a skip costs ~0 CPU)
+    _add_cost(path, wall, cpu)
   record = _record(variant.name, seed, path, "pending" if status == "stopped" else status, error)
-  record.update(sweep_wall_seconds=wall, sweep_cpu_seconds=cpu)
   metrics = record["metrics"]
   what = (f"FAILED: {error}" if status == "failed" else error if status == "stopped" else
           f"kNN {_pct(metrics['knn_top1'])}, linear {_pct(metrics['linear_top1'])}" if chief
           else "trained")
-  return record, status, f"{what} ({_fmt(wall)} wall, {_fmt(cpu)} CPU)"
+  return record, status, f"{what} ({_fmt(wall)} wall, {_fmt(cpu)} CPU)", wall
 
 
 def run_sweep(config: SweepConfig, log=print) -> dict:
@@ -261,7 +278,7 @@ def run_sweep(config: SweepConfig, log=print) -> dict:
     fresh = not (os.path.exists(os.path.join(path, "summary.json")) and _evaluated(path))
     log(f"{tag}: " + (f"training + evaluation (logs: {path}/train.log, eval.log)" if fresh
                       else "finished earlier, skipped"), flush=True)
-    record, status, what = _run_one(config, variant, seed, chief)
+    record, status, what, wall = _run_one(config, variant, seed, chief)
     records[(variant.name, seed)] = record
     results["runs"] = list(records.values())
     results["stopped"] = status == "stopped"
@@ -270,7 +287,7 @@ def run_sweep(config: SweepConfig, log=print) -> dict:
     if status == "stopped":
       log(f"{tag}: {what}; rerun the same command to continue the sweep.", flush=True)
       break
-    ran = record["sweep_wall_seconds"] if fresh and status == "ok" else None
+    ran = wall if fresh and status == "ok" else None
     log(f"{tag}: {what}; {eta.finished(ran)}", flush=True)
   if chief:  # with the aggregates
     results = compare_report.read_json(os.path.join(config.output_dir, "results.json"))

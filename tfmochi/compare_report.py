@@ -26,7 +26,15 @@ METRICS = (
     ("same_class_hardest_1pct", "same class among hardest 1% (%)", "analysis/report.json",
      ("false_negatives", "hardest_1pct"), 100.0, 1),
     ("proxy_top1", "proxy top-1 vs queue (%)", "analysis/report.json", ("proxy_top1",), 1.0, 1),
+    # The proxy task as trained: MoCHi's synthetic negatives are among the logits here (they are
+    # not in proxy_top1, which scores the final model against the real queue only).
+    ("train_top1", "training top-1, last 10% of steps (%)", "metrics.jsonl", ("acc1",), 100.0, 1),
 )
+# Where compare.py accumulates the wall and CPU seconds the sweep spent on a run (training and
+# evaluation, over every invocation that worked on it), so a rerun that skips it keeps its cost.
+COST_FILE = "compare_cost.json"
+# The share of the last logged training steps that train_top1 averages over.
+_TAIL = 0.1
 # The same split's baselines, recorded by the evaluations of every run.
 BASELINES = (
     ("knn_random_init", "random init", "knn_top1", "eval_knn.json", ("random_init_top1",)),
@@ -41,21 +49,51 @@ _SCALE = {key: scale for key, _, _, _, scale, _ in METRICS}
 _DECIMALS = {key: decimals for key, _, _, _, _, decimals in METRICS}
 
 
-def read_json(path: str):
-  """The JSON at `path` (local, or gs:// through tf.io.gfile), or None when absent/unreadable."""
+def _read_text(path: str) -> str | None:
+  """The text at `path` (local, or gs:// through tf.io.gfile), or None when absent/unreadable."""
   try:
     if "://" in path:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       with tf.io.gfile.GFile(path) as f:
-        return json.loads(f.read())
+        return f.read()
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
+      return f.read()
+  except (OSError, ValueError):  # ValueError: undecodable bytes
     return None
   except Exception as e:  # noqa: BLE001  tf.errors.NotFoundError without importing TF here
     if type(e).__name__ == "NotFoundError":
       return None
     raise
+
+
+def read_json(path: str):
+  """The JSON at `path` (local, or gs:// through tf.io.gfile), or None when absent/unreadable."""
+  text = _read_text(path)
+  try:
+    return None if text is None else json.loads(text)
+  except ValueError:
+    return None
+
+
+def tail_mean(path: str, key: str, tail: float = _TAIL) -> float | None:
+  """Mean of `key` over the training log rows (metrics.jsonl) of the last `tail` of the logged
+  steps; None when the file or the key is absent. Rows without the key (evaluations) are skipped."""
+  text = _read_text(path)
+  if text is None:
+    return None
+  rows = []
+  for line in text.splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:  # a line cut by a kill
+      continue
+    if isinstance(row, dict) and row.get(key) is not None and row.get("step") is not None:
+      rows.append((float(row["step"]), float(row[key])))
+  if not rows:
+    return None
+  last = max(step for step, _ in rows)
+  kept = [value for step, value in rows if step >= (1.0 - tail) * last]
+  return float(np.mean(kept))
 
 
 def _lookup(obj, keys):
@@ -72,6 +110,9 @@ def read_run_metrics(run_dir: str) -> dict:
   cache = {}
 
   def value(filename, keys, scale=1.0):
+    if filename.endswith(".jsonl"):
+      found = tail_mean(os.path.join(run_dir, filename), keys[0])
+      return None if found is None else found * scale
     if filename not in cache:
       cache[filename] = read_json(os.path.join(run_dir, filename))
     found = _lookup(cache[filename], keys)
@@ -81,9 +122,12 @@ def read_run_metrics(run_dir: str) -> dict:
   baselines = {key: value(f, keys, _SCALE[metric]) for key, _, metric, f, keys in BASELINES}
   summary = read_json(os.path.join(run_dir, "summary.json")) or {}
   extra = read_json(os.path.join(run_dir, "compare_eval.json")) or {}
+  cost = read_json(os.path.join(run_dir, COST_FILE)) or {}
   return {"metrics": metrics, "baselines": baselines,
           "train_seconds": summary.get("wall_seconds"), "global_step": summary.get("global_step"),
-          "knn_history": extra.get("knn_history", []), "eval_seconds": extra.get("seconds", {})}
+          "knn_history": extra.get("knn_history", []), "eval_seconds": extra.get("seconds", {}),
+          "sweep_wall_seconds": cost.get("wall_seconds"),
+          "sweep_cpu_seconds": cost.get("cpu_seconds")}
 
 
 def mean_std(values) -> dict:
@@ -157,12 +201,15 @@ def markdown(results: dict) -> str:
   if pending:
     lines += ["", f"Not finished yet: {len(pending)} run(s) (the sweep is still running, or was "
               "stopped: the same command continues it)."]
-  worked = [r for r in results["runs"] if (r.get("sweep_cpu_seconds") or 0) > 1.0
-            and r["status"] == "ok"]
+  worked = [r for r in results["runs"] if r.get("sweep_wall_seconds") and r["status"] == "ok"]
   if worked:
-    lines += ["", f"Cost of the {len(worked)} run(s) trained and evaluated by the last invocation: "
-              f"{np.mean([r['sweep_wall_seconds'] for r in worked]):.0f} s wall and "
-              f"{np.mean([r['sweep_cpu_seconds'] for r in worked]):.0f} s CPU per run (mean)."]
+    wall = [r["sweep_wall_seconds"] for r in worked]
+    cpu = [r.get("sweep_cpu_seconds") or 0.0 for r in worked]
+    lines += ["", f"Cost of the {len(worked)} finished run(s), training and evaluation summed over "
+              "the invocations that worked on them (a killed invocation's share is not "
+              f"recorded): {np.mean(wall):.0f} s wall and {np.mean(cpu):.0f} s CPU per "
+              f"run (mean); {sum(wall) / 60:.0f} min wall and {sum(cpu) / 60:.0f} min CPU in "
+              "all."]
   lines += ["", *[f"- {note}" for note in results["notes"]], ""]
   return "\n".join(lines)
 
