@@ -220,8 +220,9 @@ def _notes(config: SweepConfig) -> list[str]:
       "alignment (α = 2), uniformity (t = 2), same-class share of each query's hardest 1% of "
       f"the queue and proxy top-1: `tfmochi.analyze` on {config.num_queries} training queries.",
       ("training top-1: the trainer's proxy accuracy (acc1 in metrics.jsonl: the positive "
-       "above every negative, MoCHi's synthetic ones included) over the last 10% of the logged "
-       "steps; proxy top-1 vs queue scores the final model against the real queue only."),
+       "above every negative, MoCHi's synthetic ones included) over the last "
+       f"{compare_report.TAIL:.0%} of the logged steps; proxy top-1 vs queue scores the final "
+       "model against the real queue only."),
       f"base: {config.base_flagfile}; seeds {', '.join(map(str, config.seeds))}; overrides: "
       + (" ".join(train_command(config, compare_variants.Variant("V", ()), 0)[4:-2]) or "none"),
       "variants: " + "; ".join(f"{v.name} = {' '.join(v.flags) or '(base)'}"
@@ -230,15 +231,12 @@ def _notes(config: SweepConfig) -> list[str]:
 
 
 def _add_cost(path: str, wall: float, cpu: float) -> None:
-  """Adds this invocation's seconds to the run's cost file (written whole: tmp + rename)."""
+  """Adds this invocation's seconds to the run's cost file (written whole)."""
   cost = compare_report.read_json(os.path.join(path, compare_report.COST_FILE)) or {}
   cost = {"wall_seconds": (cost.get("wall_seconds") or 0.0) + wall,
           "cpu_seconds": (cost.get("cpu_seconds") or 0.0) + cpu,
           "invocations": (cost.get("invocations") or 0) + 1}
-  tmp = os.path.join(path, f".{compare_report.COST_FILE}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(cost, f)
-  os.replace(tmp, os.path.join(path, compare_report.COST_FILE))
+  compare_report.write_whole(os.path.join(path, compare_report.COST_FILE), json.dumps(cost))
 
 
 def _run_one(config: SweepConfig, variant, seed: int,

