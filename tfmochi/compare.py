@@ -19,7 +19,8 @@ reaches the training process too: it checkpoints, and the sweep stops.
 
 Outputs in OUTPUT: results.json (every run's numbers, means and spreads, failures), results.md
 (the Markdown table), knn_over_steps.png, alignment_uniformity.png (`tfmochi.compare_report`),
-rewritten after every run. Logs: OUTPUT/runs/<variant>/seed<k>/train.log and eval.log.
+rewritten after every run. Logs: OUTPUT/runs/<variant>/seed<k>/train.log and eval.log;
+the run's compare_cost.json adds up the wall and CPU seconds every invocation spent on it.
 
 Under `--strategy=multi_worker` run the same command on every worker (TF_CONFIG): all of them
 train each run together, only the chief evaluates and writes the results (not tested here).
