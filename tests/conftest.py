@@ -11,6 +11,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfmochi import distribute as _distribute  # noqa: E402
@@ -23,6 +25,18 @@ from absl import flags as _flags  # noqa: E402
 
 if not _flags.FLAGS.is_parsed():
   _flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(autouse=True)
+def _process_wide_precision_restored():
+  """A Trainer sets Keras' global dtype policy and TF32 for its whole process
+  (build.set_precision); a test after a bfloat16 run in the same process (xdist worker) would
+  otherwise build its models in bfloat16, e.g. test_export's references after TPUStandInTest."""
+  policy = keras.config.dtype_policy()
+  tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
+  yield
+  keras.config.set_dtype_policy(policy)
+  tf.config.experimental.enable_tensor_float_32_execution(tf32)
 
 
 def no_rename_on_object_stores(test) -> None:

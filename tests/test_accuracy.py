@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmochi import accuracy
-from tfmochi import knn
+from tfmochi import evaluate
 from tfmochi.evaluate import linear
 
 
@@ -25,7 +25,7 @@ class TopkAccuracyTest(tf.test.TestCase):
     labels = np.array([1, 3, 0, 39])
     queries = np.tile(np.eye(1, 8, dtype=np.float32), [4, 1])
     bank = np.tile(np.eye(1, 8, dtype=np.float32), [2, 1])  # two equal neighbours: 1 and 3
-    knn_result = knn.knn_accuracy(bank, np.array([3, 1]), queries, labels, 40, k=2, t=0.1)
+    knn_result = evaluate.knn_accuracy(bank, np.array([3, 1]), queries, labels, 40, k=2, t=0.1)
     classifier = linear._LinearClassifier(8, 40, seed=0)
     classifier.kernel.assign(tf.zeros([8, 40]))
     classifier.bias.assign(tf.one_hot([1, 3], 40, dtype=tf.float32)[0]

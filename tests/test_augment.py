@@ -380,5 +380,281 @@ class AugmentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(math.isfinite(float(tf.reduce_sum(augment.random_flip(_image(), [1, 2])))))
 
 
+
+# ----------------------------------------------------------------------------------------------
+# The photometric ops on the device (--device_augment).
+
+
+def _host_params(seed, recipe: str = "mocov2") -> tuple[dict, dict]:
+  """The host recipe's own draws for one view seed, as `apply_photometric` parameters [1, ...].
+
+  Returns (params, the host recipe's sub-seeds by op name), following `augment._moco_v2` and
+  `augment._moco_v1`'s seed splits.
+  """
+  if recipe == "mocov2":
+    _, s_jitter, s_gray, s_blur, _ = augment._split(seed, 5)
+    s_apply, s_inner = augment._split(s_jitter, 2)
+    jitter_on = float(augment._uniform(s_apply) < 0.8)
+    hue = 0.1
+  else:  # mocov1: grayscale first, the jitter always
+    _, s_gray, s_jitter, _ = augment._split(seed, 4)
+    s_inner, s_blur, jitter_on, hue = s_jitter, None, 1.0, 0.4
+  s_order, s_b, s_c, s_s, s_h = augment._split(s_inner, 5)
+  params = {"jitter": [jitter_on],
+            "factors": [[float(augment._uniform(s, 0.6, 1.4)) for s in (s_b, s_c, s_s)]
+                        + [float(augment._uniform(s_h, -hue, hue))]],
+            "order": [tf.argsort(tf.random.stateless_uniform([4], s_order)).numpy()],
+            "gray": [float(augment._uniform(augment._as_seed(s_gray)) < 0.2)],
+            "blur": [0.0], "sigma": [1.0]}
+  if s_blur is not None:
+    s_apply, s_sigma = augment._split(s_blur, 2)
+    params["blur"] = [float(augment._uniform(s_apply) < 0.5)]
+    params["sigma"] = [float(augment._uniform(s_sigma, 0.1, 2.0))]
+  params = {k: tf.constant(v, tf.int32 if k == "order" else tf.float32) for k, v in params.items()}
+  return params, {"jitter": s_jitter, "gray": s_gray, "blur": s_blur}
+
+
+def _host_photometric(x, recipe: str, seeds: dict) -> tf.Tensor:
+  """The host recipe's photometric ops on a float crop, with its sub-seeds."""
+  if recipe == "mocov2":
+    x = augment.random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, seeds["jitter"])
+    return augment.random_blur(augment.random_grayscale(x, 0.2, seeds["gray"]), 0.5,
+                               seeds["blur"])
+  x = augment.random_grayscale(x, 0.2, seeds["gray"])
+  return augment.color_jitter(x, 0.4, 0.4, 0.4, 0.4, seeds["jitter"])
+
+
+class DeviceAugmentTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters("mocov2", "mocov1")
+  def test_device_ops_equal_the_host_functions_for_the_same_draws(self, recipe):
+    # The host recipe's draws for a view seed, handed to the batched device ops, give the host's
+    # image: the same ops, order, probabilities' outcomes and blur kernel.
+    x = tf.constant(np.random.default_rng(2).uniform(size=(20, 28, 3)), tf.float32)
+    seen = {"jitter": set(), "gray": set(), "blur": set(), "hue_slot": set()}
+    for i in range(40):
+      params, seeds = _host_params(tf.constant([i, 9], tf.int64), recipe)
+      device = augment.apply_photometric(x[tf.newaxis], params, augment.PHOTOMETRIC[recipe])[0]
+      self.assertAllClose(device, _host_photometric(x, recipe, seeds), atol=1e-5, msg=str(i))
+      for k in ("jitter", "gray", "blur"):
+        seen[k].add(float(params[k][0]))
+      seen["hue_slot"].add(int(np.argmax(params["order"][0].numpy() == 3)))
+    self.assertEqual(seen["gray"], {0.0, 1.0})
+    self.assertEqual(seen["hue_slot"], {0, 1, 2, 3})
+    if recipe == "mocov2":
+      self.assertEqual(seen["jitter"], {0.0, 1.0})
+      self.assertEqual(seen["blur"], {0.0, 1.0})
+
+  def test_device_draws_have_the_host_distributions(self):
+    n = 4800
+    key = augment.photometric_key(3, tf.constant(7, tf.int64), 0)
+    p = {k: v.numpy() for k, v in augment.draw_photometric(
+        augment.PHOTOMETRIC["mocov2"], key, tf.range(n), n).items()}
+    # Probabilities 0.8 / 0.2 / 0.5 (4 standard deviations).
+    for name, prob in (("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)):
+      self.assertSetEqual(set(np.unique(p[name])), {0.0, 1.0})
+      self.assertBetween(p[name].mean(), prob - 4 * math.sqrt(prob * (1 - prob) / n),
+                         prob + 4 * math.sqrt(prob * (1 - prob) / n))
+    # Factors U[0.6, 1.4] and the hue shift U[-0.1, 0.1]: range, mean and spread of a uniform.
+    for col, (low, high) in enumerate([(0.6, 1.4)] * 3 + [(-0.1, 0.1)]):
+      f = p["factors"][:, col]
+      self.assertTrue(np.all(f >= low) and np.all(f < high), col)
+      self.assertAllClose([f.mean(), f.std()], [(low + high) / 2, (high - low) / math.sqrt(12)],
+                          atol=0.05 * (high - low))
+      self.assertLess(f.min(), low + 0.01 * (high - low))
+      self.assertGreater(f.max(), high - 0.01 * (high - low))
+    sigma = p["sigma"]
+    self.assertTrue(np.all(sigma >= 0.1) and np.all(sigma < 2.0))
+    self.assertAllClose([sigma.mean(), sigma.std()], [1.05, 1.9 / math.sqrt(12)], atol=0.05)
+    # The op order: every one of the 24 permutations, each about n / 24 times.
+    perms, counts = np.unique(p["order"], axis=0, return_counts=True)
+    self.assertLen(perms, 24)
+    self.assertTrue(np.all(np.sort(perms, axis=1) == np.arange(4)))
+    expected = n / 24
+    self.assertLess(np.abs(counts - expected).max(), 4.5 * math.sqrt(expected))
+    # A recipe without saturation and hue ("affine") leaves them at the identity.
+    affine = augment.draw_photometric(augment.PHOTOMETRIC["affine"], key, tf.range(8), 8)
+    self.assertAllEqual(affine["factors"][:, 2:], np.tile([[1.0, 0.0]], [8, 1]))
+
+  def test_device_draws_are_keyed_by_global_row(self):
+    # An image's draws depend on (seed, step, stream, its global row) only: any subset of rows,
+    # in any order (a replica's slice, shuffle BN's permuted rows) gets the same parameters.
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (8, 12, 12, 3)), tf.uint8)
+    view = lambda x, rows, step=5, stream=1: augment.device_view_input(  # noqa: E731
+        x, rows, recipe="mocov2", seed=3, step=tf.constant(step, tf.int64), stream=stream,
+        num_rows=8)
+    whole = view(images, tf.range(8)).numpy()
+    rows = tf.constant([6, 1, 3, 0])
+    self.assertAllClose(view(tf.gather(images, rows), rows), whole[rows.numpy()], atol=1e-6)
+    for other in (view(images, tf.range(8), step=6), view(images, tf.range(8), stream=0)):
+      self.assertGreater(np.abs(other.numpy() - whole).mean(), 1e-3)
+    with self.assertRaisesRegex(TypeError, "uint8"):
+      view(tf.cast(images, tf.float32), tf.range(8))
+
+  def test_device_view_compiles_under_xla(self):
+    images = tf.constant(np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)), tf.uint8)
+
+    def view(x, step):
+      return augment.device_view_input(x, tf.range(4) + 4, recipe="mocov2", seed=3, step=step,
+                                       stream=0, num_rows=8)
+
+    compiled = tf.function(view, jit_compile=True)
+    step = tf.constant(2, tf.int64)
+    self.assertAllClose(compiled(images, step), view(images, step), atol=2e-5)
+    hlo = compiled.experimental_get_compiler_ir(images, step)(stage="hlo")
+    self.assertNotRegex(hlo, r"\[[^\]]*<=")  # no bounded-dynamic dimension
+
+  def test_crop_then_uint8_then_device_vs_host(self):
+    # The host path rounds to uint8 once, after the photometric ops; the device path rounds the
+    # crop to uint8 and runs the ops on it (the result is not rounded again). The same draws then
+    # differ by the crop's rounding carried through the ops (a contrast/brightness factor up to
+    # 1.4 amplifies it) and by the host's final rounding; the flip commutes with the ops.
+    from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+    photo = tf.constant(load_sample_images().images[0])
+    diffs = []
+    for i in range(16):
+      seed = tf.constant([i, 4], tf.int64)
+      host = augment.two_views_uint8(photo, 64, seed)[0]
+      crop = augment.two_views_uint8(photo, 64, seed, photometric=False)[0]
+      view_seed = augment._split(seed, 2)[0]
+      params, _ = _host_params(view_seed)
+      device = augment.apply_photometric(augment.to_float(crop)[tf.newaxis], params,
+                                         augment.PHOTOMETRIC["mocov2"])[0]
+      diffs.append(np.abs(device.numpy() * 255 - host.numpy().astype(np.float64)))
+    diffs = np.stack(diffs)
+    self.assertLess(diffs.mean(), 0.4)
+    self.assertLess(diffs.max(), 3.0)
+
+  def test_geometric_only_views_skip_exactly_the_photometric_ops(self):
+    # photometric=False keeps the crop and flip draws: with the jitter, grayscale and blur taken
+    # out of the host recipe the views are the same.
+    image = _image(40, 40)
+    for recipe in ("mocov2", "mocov1", "small", "affine"):
+      changed = [np.any(augment.two_views_uint8(image, 12, (i, 2), recipe, photometric=False)[0]
+                        != augment.two_views_uint8(image, 12, (i, 2), recipe)[0])
+                 for i in range(4)]
+      self.assertTrue(any(changed), recipe)
+    seed_q = augment._split(SEED, 2)[0]
+    s_crop, _, _, _, s_flip = augment._split(seed_q, 5)
+    expected = augment.random_flip(augment.random_resized_crop(image, 12, s_crop), s_flip)
+    crop = augment.two_views_uint8(image, 12, SEED, "mocov2", photometric=False)[0]
+    self.assertAllEqual(crop, augment.to_uint8(expected))
+
+  def test_resolve_device_augment(self):
+    self.assertFalse(augment.resolve_device_augment("auto"))  # CPU-only test machine
+    self.assertTrue(augment.resolve_device_augment("true"))
+    self.assertFalse(augment.resolve_device_augment("false"))
+    self.assertTrue(augment.resolve_device_augment(True))
+    with self.assertRaisesRegex(ValueError, "auto, true or false"):
+      augment.resolve_device_augment("yes")
+    # The flag: auto by default, checked, and "false" for runs written before it existed.
+    from tfmochi import config  # pylint: disable=g-import-not-at-top
+    self.assertEqual(config.TrainConfig().device_augment, "auto")
+    with self.assertRaisesRegex(config.ConfigError, "--device_augment"):
+      config.TrainConfig(device_augment="yes").validate()
+    self.assertEqual(config.TrainConfig.from_dict({}).device_augment, "false")
+    moco_config = config.TrainConfig(augmentation="mocov2").moco_config(1, 1, device_augment=True)
+    self.assertEqual(moco_config.device_augment, "mocov2")
+    self.assertIsNone(config.TrainConfig().moco_config(1, 1).device_augment)
+
+
+
+def _step_model(bn_mode: str = "shuffle", device_augment: str | None = "mocov2",
+                global_batch: int = 4):
+  """A MoCo of two small dense encoders on 8x8 views (the step's cost is the augmentation's)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from tfmochi import mixing, moco, objective  # pylint: disable=g-import-not-at-top
+
+  def encoder(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                             keras.layers.Dense(16, activation="relu"), keras.layers.Dense(8)])
+
+  config = moco.MoCoConfig(
+      queue_size=16, embedding_dim=8, momentum=0.9, bn_mode=bn_mode, weight_decay=1e-2, seed=3,
+      device_augment=device_augment, objective=objective.ObjectiveConfig(
+          temperature=0.2, mochi=mixing.MochiConfig(0, 0, 0)))
+  return moco.MoCo(encoder(1), encoder(2), config, global_batch)
+
+
+def _uint8_batches(n: int, global_batch: int = 4) -> list[dict]:
+  rng = np.random.default_rng(0)
+  return [{"view1": rng.integers(0, 256, (global_batch, 8, 8, 3), dtype=np.uint8),
+           "view2": rng.integers(0, 256, (global_batch, 8, 8, 3), dtype=np.uint8),
+           "id": np.arange(global_batch, dtype=np.int32) + global_batch * i,
+           "label": np.arange(global_batch, dtype=np.int32) % 2} for i in range(n)]
+
+
+def _train(strategy, batches, **model_kw):
+  """Steps of `MoCo.train_step` over `strategy`, each replica fed its slice of the global batch;
+  returns (model, losses)."""
+  from tfmochi import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  with strategy.scope():
+    model = _step_model(**model_kw)
+    sgd = optimizer_lib.SGD(model.query_encoder.trainable_variables, 0.5, momentum=0.9)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+  @tf.function
+  def train(batch):
+    metrics = strategy.run(model.train_step, args=(batch, sgd, step))
+    step.assign_add(1)
+    return strategy.reduce("SUM", metrics["loss"], axis=None)
+
+  losses = []
+  per = len(batches[0]["id"]) // strategy.num_replicas_in_sync
+  for batch in batches:
+    dist = strategy.experimental_distribute_values_from_function(
+        lambda ctx: {k: v[ctx.replica_id_in_sync_group * per:
+                          (ctx.replica_id_in_sync_group + 1) * per] for k, v in batch.items()})
+    losses.append(float(train(dist)))
+  return model, losses
+
+
+class DeviceAugmentStepTest(tf.test.TestCase):
+  """`MoCo.train_step` with the photometric ops on the device (MoCoConfig.device_augment)."""
+
+  def test_two_replicas_equal_one_device(self):
+    # Shuffle BN moves each key view to another replica; its draws follow its global row, so
+    # the same global batch trains alike on 1 and 2 replicas.
+    from tfmochi import distribute  # pylint: disable=g-import-not-at-top
+    batches = _uint8_batches(4)
+    one, losses1 = _train(tf.distribute.get_strategy(), batches)
+    two, losses2 = _train(distribute.mirrored_strategy(["/cpu:0", "/cpu:1"]), batches)
+    self.assertAllClose(losses1, losses2, atol=1e-5)
+    self.assertAllClose(one.queue.keys, two.queue.keys.values[0], atol=1e-5)
+    for a, b in zip(one.query_encoder.weights + one.key_encoder.weights,
+                    two.query_encoder.weights + two.key_encoder.weights):
+      copies = getattr(b, "_value", b).values  # a keras.Variable wraps the mirrored tf.Variable
+      self.assertLen(copies, 2)
+      self.assertAllClose(a, copies[1], atol=1e-5)
+    # ...and the ops do run: the same uint8 views without them train otherwise.
+    _, plain = _train(tf.distribute.get_strategy(), batches, device_augment=None)
+    self.assertGreater(np.abs(np.array(plain) - losses1).max(), 1e-3)
+
+  def test_compiled_step_equals_the_plain_step(self):
+    from tfmochi import distribute  # pylint: disable=g-import-not-at-top
+    from tfmochi import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+    results = []
+    for jit in (False, True):
+      model = _step_model(bn_mode="split")  # split BN on one device: the keys are permuted
+      sgd = optimizer_lib.SGD(model.query_encoder.trainable_variables, 0.5, momentum=0.9)
+      step = tf.Variable(0, dtype=tf.int64, trainable=False)
+      fn = distribute.replica_step_function(lambda b: model.train_step(b, sgd, step), jit,
+                                            tf.distribute.get_strategy())
+      losses = []
+      for batch in _uint8_batches(3):
+        losses.append(float(fn({k: tf.constant(v) for k, v in batch.items()})["loss"]))
+        step.assign_add(1)
+      results.append((losses, model.queue.keys.numpy(),
+                      [w.numpy() for w in model.query_encoder.weights]))
+      if jit:
+        self.assertEqual(fn.experimental_get_tracing_count(), 1)
+    (plain_losses, plain_keys, plain_w), (jit_losses, jit_keys, jit_w) = results
+    self.assertAllClose(plain_losses, jit_losses, atol=1e-4)
+    self.assertAllClose(plain_keys, jit_keys, atol=1e-4)
+    for a, b in zip(plain_w, jit_w):
+      self.assertAllClose(a, b, atol=1e-4)
+
+
 if __name__ == "__main__":
   tf.test.main()

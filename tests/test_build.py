@@ -1,7 +1,5 @@
-"""Tests of tfmochi.build: a run's encoders, its training state, the random-init baseline, restore."""
+"""Tests of tfmochi.build: a run's encoders and its training state."""
 
-import dataclasses
-import json
 import os
 from unittest import mock
 
@@ -13,45 +11,10 @@ from tfmochi import build
 from tfmochi import config as config_lib
 from tfmochi import distribute
 from tfmochi import models
-from tfmochi import rundir
-from tfmochi import trainer as trainer_lib
+from tfmochi import objective as objective_lib
 
 _TINY = dict(arch="resnet10_tiny", small_stem=True, image_size=8, queue_size=64, batch_size=8,
              embedding_dim=8, export_format="none")
-
-
-class RandomInitEncoderTest(tf.test.TestCase):
-
-  def test_is_the_trainers_initial_query_encoder(self):
-    # `evaluate --random_init` must measure the very network training starts from, so that
-    # "pretraining beats random init" compares like with like.
-    model_dir = self.create_tempdir().full_path
-    config = config_lib.TrainConfig(
-        dataset="quickstart", arch="resnet10_tiny", small_stem=True, image_size=16,
-        model_dir=model_dir, queue_size=64, batch_size=16, export_format="none", seed=7)
-    trainer = trainer_lib.Trainer(config)
-    initial = {v.path: v.numpy() for v in trainer.moco.query_encoder.weights}
-    with open(os.path.join(model_dir, rundir.CONFIG_FILE), "w") as f:
-      json.dump(dataclasses.asdict(config), f)
-    tf.random.uniform([3])  # global random state moved on: the rebuild must not depend on it
-    np.random.seed(123)
-    encoder, restored = build.random_init_encoder(model_dir)
-    self.assertEqual(restored.seed, 7)
-    rebuilt = {v.path: v.numpy() for v in encoder.weights}
-    self.assertEqual(set(rebuilt), set(initial))
-    for path, value in initial.items():
-      self.assertAllEqual(rebuilt[path], value, msg=path)
-    # A different run seed gives a different network.
-    other_seed = dataclasses.replace(config, seed=8)
-    with open(os.path.join(model_dir, rundir.CONFIG_FILE), "w") as f:
-      json.dump(dataclasses.asdict(other_seed), f)
-    other, _ = build.random_init_encoder(model_dir)
-    kernel = [v for v in other.weights if "kernel" in v.path][0]
-    self.assertNotAllClose(kernel.numpy(), initial[kernel.path])
-
-  def test_needs_a_run_directory(self):
-    with self.assertRaisesRegex(rundir.CheckpointError, "config.json"):
-      build.random_init_encoder(self.create_tempdir().full_path)
 
 
 class BuildRunEncoderTest(tf.test.TestCase):
@@ -100,40 +63,45 @@ class TrainStateTest(tf.test.TestCase):
     self.assertFalse(tf.config.experimental.tensor_float_32_execution_enabled())
 
 
-class RestoreRunEncoderTest(tf.test.TestCase):
+class Float32MatmulsTest(tf.test.TestCase):
+  """--tf32: what float32 products compute with, per device, and what XLA is told."""
 
-  def _run(self):
-    """A run directory with query-encoder checkpoints at steps 2 and 4."""
-    config = config_lib.TrainConfig(**_TINY, model_dir=self.create_tempdir().full_path)
-    run_dir = rundir.RunDir(config.model_dir)
-    run_dir.write(rundir.CONFIG_FILE, dataclasses.asdict(config))
-    encoder = build.build_run_encoder(config, "query_encoder")
-    step = tf.Variable(0, dtype=tf.int64)
-    manager = run_dir.checkpoint_manager(tf.train.Checkpoint(step=step, query_encoder=encoder), 3)
-    for n in (2, 4):
-      step.assign(n)
-      manager.save(checkpoint_number=n)
-    return run_dir
+  def test_resolves_per_device(self):
+    cases = {(False, "TPU"): "float32", (True, "TPU"): "bfloat16",
+             (False, "GPU"): "float32", (True, "GPU"): "tf32",
+             (False, "CPU"): "float32", (True, "CPU"): "float32"}
+    for (tf32, device), expected in cases.items():
+      self.assertEqual(build.float32_matmuls(tf32, "bfloat16", device, (8, 0)), expected)
+    self.assertEqual(build.float32_matmuls(True, "float32", "GPU", (7, 0)), "float32")  # V100
+    self.assertEqual(build.training_device(tf.distribute.get_strategy()), ("CPU", None))
 
-  def test_newest_a_given_one_and_the_fallback(self):
-    run_dir = self._run()
-    _, config, step, path = build.restore_run_encoder(run_dir.path)
-    self.assertEqual((config.arch, step, rundir.checkpoint_step(path)), ("resnet10_tiny", 4, 4))
-    older = run_dir.list_checkpoints()[1]
-    self.assertEqual(build.restore_run_encoder(run_dir.path, older)[2:], (2, older))
-    self.assertLen(build.restore_encoder(run_dir.path), 3)
-    for name in tf.io.gfile.listdir(run_dir.checkpoint_dir):
-      if name.startswith("ckpt-4.data"):
-        with open(os.path.join(run_dir.checkpoint_dir, name), "r+b") as f:
-          f.truncate(10)  # a half-written file
-    with self.assertLogs(level="WARNING"):
-      self.assertEqual(build.restore_run_encoder(run_dir.path)[2], 2)
+  def test_a_float32_run_on_a_tpu_is_warned_about(self):
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertEqual(build.float32_matmuls(False, "float32", "TPU"), "float32")
+    self.assertIn("HIGHEST", "".join(logs.output))
+    with mock.patch.object(build.logging, "warning") as warning:
+      build.float32_matmuls(False, "bfloat16", "TPU")  # configs/tpu.flags: head + logits only
+      build.float32_matmuls(True, "float32", "TPU")
+      warning.assert_not_called()
 
-  def test_no_checkpoint_yet(self):
-    config = config_lib.TrainConfig(**_TINY, model_dir=self.create_tempdir().full_path)
-    rundir.RunDir(config.model_dir).write(rundir.CONFIG_FILE, dataclasses.asdict(config))
-    with self.assertRaisesRegex(rundir.CheckpointError, "has no checkpoint yet"):
-      build.restore_run_encoder(config.model_dir)
+  def test_tf32_off_compiles_the_logits_at_highest_precision(self):
+    """The objective's q·Qᵀ as XLA compiles it (a TPU compiles the step with the same lowering):
+    off, every float32 dot carries operand_precision=highest; on, the default precision."""
+    self.addCleanup(keras.mixed_precision.set_global_policy, "float32")
+    self.addCleanup(tf.config.experimental.enable_tensor_float_32_execution, True)
+    q, queue = tf.math.l2_normalize(tf.random.normal([4, 8]), -1), tf.random.normal([32, 8])
+    config = objective_lib.ObjectiveConfig(temperature=0.2)
+
+    def f32_dots(tf32):
+      build.set_precision("bfloat16", tf32=tf32)
+      loss = tf.function(lambda q, k, queue: objective_lib.contrastive_objective(
+          q, k, queue, config, jit_compile=None).loss, jit_compile=True)
+      hlo = loss.experimental_get_compiler_ir(q, q, queue)(stage="hlo")
+      return [line for line in hlo.splitlines() if " dot(f32[" in line]
+
+    self.assertNotEmpty(f32_dots(False))
+    self.assertTrue(all("operand_precision={highest,highest}" in d for d in f32_dots(False)))
+    self.assertFalse(any("operand_precision" in d for d in f32_dots(True)))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ class MirroredStrategyTest(tf.test.TestCase):
     # Plain MirroredStrategy objects all start at collective instance 100: the second one's
     # float gather would hit the first one's int gather ("expected type 2 and data_type 3").
     first = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
-    for got in _gather_ids(first, tf.int64):
+    for got in _gather_ids(first, tf.int32):
       self.assertAllEqual(got, [0, 1])
     second = distribute.make_strategy("mirrored", cpu_replicas=2)
     self.assertEqual(second.num_replicas_in_sync, 2)
@@ -34,6 +34,31 @@ class MirroredStrategyTest(tf.test.TestCase):
     # The first strategy keeps working after the second one ran.
     for got in _gather_ids(first, tf.int32):
       self.assertAllEqual(got, [0, 1])
+
+  def test_uint8_gathers_as_bytes_and_64_bit_integers_are_refused(self):
+    """uint8 (images) crosses the replicas packed four bytes to an int32, rows of any size (9
+    bytes here: padded for the trip) come back bit for bit; int64 would be a 64-bit collective."""
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    x = np.random.default_rng(0).integers(0, 256, (2, 2, 3, 3), dtype=np.uint8)  # [R, b, 3, 3]
+    for shape in ((2, 3, 3), (2, 4, 4, 3), (2,)):
+      values = np.resize(x, (2,) + shape)
+
+      @tf.function
+      def step(v):
+        return strategy.run(distribute.all_gather, args=(v,))
+
+      dist = strategy.experimental_distribute_values_from_function(
+          lambda ctx, values=values: tf.constant(values[ctx.replica_id_in_sync_group]))
+      for got in strategy.experimental_local_results(step(dist)):
+        self.assertEqual(got.dtype, tf.uint8)
+        self.assertAllEqual(got, values.reshape((-1,) + shape[1:]))
+
+    @tf.function
+    def wide():
+      return strategy.run(lambda: distribute.all_gather(tf.constant([1], tf.int64)))
+
+    with self.assertRaisesRegex(TypeError, "64-bit collective"):
+      wide()
 
   def test_all_gather_is_identity_outside_replicas(self):
     x = tf.constant(np.arange(6).reshape(3, 2))

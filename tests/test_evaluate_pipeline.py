@@ -8,7 +8,6 @@ import os
 
 import tensorflow as tf
 
-from tfmochi import checkpoints as ckpt_lib
 from tfmochi import evaluate
 from tfmochi import models
 from tfmochi import rundir
@@ -25,7 +24,7 @@ class RunTest(tf.test.TestCase):
 
   def test_no_checkpoint_is_a_clear_error(self):
     model_dir = fx.make_run(os.path.join(self.create_tempdir().full_path, "run"), checkpoint=False)
-    with self.assertRaisesRegex(ckpt_lib.CheckpointError, "no checkpoint yet"):
+    with self.assertRaisesRegex(rundir.CheckpointError, "no checkpoint yet"):
       evaluate.evaluate_checkpoint(model_dir, evaluate.EvalSettings(), sources=fx.sources())
 
   def test_unlabelled_sources_are_refused(self):

@@ -7,7 +7,6 @@ import os
 
 import tensorflow as tf
 
-from tfmochi import checkpoints as ckpt_lib
 from tfmochi import evaluate
 from tfmochi import models
 from tfmochi import rundir
@@ -18,7 +17,7 @@ class SidecarTest(tf.test.TestCase):
 
   def test_training_finished(self):
     model_dir = fx.make_run(os.path.join(self.create_tempdir().full_path, "run"))
-    latest = tf.train.latest_checkpoint(ckpt_lib.checkpoint_dir(model_dir))
+    latest = tf.train.latest_checkpoint(rundir.RunDir(model_dir).checkpoint_dir)
     self.assertFalse(evaluate.training_finished(model_dir, latest))  # no summary.json yet
     summary = os.path.join(model_dir, "summary.json")
     with open(summary, "w") as f:

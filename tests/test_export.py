@@ -28,12 +28,14 @@ import pytest
 import tensorflow as tf
 
 import cli_harness as harness  # tests/cli_harness.py (tests/ is on sys.path under pytest)
-from tfmochi import checkpoints as ckpt_lib
+from tfmochi import checkpoints
 from tfmochi import config as config_lib
 from tfmochi import distribute
 from tfmochi import export
 from tfmochi import models
 from tfmochi import rundir
+from tfmochi import runfiles
+from tfmochi import weightmaps
 
 _CASES = ((1, 32, 32), (3, 48, 40))  # (batch, height, width)
 _IMAGE_SIZE = 32
@@ -51,13 +53,13 @@ def _workdir() -> str:
 def _randomise(backbone: keras.Model, seed: int) -> None:
   """Non-trivial BN weights and statistics, so a mis-mapped BN cannot go unnoticed."""
   rng = np.random.default_rng(seed)
-  state = models.torchvision_state_dict(backbone)
+  state = weightmaps.torchvision_state_dict(backbone)
   for key, value in state.items():
     if key.endswith(".weight") and value.ndim == 1 or key.endswith(".running_var"):
       state[key] = rng.uniform(0.5, 1.5, value.shape)
     elif key.endswith((".bias", ".running_mean")):
       state[key] = rng.normal(0.0, 0.1, value.shape)
-  models.load_torchvision_state_dict(backbone, state)
+  weightmaps.load_torchvision_state_dict(backbone, state)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,7 +193,7 @@ _RELOAD = textwrap.dedent("""
 
     def weights():
       sys.path.insert(0, dirs["repo"])
-      from tfmochi import export, models
+      from tfmochi import export, models, weightmaps
       files = {"torchvision_npz": os.path.join(dirs["torchvision"], "backbone.npz"),
                "torchvision_safetensors": os.path.join(dirs["torchvision"],
                                                        "backbone.safetensors"),
@@ -200,7 +202,7 @@ _RELOAD = textwrap.dedent("""
         if not os.path.exists(path):  # .safetensors without the safetensors package
           continue
         backbone = models.build_backbone("resnet18")
-        models.load_torchvision_state_dict(backbone, export.read_torchvision_weights(path))
+        weightmaps.load_torchvision_state_dict(backbone, export.read_torchvision_weights(path))
         for k, x in normed.items():
           for key, v in backbone(x, training=False).items():
             out[f"{name}/{k}/{key}"] = v.numpy()
@@ -229,11 +231,11 @@ def _make_run(model_dir: str, arch: str, config_arch: str | None = None,
   if checkpoint:
     encoder = models.build_encoder(arch, small_stem=True, name="query_encoder")
     ckpt = tf.train.Checkpoint(step=tf.Variable(5, dtype=tf.int64), query_encoder=encoder)
-    tf.train.CheckpointManager(ckpt, ckpt_lib.checkpoint_dir(model_dir), max_to_keep=3).save(
+    tf.train.CheckpointManager(ckpt, rundir.RunDir(model_dir).checkpoint_dir, max_to_keep=3).save(
         checkpoint_number=5)
   config = config_lib.TrainConfig(arch=config_arch or arch, small_stem=True, image_size=32,
                                   model_dir=model_dir, bn_mode="none", head_bn=False)
-  rundir.write_json(os.path.join(model_dir, ckpt_lib.CONFIG_FILE),
+  rundir.write_json(os.path.join(model_dir, runfiles.CONFIG_FILE),
                              dataclasses.asdict(config))
   return model_dir
 
@@ -409,7 +411,7 @@ class WeightFilesTest(tf.test.TestCase):
     directory = _exports()["torchvision"]
     with np.load(os.path.join(directory, export.NPZ_FILE)) as npz:
       state = {k: npz[k] for k in npz.files}
-    expected = models.torchvision_state_dict(_backbone())
+    expected = weightmaps.torchvision_state_dict(_backbone())
     bn_counters = {k for k in state if k.endswith("num_batches_tracked")}
     self.assertEqual(set(state) - bn_counters, set(expected))
     self.assertLen(bn_counters, 20)  # resnet18 has 20 BN layers
@@ -443,14 +445,6 @@ class WeightFilesTest(tf.test.TestCase):
     self.assertEqual(weights["stem.conv1.weight"].shape, (64, 3, 7, 7))
     self.assertTrue(weights["stem.conv1.weight"].flags.writeable)
     self.assertEqual(weights["res2.0.conv1.weight"].dtype, np.float32)
-
-  def test_detectron2_key_inverse(self):
-    keys = list(models.torchvision_state_dict(_backbone())) + [
-        "layer1.0.conv3.weight", "layer1.0.bn3.running_var", "layer1.0.downsample.0.weight",
-        "layer1.0.downsample.1.bias"]
-    for key in keys:
-      self.assertEqual(export.detectron2_to_torchvision_key(
-          models.torchvision_to_detectron2_key(key)), key)
 
   def test_load_torchvision_script_without_tensorflow(self):
     script = os.path.join(harness.REPO, "export", "load_torchvision.py")
@@ -526,6 +520,51 @@ class KerasHubTest(tf.test.TestCase):
 # Atomicity and bad input
 
 
+class SmallArchTest(tf.test.TestCase):
+  """resnet10_tiny, the quickstart's network: its saved_model, hub and keras exports load without
+  tfmochi and embed an image as the run's encoder does."""
+
+  def test_saved_model_hub_and_keras_embed_an_image(self):
+    model_dir = _make_run(os.path.join(self.create_tempdir().full_path, "tiny"), "resnet10_tiny")
+    encoder = checkpoints.restore_encoder(model_dir).encoder
+    image = _images(1, 28, 28)  # an MNIST-sized uint8 RGB image
+    unit = image.astype(np.float32) / 255.0
+    normed = (unit - np.float32(export.IMAGENET_MEAN)) / np.float32(export.IMAGENET_STD)
+    expected = encoder.backbone(normed, training=False)["pooled"].numpy()
+    self.assertEqual(expected.shape, (1, 128))
+    dirs = {}
+    for fmt in ("saved_model", "hub", "keras"):
+      dirs[fmt], info = export.export_run(model_dir, fmt=fmt)
+      self.assertEqual((info["arch"], info["feature_dim"]), ("resnet10_tiny", 128))
+    served = tf.saved_model.load(dirs["saved_model"]).signatures["serving_default"]
+    self.assertAllClose(served(images=tf.constant(image))["embedding"], expected, atol=_ATOL)
+    self.assertAllClose(tf.saved_model.load(dirs["hub"])(tf.constant(unit)), expected,
+                        atol=_ATOL)
+    loaded = keras.saving.load_model(os.path.join(dirs["keras"], export.KERAS_FILE))
+    self.assertAllClose(loaded(normed)["pooled"], expected, atol=_ATOL)
+    with open(os.path.join(dirs["keras"], export.INFO_FILE)) as f:
+      self.assertIn("not written", json.load(f)["keras_hub"])  # no keras-hub ResNet this small
+
+  def test_hub_keras_layer_of_a_tiny_run(self):
+    pytest.importorskip("tensorflow_hub")
+    pytest.importorskip("tf_keras")
+    model_dir = _make_run(os.path.join(self.create_tempdir().full_path, "tiny"), "resnet10_tiny")
+    hub_dir, _ = export.export_run(model_dir, fmt="hub")
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import tensorflow_hub as hub
+        import tf_keras
+        layer = hub.KerasLayer(sys.argv[1])
+        model = tf_keras.Sequential([tf_keras.Input((28, 28, 3)), layer])
+        print(model(np.full([2, 28, 28, 3], 0.5, np.float32)).shape)
+    """)
+    code, stdout, stderr = harness.finished(harness.python("-c", script, hub_dir,
+                                                           cwd=_workdir()))
+    self.assertEqual(code, 0, stderr[-3000:])
+    self.assertIn("(2, 128)", stdout)
+
+
 class AtomicityTest(tf.test.TestCase):
 
   def _stray(self, parent: str) -> list[str]:
@@ -585,7 +624,7 @@ class AtomicityTest(tf.test.TestCase):
     finally:
       keras.config.set_dtype_policy("float32")
     state = export.read_torchvision_weights(os.path.join(out, export.NPZ_FILE))
-    for key, value in models.torchvision_state_dict(backbone).items():
+    for key, value in weightmaps.torchvision_state_dict(backbone).items():
       self.assertAllEqual(state[key], value)  # float32 variables, copied exactly
     self.assertEqual(clean.get_layer("layer1.0.bn1").dtype_policy.name, "float32")
     self.assertFalse(clean.get_layer("layer1.0.bn1").synchronized)
@@ -596,18 +635,20 @@ class AtomicityTest(tf.test.TestCase):
       export.export_run(_runs()["good"], fmt="onnx")
 
   def test_no_checkpoint_and_no_run(self):
-    with self.assertRaisesRegex(ckpt_lib.CheckpointError, "has no checkpoint yet"):
+    with self.assertRaisesRegex(rundir.CheckpointError, "has no checkpoint yet"):
       export.export_run(_runs()["no_checkpoint"], os.path.join(self.get_temp_dir(), "x"))
-    with self.assertRaisesRegex(ckpt_lib.CheckpointError, "does not exist"):
+    with self.assertRaisesRegex(rundir.CheckpointError, "does not exist"):
       export.export_run(os.path.join(self.get_temp_dir(), "missing"))
 
-  def test_smoke_arch_run_is_refused_before_any_restore(self):
-    model_dir = self.create_tempdir().full_path
+  def test_smoke_arch_weight_files_are_refused_before_any_restore(self):
+    model_dir = self.create_tempdir().full_path  # config.json only: no checkpoint to restore
     rundir.write_json(
-        os.path.join(model_dir, ckpt_lib.CONFIG_FILE),
+        os.path.join(model_dir, runfiles.CONFIG_FILE),
         dataclasses.asdict(config_lib.TrainConfig(arch="resnet10_tiny", model_dir=model_dir)))
-    with self.assertRaisesRegex(export.ExportError, "resnet10_tiny.*cannot be exported"):
-      export.export_run(model_dir)
+    for fmt in export.TORCHVISION_FORMATS:
+      with self.assertRaisesRegex(export.ExportError, "resnet10_tiny.*no torchvision counterpart"
+                                  f".*no {fmt} weight file.*saved_model, hub or keras"):
+        export.export_run(model_dir, fmt=fmt)
 
   def test_backbone_of_another_architecture(self):
     with self.assertRaisesRegex(ValueError, "not the resnet34"):
@@ -642,7 +683,7 @@ class AtomicityTest(tf.test.TestCase):
     logger, level = tf.get_logger(), tf.get_logger().level
     logger.setLevel("ERROR")  # the failed restore's objects log a warning per value when freed
     try:
-      with self.assertRaisesRegex(ckpt_lib.CheckpointError,
+      with self.assertRaisesRegex(rundir.CheckpointError,
                                   "could be read into this model.*config.json"):
         export.export_run(model_dir, fmt="hub")
       gc.collect()

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from tfmochi import hooks
 from tfmochi import rundir
+from tfmochi import runfiles
 
 
 def _block(step, steps=3, **kw):
@@ -189,7 +190,7 @@ class KnnMonitorHookTest(tf.test.TestCase):
       hook.end()
       hook.report()
     self.assertEqual(calls, [None, False, False])  # raw pixels once, with random init
-    self.assertEqual(run_dir.read(rundir.KNN_RANDOM_INIT_FILE)["top1"], 10.0)
+    self.assertEqual(run_dir.read(runfiles.KNN_RANDOM_INIT_FILE)["top1"], 10.0)
     self.assertEqual((hook.result["top1"], hook.raw_pixels_top1), (30.0, 96.7))
     text = out.getvalue()
     self.assertIn("kNN monitor: 300 images per pass (200 train, 100 held out)", text)
@@ -202,7 +203,7 @@ class KnnMonitorHookTest(tf.test.TestCase):
 
   def test_a_resumed_run_reads_its_random_init_result(self):
     run_dir, calls = rundir.RunDir(self.create_tempdir().full_path), []
-    run_dir.write(rundir.KNN_RANDOM_INIT_FILE, _knn_result(12.5))
+    run_dir.write(runfiles.KNN_RANDOM_INIT_FILE, _knn_result(12.5))
     hook = self._hook(run_dir, calls, every=0, verbose=False)
     hook.before_training(4)
     self.assertIsNone(hook.boundary(4))

@@ -2,6 +2,8 @@
 the step compiled by XLA == the plain step."""
 
 import dataclasses
+import re
+from unittest import mock
 
 import keras
 import numpy as np
@@ -110,6 +112,72 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     for a, b in zip(one.key_encoder.weights + one.query_encoder.weights,
                     many.key_encoder.weights + many.query_encoder.weights):
       self.assertAllClose(a, _copies(b)[0], atol=1e-5)
+
+  def test_collectives_carry_no_64_bit_integers(self):
+    """At R = 2, every tensor the replica step hands to a collective is float32 or int32 (a TPU's
+    collectives have no 64-bit integers XLA can emulate): the uint8 key views travel as bytes in
+    int32 words, the ids and labels (fed as int64 here) folded into int32."""
+    handed = []
+
+    def spy(method, position):  # all_gather(value, axis), all_reduce(reduce_op, value)
+      def record(ctx, *args, **kwargs):
+        for value in map(tf.convert_to_tensor, tf.nest.flatten(args[position])):
+          handed.append((value.dtype, tuple(value.shape)))
+        return method(ctx, *args, **kwargs)
+      return record
+
+    rng = np.random.default_rng(0)
+    batches = [dict(b, view1=rng.integers(0, 256, b["view1"].shape, dtype=np.uint8),
+                    view2=rng.integers(0, 256, b["view2"].shape, dtype=np.uint8))
+               for b in _batches(2)]
+    config = _config(mask_duplicates=True, label_mode="oracle")
+    context = tf.distribute.ReplicaContext
+    with mock.patch.object(context, "all_gather", spy(context.all_gather, 0)), \
+        mock.patch.object(context, "all_reduce", spy(context.all_reduce, 1)):
+      many, _ = _run(distribute.mirrored_strategy(["/cpu:0", "/cpu:1"]), batches, config)
+    self.assertEqual({dtype for dtype, _ in handed}, {tf.float32, tf.int32})
+    # A replica's 2 key views of 4x4x3 bytes cross as 12 int32 words each, never as floats.
+    self.assertIn((tf.int32, (2, 12)), handed)
+    self.assertNotIn(4, [len(shape) for _, shape in handed])
+    self.assertEqual(many.queue.ids.dtype, tf.int32)
+    self.assertAllEqual(_copies(many.queue.ids)[0][:8], np.arange(8))
+
+  @parameterized.named_parameters(("two_replicas", False), ("compiled", True))
+  def test_uint8_key_views_give_the_keys_of_normalised_views(self, compiled):
+    """Shuffle BN gathers the key views as uint8 and normalises the rows it keeps: the keys are
+    bit for bit those of the views normalised first and gathered as float32 (the earlier path;
+    normalised in the same function, so by the same kernels), across 2 replicas and in the
+    XLA-compiled encoder with split BN (one device)."""
+    bn = "split" if compiled else "standard"  # the encoders' BN; MoCo's: split or shuffle
+    config = _jit_config(bn_mode="split" if compiled else "shuffle", mochi=False)
+    views = np.random.default_rng(0).integers(0, 256, (_JIT_BATCH, 8, 8, 3), dtype=np.uint8)
+    step = tf.constant(5, tf.int64)
+    if compiled:  # both normalise inside the XLA computation, as the compiled step does
+      moco = moco_lib.MoCo(_conv_encoder(1, bn), _conv_encoder(2, bn), config, _JIT_BATCH)
+      new = tf.function(lambda v: moco.encode_keys(v, step), jit_compile=True)
+      old = tf.function(lambda v: moco.encode_keys(augment.to_model_input(v), step),
+                        jit_compile=True)
+      for fn, gathered in ((new, tf.uint8), (old, tf.float32)):  # the images shuffle BN gathers
+        graph = fn.get_concrete_function(tf.constant(views)).graph
+        self.assertEqual([op.inputs[0].dtype for op in graph.get_operations()
+                          if op.type == "GatherV2" and op.inputs[0].shape.rank == 4], [gathered])
+      keys = [[new(tf.constant(views)).numpy()], [old(tf.constant(views)).numpy()]]
+    else:
+      strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+      with strategy.scope():
+        moco = moco_lib.MoCo(_conv_encoder(1, bn), _conv_encoder(2, bn), config, _JIT_BATCH)
+
+      @tf.function
+      def encode(v, normalise_first):
+        return strategy.run(lambda x: moco.encode_keys(
+            augment.to_model_input(x) if normalise_first else x, step), args=(v,))
+
+      dist = strategy.experimental_distribute_values_from_function(
+          lambda ctx: views[ctx.replica_id_in_sync_group * 2:][:2])
+      keys = [[k.numpy() for k in strategy.experimental_local_results(encode(dist, first))]
+              for first in (False, True)]
+    for from_uint8, from_floats in zip(*keys):
+      self.assertAllEqual(from_uint8, from_floats)
 
   def test_step_matches_a_numpy_reference(self):
     """One step by hand: momentum update, keys, InfoNCE gradient + coupled L2, SGD, enqueue."""
@@ -396,6 +464,82 @@ def _dynamic_shapes(hlo: str) -> list[str]:
   return [line.strip()[:200] for line in hlo.splitlines() if re.search(r"\[[^\]]*<=", line)]
 
 
+# The HLO instructions that must not see a 64-bit integer: a TPU emulates s64/u64 with pairs of
+# 32-bit words, and XLA's rewriting of them ("X64 rewriting") fails on sorts, reductions,
+# collectives and scatters, which XLA:CPU runs natively (so only the HLO shows the problem here).
+_NO_64_BIT = frozenset(["sort", "reduce", "scatter", "all-reduce", "all-reduce-start",
+                        "all-gather", "all-gather-start", "all-to-all", "reduce-scatter",
+                        "collective-permute", "collective-permute-start"])
+# `%name = shape opcode(operands), attributes`; a tuple shape "(s64[8]{0}, s32[8]{0})" has spaces.
+_HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+_WIDE_INT = re.compile(r"\b[su]64\[")
+
+
+def _operands(text: str) -> str:
+  """The operand list at the start of `text` (after the opcode's "("), up to its closing ")"."""
+  depth = 1
+  for i, char in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      return text[:i]
+  return text
+
+
+def _wide_integer_ops(hlo: str) -> list[str]:
+  """The instructions of an HLO module in `_NO_64_BIT` with an s64/u64 result or operand.
+
+  Operands are looked up by name: optimized HLO writes `sort(%a, %b)` without their shapes
+  (instruction names are unique within a module).
+  """
+  shapes, candidates = {}, []
+  for line in hlo.splitlines():
+    match = _HLO_LINE.match(line)
+    if match:
+      name, shape, opcode, rest = match.groups()
+      shapes[name] = shape
+      if opcode in _NO_64_BIT:
+        candidates.append((line.strip(), shape, _operands(rest)))
+  found = []
+  for line, shape, operands in candidates:
+    operand_shapes = [shapes.get(name, "") for name in re.findall(r"%([\w.\-]+)", operands)]
+    if any(_WIDE_INT.search(text) for text in [shape, operands] + operand_shapes):
+      found.append(line[:200])
+  return found
+
+
+def _fed_as_the_trainer_feeds(batch: dict) -> dict:
+  """A `_jit_batches` batch as the input pipeline sends it: uint8 views (int64 ids/labels kept,
+  the strictest input: the step folds them to int32 itself)."""
+  u8 = lambda x: tf.cast(tf.clip_by_value(x * 40.0 + 128.0, 0.0, 255.0), tf.uint8)  # noqa: E731
+  return dict(batch, view1=u8(batch["view1"]), view2=u8(batch["view2"]))
+
+
+class HloCheckerTest(tf.test.TestCase):
+
+  def test_finds_64_bit_sorts_scatters_and_collectives_only(self):
+    hlo = """HloModule m
+%compare (a: s64[], b: s64[]) -> pred[] {
+  %a = s64[] parameter(0)
+  %b = s64[] parameter(1)
+  ROOT %gt = pred[] compare(s64[] %a, s64[] %b), direction=GT
+}
+ENTRY %main (p: s64[8], f: f32[8]) -> f32[] {
+  %p = s64[8]{0} parameter(0)
+  %iota = s32[8]{0} iota(), iota_dimension=0
+  %wide_sort = (s64[8]{0}, s32[8]{0}) sort(%p, %iota), dimensions={0}, to_apply=%compare
+  %narrow_sort = (s32[8]{0}, s32[8]{0}) sort(s32[8]{0} %iota, s32[8]{0} %iota), dimensions={0}
+  %idx = s64[2,1]{1,0} slice(%p), slice={[0:2]}
+  %f = f32[8]{0} parameter(1)
+  %wide_scatter = f32[8]{0} scatter(f32[8]{0} %f, s64[2,1]{1,0} %idx, f32[2]{0} %u)
+  %gather = f32[2]{0} gather(f32[8]{0} %f, s64[2,1]{1,0} %idx), slice_sizes={1}
+  %wide_sum = s64[] all-reduce(%p), replica_groups={}, to_apply=%add
+  ROOT %sum = f32[] reduce(f32[8]{0} %f, f32[] %zero), dimensions={0}, to_apply=%add
+}"""
+    found = [line.split(" =")[0] for line in _wide_integer_ops(hlo)]
+    self.assertEqual(found, ["%wide_sort", "%wide_scatter", "%wide_sum"])
+    self.assertEmpty(_wide_integer_ops(hlo.replace("s64", "s32")))
+
+
 class JitStepTest(tf.test.TestCase, parameterized.TestCase):
   """The XLA-compiled replica step equals the plain one.
 
@@ -455,6 +599,22 @@ class JitStepTest(tf.test.TestCase, parameterized.TestCase):
       hlo = fn.experimental_get_compiler_ir(batches[0])(stage="hlo")
       self.assertEmpty(_dynamic_shapes(hlo))
 
+  def test_compiled_step_has_no_64_bit_sort_collective_or_scatter(self):
+    """What a TPU compiles has no 64-bit integer where XLA cannot emulate one: the step with the
+    permutation drawn (split BN), MoCHi on, duplicate masking and the class oracle, fed as the
+    input pipeline feeds it (uint8 views) with int64 ids and labels, in the HLO XLA receives and
+    in the HLO it optimised. The int64 step counter and RNG seeds stay, in elementwise ops only."""
+    config = _jit_config(bn_mode="split", label_mode="oracle")
+    self.assertTrue(config.objective.mask_duplicates and config.objective.mochi.enabled)
+    batches = [_fed_as_the_trainer_feeds(b) for b in _jit_batches(2)]
+    _, _, metrics, fn = _run_step(config, "split", True, batches)
+    self.assertNotEqual(metrics[-1]["synthetic_logit"], 0.0)  # MoCHi ran
+    for stage in ("hlo", "optimized_hlo"):
+      hlo = fn.experimental_get_compiler_ir(batches[0])(stage=stage)
+      opcodes = {m.group(3) for m in map(_HLO_LINE.match, hlo.splitlines()) if m}
+      self.assertContainsSubset({"sort", "scatter", "reduce"}, opcodes)  # the checks bite
+      self.assertEmpty(_wide_integer_ops(hlo), stage)
+
   def test_shuffle_bn_indices_compiled_at_eight_replicas(self):
     """The TPU stand-in for shuffle BN across replicas: its index arithmetic, compiled with the
     replica id and count as tensors (R = 8), equals the plain computation on every replica, and
@@ -483,6 +643,9 @@ class JitStepTest(tf.test.TestCase, parameterized.TestCase):
       for replica in range(r):
         self.assertAllClose(all_k[back[replica]], encode(x[replica * b:(replica + 1) * b]))
     self.assertEqual(compiled.experimental_get_tracing_count(), 1)
-    hlo = compiled.experimental_get_compiler_ir(
-        tf.constant(0, tf.int64), tf.constant(5), tf.constant(r))(stage="hlo")
-    self.assertEmpty(_dynamic_shapes(hlo))
+    ir = compiled.experimental_get_compiler_ir(tf.constant(0, tf.int64), tf.constant(5),
+                                               tf.constant(r))
+    self.assertEmpty(_dynamic_shapes(ir(stage="hlo")))
+    for stage in ("hlo", "optimized_hlo"):  # the permutation is a sort of int32 draws
+      self.assertIn(" sort(", ir(stage=stage))
+      self.assertEmpty(_wide_integer_ops(ir(stage=stage)), stage)

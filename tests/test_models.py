@@ -18,6 +18,7 @@ from absl.testing import parameterized
 
 from tfmochi import distribute
 from tfmochi import models
+from tfmochi import weightmaps
 
 _EXPECTED_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032}
 
@@ -35,7 +36,7 @@ def _num_params(model: keras.Model) -> int:
 def _randomise_bn(backbone: keras.Model, seed: int) -> None:
   """Non-trivial BN weights and moving statistics, so that BN is not the identity."""
   rng = np.random.default_rng(seed)
-  state = models.torchvision_state_dict(backbone)
+  state = weightmaps.torchvision_state_dict(backbone)
   for key, value in state.items():
     if key.endswith((".weight",)) and value.ndim == 1:
       state[key] = rng.uniform(0.5, 1.5, value.shape)
@@ -43,7 +44,7 @@ def _randomise_bn(backbone: keras.Model, seed: int) -> None:
       state[key] = rng.normal(0.0, 0.1, value.shape)
     elif key.endswith(".running_var"):
       state[key] = rng.uniform(0.5, 1.5, value.shape)
-  models.load_torchvision_state_dict(backbone, state)
+  weightmaps.load_torchvision_state_dict(backbone, state)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class BackboneTest(tf.test.TestCase, parameterized.TestCase):
     backbone = _cached_backbone("resnet18")
     _randomise_bn(backbone, seed=0)
     stem = keras.Model(backbone.input, backbone.get_layer("maxpool").output)
-    sd = models.torchvision_state_dict(backbone)
+    sd = weightmaps.torchvision_state_dict(backbone)
     rng = np.random.default_rng(1)
     for h, w in [(13, 16), (16, 11)]:  # Odd and even sizes: TF "same" would differ here.
       x = rng.normal(size=(2, h, w, 3)).astype(np.float32)
@@ -219,7 +220,7 @@ class BackboneTest(tf.test.TestCase, parameterized.TestCase):
     x = np.random.default_rng(3).normal(size=(2, *size, 3)).astype(np.float32)
     got = backbone(x, training=False)
     want = _np_resnet(x.transpose(0, 3, 1, 2).astype(np.float64),
-                      models.torchvision_state_dict(backbone))
+                      weightmaps.torchvision_state_dict(backbone))
     for level in ["C2", "C3", "C4", "C5", "pooled"]:
       scale = np.abs(want[level]).max()
       self.assertAllClose(got[level], want[level], atol=1e-4 * scale, rtol=1e-4, msg=level)
@@ -514,75 +515,6 @@ class HeadAndEncoderTest(tf.test.TestCase, parameterized.TestCase):
     b = models.build_projection_head(8, embedding_dim=5)
     with self.assertRaisesRegex(ValueError, "shape mismatch"):
       models.copy_weights(a, b)
-
-
-class TorchvisionMappingTest(tf.test.TestCase, parameterized.TestCase):
-
-  @parameterized.parameters(*models.ARCHS)
-  def test_keys_and_order(self, arch):
-    state = models.torchvision_state_dict(_cached_backbone(arch))
-    self.assertEqual(list(state), _torchvision_keys(arch))
-    self.assertEqual(state["conv1.weight"].shape, (64, 3, 7, 7))
-    self.assertTrue(all(v.dtype == np.float32 for v in state.values()))
-    if arch == "resnet50":
-      self.assertEqual(state["layer4.2.conv3.weight"].shape, (2048, 512, 1, 1))
-      self.assertEqual(state["layer1.0.downsample.0.weight"].shape, (256, 64, 1, 1))
-      self.assertEqual(state["layer3.0.conv2.weight"].shape, (256, 256, 3, 3))
-    else:
-      self.assertEqual(state["layer2.0.conv1.weight"].shape, (128, 64, 3, 3))
-
-  def test_exact_round_trip(self):
-    src = _cached_backbone("resnet18", True)
-    _randomise_bn(src, seed=8)
-    state = models.torchvision_state_dict(src)
-    dst = models.build_backbone("resnet18", small_stem=True)
-    self.assertEqual(state["conv1.weight"].shape, (64, 3, 3, 3))
-    models.load_torchvision_state_dict(dst, state)
-    for key, value in models.torchvision_state_dict(dst).items():
-      self.assertAllEqual(value, state[key], msg=key)
-    x = np.random.default_rng(9).normal(size=(2, 10, 10, 3)).astype(np.float32)
-    got, want = dst(x), src(x)
-    for level in want:
-      self.assertAllEqual(got[level], want[level])
-
-  def test_load_errors_name_keys(self):
-    backbone = _cached_backbone("resnet18")
-    state = models.torchvision_state_dict(backbone)
-    # A full torchvision checkpoint (fc + BN counters) loads with the default ignore list.
-    extra = {**state, "fc.weight": np.zeros((1000, 512)), "fc.bias": np.zeros(1000),
-             "bn1.num_batches_tracked": np.array(0)}
-    models.load_torchvision_state_dict(backbone, extra)
-    missing = {k: v for k, v in state.items() if k != "layer3.1.bn2.running_var"}
-    with self.assertRaisesRegex(ValueError, r"missing keys \['layer3.1.bn2.running_var'\]"):
-      models.load_torchvision_state_dict(backbone, missing)
-    with self.assertRaisesRegex(ValueError, "unexpected keys.*layer5.0.conv1.weight"):
-      models.load_torchvision_state_dict(backbone, {**state, "layer5.0.conv1.weight": 0})
-    bad = {**state, "layer1.0.conv2.weight": np.zeros((64, 64, 1, 1))}
-    with self.assertRaisesRegex(ValueError, r"layer1.0.conv2.weight: got \(64, 64, 1, 1\), "
-                                r"expected \(64, 64, 3, 3\)"):
-      models.load_torchvision_state_dict(backbone, bad)
-    with self.assertRaisesRegex(ValueError, "unexpected keys.*fc.weight"):
-      models.load_torchvision_state_dict(backbone, extra, ignore=["*num_batches_tracked"])
-
-  def test_detectron2_names(self):
-    self.assertEqual(models.torchvision_to_detectron2_key("conv1.weight"), "stem.conv1.weight")
-    self.assertEqual(models.torchvision_to_detectron2_key("bn1.running_var"),
-                     "stem.conv1.norm.running_var")
-    self.assertEqual(models.torchvision_to_detectron2_key("layer1.2.bn3.bias"),
-                     "res2.2.conv3.norm.bias")
-    self.assertEqual(models.torchvision_to_detectron2_key("layer4.0.downsample.0.weight"),
-                     "res5.0.shortcut.weight")
-    self.assertEqual(models.torchvision_to_detectron2_key("layer4.0.downsample.1.weight"),
-                     "res5.0.shortcut.norm.weight")
-
-  def test_keras_hub_names(self):
-    names = {"conv1": "conv1_conv", "bn1": "conv1_bn", "layer1.0.conv3": "stack0_block0_3_conv",
-             "layer4.2.bn1": "stack3_block2_1_bn", "layer2.0.downsample.0": "stack1_block0_0_conv",
-             "layer2.0.downsample.1": "stack1_block0_0_bn"}
-    for ours, theirs in names.items():
-      self.assertEqual(models.keras_hub_layer_name(ours), theirs)
-    with self.assertRaisesRegex(ValueError, "layer1.0.relu"):
-      models.keras_hub_layer_name("layer1.0.relu")
 
 
 if __name__ == "__main__":

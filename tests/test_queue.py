@@ -107,5 +107,83 @@ class QueueTest(tf.test.TestCase):
     self.assertEqual([int(v) for v in q.ptr.values], [0, 0])
 
 
+class DeviceIdsTest(tf.test.TestCase):
+
+  def test_ids_below_the_modulus_are_unchanged_and_wider_ones_fold(self):
+    big = 2**40 + 5
+    ids = np.array([0, 7, 1_281_166, 2**31 - 2, 2**31 - 1, 2**31, big, -1, -9], np.int64)
+    got = queue_lib.device_ids(ids)
+    self.assertEqual(got.dtype, tf.int32)
+    m = queue_lib.ID_MODULUS
+    self.assertAllEqual(got, [0, 7, 1_281_166, 2**31 - 2, 0, 1, big % m, -1, -1])
+    # The collision rule: a and a + (2^31 - 1) are the same id on the device.
+    self.assertEqual(int(queue_lib.device_ids(np.int64(12 + m))), 12)
+    # int32 passes through, and folding is idempotent (a restored checkpoint folds again).
+    self.assertAllEqual(queue_lib.device_ids(got), got)
+    self.assertAllEqual(queue_lib.device_ids(tf.cast(got, tf.int64)), got)
+    with self.assertRaisesRegex(TypeError, "must be integers"):
+      queue_lib.device_ids(tf.constant([1.0]))
+
+
+class _QueueBefore32Bit(tf.Module):
+  """`NegativeQueue`'s variables as earlier tfmochi versions wrote them: int64 ptr, ids, labels."""
+
+  def __init__(self, keys, ptr, ids, labels):
+    super().__init__(name="queue")
+    self.keys = tf.Variable(keys, name="keys")
+    self.ptr = tf.Variable(tf.constant(ptr, tf.int64), name="ptr")
+    self.ids = tf.Variable(np.asarray(ids, np.int64), name="ids")
+    self.labels = tf.Variable(np.asarray(labels, np.int64), name="labels")
+
+
+class CheckpointLayoutTest(tf.test.TestCase):
+  """Checkpoints of runs made before the queue's integers became int32 restore into it."""
+
+  def _old_checkpoint(self):
+    rng = np.random.default_rng(0)
+    values = dict(keys=rng.normal(size=(8, 2)).astype(np.float32), ptr=4,
+                  ids=[1_281_166, 3, 2**31 - 2, 2**40 + 5, -1, -1, 0, 9],
+                  labels=[999, 3, 0, 1, -1, -1, 7, 2])
+    path = tf.train.Checkpoint(queue=_QueueBefore32Bit(**values)).save(
+        f"{self.create_tempdir().full_path}/old")
+    return path, values
+
+  def _check_restored(self, keys, ptr, ids, labels, values):
+    self.assertEqual(ids.dtype, tf.int32)
+    self.assertAllEqual(keys, values["keys"])
+    self.assertEqual(int(ptr), values["ptr"])
+    self.assertAllEqual(ids, queue_lib.device_ids(np.array(values["ids"], np.int64)))
+    self.assertAllEqual(ids[:3], values["ids"][:3])  # real ids (< 2^31 - 1) are intact
+    self.assertAllEqual(labels, values["labels"])
+
+  def test_old_int64_checkpoint_restores_into_int32_queue(self):
+    path, values = self._old_checkpoint()
+    q = queue_lib.NegativeQueue(8, 2, seed=5)
+    status = tf.train.Checkpoint(queue=q).restore(path)
+    status.assert_consumed()  # every saved value found its variable, and the reverse
+    self._check_restored(q.keys, q.ptr, q.ids, q.labels, values)
+    # New checkpoints keep the old layout (names and int64), so earlier versions read them too.
+    new_path = tf.train.Checkpoint(queue=q).save(f"{self.create_tempdir().full_path}/new")
+    self.assertEqual(tf.train.list_variables(new_path), tf.train.list_variables(path))
+    reader = tf.train.load_checkpoint(new_path)
+    for name in ("ptr", "ids", "labels"):
+      key = f"queue/{name}/.ATTRIBUTES/VARIABLE_VALUE"
+      self.assertEqual(reader.get_variable_to_dtype_map()[key], tf.int64)
+    old = _QueueBefore32Bit(np.zeros((8, 2), np.float32), 0, [0] * 8, [0] * 8)
+    tf.train.Checkpoint(queue=old).restore(new_path).assert_consumed()
+    self.assertAllEqual(old.ids, q.ids)
+    self.assertEqual(int(old.ptr), values["ptr"])
+
+  def test_old_checkpoint_restores_into_every_replica(self):
+    path, values = self._old_checkpoint()
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+      q = queue_lib.NegativeQueue(8, 2, seed=5)
+    tf.train.Checkpoint(queue=q).restore(path).assert_consumed()
+    for replica in range(2):
+      self._check_restored(*(v.values[replica] for v in (q.keys, q.ptr, q.ids, q.labels)),
+                           values)
+
+
 if __name__ == "__main__":
   tf.test.main()

@@ -18,6 +18,7 @@ from tfmochi import evaluate
 from tfmochi import export
 from tfmochi import models
 from tfmochi import rundir
+from tfmochi import runfiles
 from tfmochi import trainer
 
 
@@ -43,16 +44,16 @@ class WholeFilesTest(tf.test.TestCase):
     path = os.path.join(directory, "config.json")
     rundir.write_text(path, "old\n")
     renamed = []
-    original = tf.io.gfile.rename
+    original = os.replace
 
-    def rename(src, dst, overwrite=False):
+    def rename(src, dst):  # runfiles.write_local, the local branch of rundir.write_bytes
       renamed.append((os.path.basename(src), os.path.basename(dst)))
       with open(dst) as f:
         self.assertEqual(f.read(), "old\n")  # the old content stays until the rename
-      return original(src, dst, overwrite)
+      return original(src, dst)
 
-    tf.io.gfile.rename = rename
-    self.addCleanup(setattr, tf.io.gfile, "rename", original)
+    os.replace = rename
+    self.addCleanup(setattr, os, "replace", original)
     rundir.write_text(path, "new\n")
     self.assertEqual(open(path).read(), "new\n")
     self.assertLen(renamed, 1)
@@ -225,9 +226,9 @@ class RunDirTest(tf.test.TestCase):
 
   def test_json_files_and_a_missing_one(self):
     run_dir = rundir.RunDir(self.create_tempdir().full_path)
-    self.assertIsNone(run_dir.read(rundir.SUMMARY_FILE))
-    run_dir.write(rundir.SUMMARY_FILE, {"global_step": 6})
-    self.assertEqual(run_dir.read(rundir.SUMMARY_FILE), {"global_step": 6})
+    self.assertIsNone(run_dir.read(runfiles.SUMMARY_FILE))
+    run_dir.write(runfiles.SUMMARY_FILE, {"global_step": 6})
+    self.assertEqual(run_dir.read(runfiles.SUMMARY_FILE), {"global_step": 6})
 
   def test_no_readable_checkpoint_names_each_reason(self):
     run_dir = rundir.RunDir(self.create_tempdir().full_path)

@@ -37,11 +37,13 @@ import conftest  # the tests' shared set-up (tests/conftest.py)
 import testdata  # tests/testdata.py
 
 from tfmochi import analyze
-from tfmochi import checkpoints
+from tfmochi import build
 from tfmochi import config as config_lib
 from tfmochi import evaluate
 from tfmochi import export
+from tfmochi import hooks
 from tfmochi import rundir
+from tfmochi import runfiles
 from tfmochi import train
 from tfmochi import trainer
 
@@ -141,6 +143,17 @@ def _remove_quietly(path: str) -> None:
     pass
 
 
+class _TerminateAt(hooks.Hook):
+  """Sends this process a SIGTERM (a Spot TPU's preemption notice) once a block ends at `step`."""
+
+  def __init__(self, step: int):
+    self.step = step
+
+  def after_block(self, block: hooks.Block) -> None:
+    if block.step == self.step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
 class TPUStandInTest(tf.test.TestCase):
   """configs/tpu.flags, XLA-compiled replica step, ImageNet TFRecords, model_dir in ram://."""
 
@@ -165,18 +178,10 @@ class TPUStandInTest(tf.test.TestCase):
 
     # 1. Train; a SIGTERM (a Spot TPU's preemption notice) after step 4, in this process because
     # ram:// lives in one process.
-    first = trainer.Trainer(config)
+    first = trainer.Trainer(config, hooks=[_TerminateAt(4)])
     self.assertTrue(first.jit_compile)
-    log_metrics = first._log_metrics
-
-    def log_then_terminate(record):
-      log_metrics(record)
-      if record["step"] == 4:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    first._log_metrics = log_then_terminate
     self.assertEqual(first.run(), {"preempted": True, "global_step": 4})
-    self.assertEqual(checkpoints.checkpoint_step(checkpoints.list_checkpoints(model_dir)[0]), 4)
+    self.assertEqual(rundir.checkpoint_step(rundir.RunDir(model_dir).list_checkpoints()[0]), 4)
 
     # 2. The same command again resumes at step 4 and ends at 8 (MoCHi from step 2 on).
     second = trainer.Trainer(config)
@@ -186,7 +191,7 @@ class TPUStandInTest(tf.test.TestCase):
     self.assertGreater(summary["knn_top1"], 100.0 / _CLASSES)
     self.assertEqual((summary["knn_num_train"], summary["knn_num_test"]), (48, 12))
     records = [json.loads(line) for line in
-               rundir.read_text(f"{model_dir}/{checkpoints.METRICS_FILE}").splitlines()]
+               rundir.read_text(f"{model_dir}/{runfiles.METRICS_FILE}").splitlines()]
     self.assertEqual([r["step"] for r in records], [2, 4, 6, 8])
     for r in records:
       self.assertTrue(np.isfinite(r["loss"]), r)
@@ -207,11 +212,11 @@ class TPUStandInTest(tf.test.TestCase):
     run18 = f"{bucket}/runs/mochi_tpu_r18"
     config18 = dataclasses.replace(config, model_dir=run18, arch="resnet18",
                                    export_format="saved_model")
-    rundir.write_json(f"{run18}/{checkpoints.CONFIG_FILE}", dataclasses.asdict(config18))
-    encoder = checkpoints.build_run_encoder(config18, "query_encoder")
+    rundir.write_json(f"{run18}/{runfiles.CONFIG_FILE}", dataclasses.asdict(config18))
+    encoder = build.build_run_encoder(config18, "query_encoder")
     tf.train.CheckpointManager(
         tf.train.Checkpoint(step=tf.Variable(8, dtype=tf.int64), query_encoder=encoder),
-        checkpoints.checkpoint_dir(run18), max_to_keep=1).save(checkpoint_number=8)
+        rundir.RunDir(run18).checkpoint_dir, max_to_keep=1).save(checkpoint_number=8)
     out, info = export.export_run(run18, fmt="saved_model")
     self.assertEqual(export.load_export_info(out)["files"], info["files"])
     images = np.random.default_rng(0).integers(0, 256, [2, 16, 16, 3], dtype=np.uint8)
@@ -266,7 +271,7 @@ class EightGPUStandInTest(tf.test.TestCase):
       time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # no notice: the newest checkpoint is all that survives
     proc.wait()
-    killed_at = checkpoints.checkpoint_step(checkpoints.list_checkpoints(model_dir)[0])
+    killed_at = rundir.checkpoint_step(rundir.RunDir(model_dir).list_checkpoints()[0])
     self.assertLess(killed_at, 8)
 
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,

@@ -13,14 +13,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfmochi import augment
-from tfmochi import checkpoints
 from tfmochi import config as config_lib
 from tfmochi import evaluate
+from tfmochi import rundir
+from tfmochi import runfiles
 from tfmochi import trainer
 
 # resnet10_tiny: the trainer's logic does not depend on the backbone, and the narrow ResNet keeps
 # these runs (and the suite) short. The default resnet18 runs the same replica step (tfmochi.build)
-# in tests/test_benchmark.py and is exported in tests/test_export.py.
+# in tests/test_benchmark_step.py and is exported in tests/test_export.py.
 TINY = dict(dataset="quickstart", arch="resnet10_tiny", image_size=16, batch_size=16,
             queue_size=64, bn_splits=2, embedding_dim=16, train_steps=6, steps_per_loop=3,
             checkpoint_every_steps=3, export_format="none", verbose=False, learning_rate=0.03,
@@ -47,15 +48,18 @@ class TrainerTest(tf.test.TestCase):
     self.assertTrue(np.isfinite(summary["final_loss"]))
     on_disk = json.load(open(os.path.join(model_dir, "summary.json")))
     self.assertEqual(on_disk["global_step"], 6)
-    self.assertEqual([checkpoints.checkpoint_step(p) for p in
-                      checkpoints.list_checkpoints(model_dir)], [6, 3])
+    self.assertEqual([rundir.checkpoint_step(p) for p in
+                      rundir.RunDir(model_dir).list_checkpoints()], [6, 3])
     self.assertTrue(os.listdir(os.path.join(model_dir, "train")))  # TensorBoard events
-    run_config = checkpoints.load_run_config(model_dir)
+    run_config = rundir.RunDir(model_dir).read_config()
     self.assertEqual(run_config.mochi_num_hard, 8)
-    # --jit_compile and --fast_grad: the flags as given, and what "auto" became on this CPU host.
-    written = json.load(open(os.path.join(model_dir, checkpoints.CONFIG_FILE)))
+    # --jit_compile, --fast_grad, --device_augment: the flags as given, and what "auto" became
+    # on this CPU host.
+    written = json.load(open(os.path.join(model_dir, runfiles.CONFIG_FILE)))
     self.assertEqual((written["jit_compile"], written["fast_grad"]), ("auto", "auto"))
-    self.assertEqual(written["resolved"], {"jit_compile": False, "fast_grad": True})
+    self.assertEqual(written["resolved"], {"jit_compile": False, "fast_grad": True,
+                                           "float32_matmuls": "float32",
+                                           "device_augment": False})
 
   @pytest.mark.heavy
   def test_mirrored_two_replicas(self):
@@ -139,7 +143,7 @@ class TrainerTest(tf.test.TestCase):
     with self.assertRaisesRegex(trainer.TrainingError, r"(loss|gradient) became non-finite .* at step 4.*"
                                 r"ckpt-3"):
       trainer.train(tiny(model_dir, train_steps=6))
-    self.assertEqual(checkpoints.checkpoint_step(checkpoints.list_checkpoints(model_dir)[0]), 3)
+    self.assertEqual(rundir.checkpoint_step(rundir.RunDir(model_dir).list_checkpoints()[0]), 3)
 
   def test_nonfinite_skip_counts_steps(self):
     model_dir = self.create_tempdir().full_path
@@ -182,17 +186,17 @@ class TrainerTest(tf.test.TestCase):
     old = keras.optimizers.SGD(0.1, momentum=0.9)
     old.build([keras.Variable([1.0])])
     tf.train.CheckpointManager(tf.train.Checkpoint(optimizer=old),
-                               checkpoints.checkpoint_dir(model_dir), 1).save(checkpoint_number=3)
+                               rundir.RunDir(model_dir).checkpoint_dir, 1).save(checkpoint_number=3)
     t = trainer.Trainer(tiny(model_dir, tf32=True))
     self.assertTrue(tf.config.experimental.tensor_float_32_execution_enabled())
     with self.assertRaisesRegex(config_lib.ConfigError,
-                                "ckpt-3 was written by an earlier tfmochi.*new --model_dir"):
+                                "ckpt-3 holds Keras' SGD state.*new --model_dir"):
       t.restore()
 
-  def test_memory_is_logged_and_smoke_arch_needs_no_export(self):
-    with self.assertRaisesRegex(config_lib.ConfigError, "resnet10_tiny.*--export_format=none"):
+  def test_memory_is_logged_and_smoke_arch_has_no_weight_files(self):
+    with self.assertRaisesRegex(config_lib.ConfigError, "resnet10_tiny.*no torchvision weight"):
       trainer.Trainer(tiny(self.create_tempdir().full_path, arch="resnet10_tiny",
-                           export_format="saved_model"))
+                           export_format="torchvision"))
     model_dir = self.create_tempdir().full_path
     t = trainer.Trainer(tiny(model_dir, train_steps=3))
     self.assertIsNone(t._make_preemption_handler())  # one device: the SIGTERM flag alone
@@ -340,10 +344,10 @@ class MultiWorkerTest(tf.test.TestCase):
     step = saved[0]
     self.assertEqual(saved, [step, step])
     self.assertLess(step, steps - 10)
-    chief = checkpoints.list_checkpoints(model_dir)
-    self.assertEqual([checkpoints.checkpoint_step(p) for p in chief], [step])
+    chief = rundir.RunDir(model_dir).list_checkpoints()
+    self.assertEqual([rundir.checkpoint_step(p) for p in chief], [step])
     other = tf.train.latest_checkpoint(os.path.join(model_dir, "worker_tmp_1"))
-    self.assertEqual(checkpoints.checkpoint_step(other), step)
+    self.assertEqual(rundir.checkpoint_step(other), step)
     _same_variables(self, chief[0], other)
     self.assertFalse(os.path.exists(os.path.join(model_dir, "summary.json")))
     # Every 5-step block up to N was trained once: the chief logs each block.
@@ -359,7 +363,7 @@ class MultiWorkerTest(tf.test.TestCase):
     self.assertIn("Worker 1 lost contact with the rest of the cluster", err)
     self.assertIn("Restart every worker with the same command", err)
     self.assertNotIn("Traceback", err)
-    self.assertEqual(checkpoints.checkpoint_step(checkpoints.list_checkpoints(model_dir)[0]),
+    self.assertEqual(rundir.checkpoint_step(rundir.RunDir(model_dir).list_checkpoints()[0]),
                      step)
 
     # 3. Restart both: resume at N and finish.
@@ -371,10 +375,10 @@ class MultiWorkerTest(tf.test.TestCase):
     self.assertEqual(logged_steps()[before:], list(range(step + 5, steps + 1, 5)))
     self.assertEqual(json.load(open(os.path.join(model_dir, "summary.json")))["global_step"],
                      steps)
-    chief = checkpoints.list_checkpoints(model_dir)[0]
+    chief = rundir.RunDir(model_dir).list_checkpoints()[0]
     other = tf.train.latest_checkpoint(os.path.join(model_dir, "worker_tmp_1"))
-    self.assertEqual(checkpoints.checkpoint_step(chief), steps)
-    self.assertEqual(checkpoints.checkpoint_step(other), steps)
+    self.assertEqual(rundir.checkpoint_step(chief), steps)
+    self.assertEqual(rundir.checkpoint_step(other), steps)
     _same_variables(self, chief, other)
 
 
@@ -403,8 +407,8 @@ class ReliabilityTest(tf.test.TestCase):
   def _wait_for(self, model_dir, step, proc, timeout=240):
     import time
     deadline = time.time() + timeout
-    while not any(checkpoints.checkpoint_step(p) >= step
-                  for p in checkpoints.list_checkpoints(model_dir)):
+    while not any(rundir.checkpoint_step(p) >= step
+                  for p in rundir.RunDir(model_dir).list_checkpoints()):
       self.assertIsNone(proc.poll(), "the run ended before the checkpoint")
       self.assertLess(time.time(), deadline, f"no ckpt-{step} after {timeout}s")
       time.sleep(0.2)
@@ -430,7 +434,7 @@ class ReliabilityTest(tf.test.TestCase):
       victim.send_signal(signal.SIGKILL)
       victim.wait(timeout=60)
       self.assertEqual(victim.returncode, -signal.SIGKILL)  # killed mid-run, not finished
-      self.assertLess(checkpoints.checkpoint_step(checkpoints.list_checkpoints(killed)[0]), steps)
+      self.assertLess(rundir.checkpoint_step(rundir.RunDir(killed).list_checkpoints()[0]), steps)
       resumed = run(killed)
       self.assertEqual(resumed.wait(timeout=300), 0, resumed.stderr.read()[-3000:])
       self.assertEqual(first.wait(timeout=300), 0, first.stderr.read()[-3000:])
@@ -463,9 +467,9 @@ class ReliabilityTest(tf.test.TestCase):
     out, err = open(out_path).read(), open(err_path).read()
     self.assertEqual(proc.returncode, 0, err[-3000:])
     self.assertIn("Received SIGTERM: checkpointed at step", out)
-    newest = checkpoints.list_checkpoints(model_dir)[0]
+    newest = rundir.RunDir(model_dir).list_checkpoints()[0]
     last_logged = max(_losses(model_dir))
-    self.assertEqual(checkpoints.checkpoint_step(newest), last_logged)
+    self.assertEqual(rundir.checkpoint_step(newest), last_logged)
     self.assertLess(last_logged, 1000)
     self.assertFalse(os.path.exists(os.path.join(model_dir, "summary.json")))
 
@@ -513,7 +517,7 @@ class ReliabilityTest(tf.test.TestCase):
                                  .moco.queue.keys.numpy()[:48]))  # queue restored, not re-init
     summary = t.run()  # continues from step 3 and writes a readable ckpt-6 over the broken one
     self.assertEqual(summary["global_step"], 6)
-    self.assertEqual(checkpoints.checkpoint_step(checkpoints.list_checkpoints(model_dir)[0]), 6)
+    self.assertEqual(rundir.checkpoint_step(rundir.RunDir(model_dir).list_checkpoints()[0]), 6)
 
 if __name__ == "__main__":
   tf.test.main()

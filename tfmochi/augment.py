@@ -29,6 +29,7 @@ Known differences from torchvision/PIL (all small):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -472,37 +473,41 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 Crop = Callable[[tf.Tensor], tf.Tensor]
 
 
-def _moco_v2(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
+def _moco_v2(crop: Crop, seed: SeedLike, hflip: bool, photometric: bool = True) -> tf.Tensor:
   s_crop, s_jitter, s_gray, s_blur, s_flip = _split(seed, 5)
   x = crop(s_crop)
-  x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
-  x = random_grayscale(x, 0.2, s_gray)
-  x = random_blur(x, 0.5, s_blur)
+  if photometric:
+    x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
+    x = random_grayscale(x, 0.2, s_gray)
+    x = random_blur(x, 0.5, s_blur)
   return random_flip(x, s_flip) if hflip else x
 
 
-def _moco_v1(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
+def _moco_v1(crop: Crop, seed: SeedLike, hflip: bool, photometric: bool = True) -> tf.Tensor:
   s_crop, s_gray, s_jitter, s_flip = _split(seed, 4)
   x = crop(s_crop)
-  x = random_grayscale(x, 0.2, s_gray)
-  x = color_jitter(x, 0.4, 0.4, 0.4, 0.4, s_jitter)
+  if photometric:
+    x = random_grayscale(x, 0.2, s_gray)
+    x = color_jitter(x, 0.4, 0.4, 0.4, 0.4, s_jitter)
   return random_flip(x, s_flip) if hflip else x
 
 
-def _small_image(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
+def _small_image(crop: Crop, seed: SeedLike, hflip: bool, photometric: bool = True) -> tf.Tensor:
   s_crop, s_jitter, s_gray, s_flip = _split(seed, 4)
   x = crop(s_crop)
-  x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
-  x = random_grayscale(x, 0.2, s_gray)
+  if photometric:
+    x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.4, 0.1, s_jitter)
+    x = random_grayscale(x, 0.2, s_gray)
   return random_flip(x, s_flip) if hflip else x
 
 
-def _affine(crop: Crop, seed: SeedLike, hflip: bool) -> tf.Tensor:
+def _affine(crop: Crop, seed: SeedLike, hflip: bool, photometric: bool = True) -> tf.Tensor:
   # Digits and other gray shapes: geometry carries the invariances, colour has none to teach
   # (saturation, hue and grayscale do nothing to a gray image), so only brightness and contrast.
   s_crop, s_affine, s_jitter, s_flip = _split(seed, 4)
   x = random_affine(crop(s_crop), s_affine)
-  x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.0, 0.0, s_jitter)
+  if photometric:
+    x = random_color_jitter(x, 0.8, 0.4, 0.4, 0.0, 0.0, s_jitter)
   return random_flip(x, s_flip) if hflip else x
 
 
@@ -599,7 +604,8 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
 
 def two_views_uint8(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "mocov2",
                     crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True, *,
-                    encoded: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+                    encoded: bool = False,
+                    photometric: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
   """`two_views` as uint8 before `normalize`: what the input pipeline sends to the device.
 
   The same draws as `two_views`; `to_model_input` of a view equals the `two_views` view up to
@@ -612,6 +618,9 @@ def two_views_uint8(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "
       bytes, decoded here with the crop fused into JPEG decoding (`decode_random_resized_crop`).
     size, seed, recipe, crop_scale, hflip: as `two_views`.
     encoded: `image` is an encoded file.
+    photometric: False leaves out the recipe's photometric ops (colour jitter, grayscale, blur):
+      the views are the crop (+ affine map, + flip), finished on the device by `DeviceAugment`
+      (--device_augment). The geometric draws are the same either way.
 
   Returns:
     (view_q, view_k), each uint8 [S, S, 3].
@@ -624,7 +633,7 @@ def two_views_uint8(image: tf.Tensor, size: int, seed: SeedLike, recipe: str = "
     crop = lambda s: random_resized_crop(image, size, s, scale=crop_scale)  # noqa: E731
   views = []
   for s in _split(seed, 2):
-    view = to_uint8(fn(crop, s, hflip))
+    view = to_uint8(fn(crop, s, hflip, photometric))
     view.set_shape([size, size, 3])
     views.append(view)
   return views[0], views[1]
@@ -677,3 +686,260 @@ def linear_train_view(image: tf.Tensor, size: int, seed: SeedLike, *,
   x = normalize(x)
   x.set_shape([size, size, 3])
   return x
+
+
+# ----------------------------------------------------------------------------------------------
+# the photometric ops on the device (--device_augment)
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+  """A recipe's photometric ops, with the host recipe's order, strengths and probabilities.
+
+  Attributes:
+    jitter_p: probability of the colour jitter (torchvision RandomApply; 1 = always).
+    brightness, contrast, saturation, hue: the jitter's strengths (0 leaves an op out).
+    gray_p: probability of grayscale.
+    blur_p: probability of the Gaussian blur, with sigma ~ U[blur_sigma].
+    blur_sigma: the blur's sigma range.
+    gray_first: grayscale before the jitter (MoCo v1) instead of after it.
+  """
+  jitter_p: float
+  brightness: float
+  contrast: float
+  saturation: float
+  hue: float
+  gray_p: float = 0.0
+  blur_p: float = 0.0
+  blur_sigma: tuple[float, float] = (0.1, _MAX_BLUR_SIGMA)
+  gray_first: bool = False
+
+
+# The photometric part of each recipe (`_moco_v2` ... `_affine` above), as the device runs it.
+PHOTOMETRIC = {
+    "mocov2": Photometric(0.8, 0.4, 0.4, 0.4, 0.1, gray_p=0.2, blur_p=0.5),
+    "mocov1": Photometric(1.0, 0.4, 0.4, 0.4, 0.4, gray_p=0.2, gray_first=True),
+    "small": Photometric(0.8, 0.4, 0.4, 0.4, 0.1, gray_p=0.2),
+    "affine": Photometric(0.8, 0.4, 0.4, 0.0, 0.0),
+}
+
+# Columns of the per-image random integers of `draw_photometric`.
+_COL_JITTER, _COL_FACTORS, _COL_ORDER, _COL_GRAY, _COL_BLUR, _COL_SIGMA = 0, 1, 5, 9, 10, 11
+_NUM_COLS = 12
+_DEVICE_STREAM = 0xD7  # sub-stream of (seed, step) for the device's draws (arbitrary constant)
+
+
+def resolve_device_augment(setting: str | bool) -> bool:
+  """--device_augment=auto|true|false as a bool: auto is on when a GPU or TPU is visible.
+
+  On a CPU-only machine the "device" is the same cores as the input pipeline, so moving the ops
+  there gains nothing and costs the step's time.
+  """
+  if isinstance(setting, bool):
+    return setting
+  if setting not in ("auto", "true", "false"):
+    raise ValueError(f"device_augment must be auto, true or false; got {setting!r}.")
+  from tfmochi import distribute  # pylint: disable=g-import-not-at-top
+
+  return distribute.accelerator_visible() if setting == "auto" else setting == "true"
+
+
+def photometric_key(seed, step, stream: int) -> tf.Tensor:
+  """The [2] int64 key of one step's device draws; `stream` 0 for the query views, 1 for keys."""
+  pair = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
+  return tf.random.experimental.stateless_fold_in(pair, _DEVICE_STREAM + stream, alg="philox")
+
+
+def _unit(bits: tf.Tensor) -> tf.Tensor:
+  """int32 random bits -> float32 in [0, 1) on a 2^-24 grid.
+
+  Made from the integers here because TF's kernels and XLA turn random bits into floats
+  differently while drawing the same integers: the compiled and the plain step then agree.
+  """
+  return tf.cast(tf.bitwise.bitwise_and(bits, 0xFFFFFF), tf.float32) * (1.0 / (1 << 24))
+
+
+def draw_photometric(spec: Photometric, key: tf.Tensor, rows: tf.Tensor,
+                     num_rows: int) -> dict:
+  """The per-image parameters of `apply_photometric` for global batch rows `rows`.
+
+  One stateless draw of [num_rows, 12] random int32 from `key` (Philox); the image at global row
+  g takes row g, so its parameters depend on (key, g) only, not on the replica that encodes it
+  nor on its position there. 32-bit integers because a TPU emulates 64-bit ones and XLA cannot
+  rewrite a 64-bit sort.
+
+  Args:
+    spec: the recipe's `Photometric`.
+    key: [2] int64, from `photometric_key`.
+    rows: [n] int global batch rows of the images.
+    num_rows: the global batch size (static).
+
+  Returns:
+    {"jitter": [n] float32 1/0 (the jitter applies), "factors": [n, 4] float32 (brightness,
+    contrast and saturation factors, then the hue shift; 1, 1, 1, 0 for an op left out),
+    "order": [n, 4] int32 (a permutation of the ops 0..3 = B, C, S, H), "gray": [n],
+    "blur": [n] float32 1/0, "sigma": [n] float32}.
+  """
+  bits = tf.random.stateless_uniform([num_rows, _NUM_COLS], key, minval=None, maxval=None,
+                                     dtype=tf.int32, alg="philox")
+  bits = tf.gather(bits, tf.cast(rows, tf.int32))
+  u = _unit(bits)
+  ranges = [_factor_range(spec.brightness, "brightness"), _factor_range(spec.contrast, "contrast"),
+            _factor_range(spec.saturation, "saturation"), (-spec.hue, spec.hue)]
+  low = tf.constant([r[0] for r in ranges], tf.float32)
+  high = tf.constant([r[1] for r in ranges], tf.float32)
+  flag = lambda col, p: tf.cast(u[:, col] < p, tf.float32)  # noqa: E731
+  low_sigma, high_sigma = spec.blur_sigma
+  return {
+      "jitter": flag(_COL_JITTER, spec.jitter_p),
+      "factors": low + (high - low) * u[:, _COL_FACTORS:_COL_FACTORS + 4],
+      # A uniform permutation (torch.randperm); a tie (probability ~6 / 2^32 per image) keeps the
+      # ops' order, alike in TF's kernels and XLA as the sort is stable.
+      "order": tf.argsort(bits[:, _COL_ORDER:_COL_ORDER + 4], axis=-1, stable=True),
+      "gray": flag(_COL_GRAY, spec.gray_p),
+      "blur": flag(_COL_BLUR, spec.blur_p),
+      "sigma": low_sigma + (high_sigma - low_sigma) * u[:, _COL_SIGMA],
+  }
+
+
+def _per_image(v: tf.Tensor) -> tf.Tensor:
+  """[n] -> [n, 1, 1, 1], to scale a batch of images image by image."""
+  return tf.reshape(v, [-1, 1, 1, 1])
+
+
+def _linear_jitter(x: tf.Tensor, a: tf.Tensor, op: tf.Tensor) -> tf.Tensor:
+  """Brightness, contrast or saturation per image, as one blend: clip(a x + (1 - a) t).
+
+  t is black (op 0), the image's mean luma (op 1) or its luma (op 2); a = 1 is exactly x, which
+  is how an image skips a slot. x [n, H, W, 3]; a [n]; op [n] int.
+  """
+  luma = _grayscale(x)  # [n, H, W, 1]
+  mean = tf.reduce_mean(luma, axis=[1, 2, 3], keepdims=True)
+  w_contrast = _per_image(tf.cast(tf.equal(op, 1), x.dtype))
+  w_saturation = _per_image(tf.cast(tf.equal(op, 2), x.dtype))
+  a = _per_image(a)
+  return _blend(x, w_contrast * mean + w_saturation * luma, a)
+
+
+def _hue_shift(x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+  """`tf.image.adjust_hue` with a shift per image: x [n, H, W, 3], delta [n] (turns)."""
+  hsv = tf.image.rgb_to_hsv(x)
+  hue = hsv[..., :1] + _per_image(delta)
+  hue = hue - tf.floor(hue)
+  return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)), 0.0, 1.0)
+
+
+def _jitter_batch(x: tf.Tensor, params: dict, spec: Photometric) -> tf.Tensor:
+  """`color_jitter` per image in its own random op order, with static shapes.
+
+  The hue shift (an HSV round trip, the dearest op) runs once: the three blends of an image are
+  applied in its order, those before its hue slot first (the later ones with factor 1, exactly
+  the identity), then the hue shift, then the blends after the slot.
+  """
+  on = params["jitter"][:, tf.newaxis]
+  factors = on * params["factors"] + (1.0 - on) * tf.constant([1.0, 1.0, 1.0, 0.0])
+  order = params["order"]
+  hue_slot = tf.argmax(tf.cast(tf.equal(order, 3), tf.int32), axis=-1, output_type=tf.int32)
+  slots = tf.range(3)[tf.newaxis]  # the blends' positions in the order without the hue
+  blend_ops = tf.gather(order, slots + tf.cast(slots >= hue_slot[:, tf.newaxis], tf.int32),
+                        batch_dims=1)  # [n, 3] in 0..2
+  blend_factors = tf.gather(factors, blend_ops, batch_dims=1)  # [n, 3]
+  for before_hue in (True, False):
+    for i in range(3):
+      now = tf.cast((i < hue_slot) if before_hue else (i >= hue_slot), x.dtype)
+      x = _linear_jitter(x, now * blend_factors[:, i] + (1.0 - now), blend_ops[:, i])
+    if before_hue and spec.hue > 0:
+      # Weights 1/0 rather than a shift of 0 where the jitter is off: the HSV round trip is the
+      # identity only up to round-off, the 1/0 blend exactly.
+      w = _per_image(on[:, 0])
+      x = w * _hue_shift(x, factors[:, 3]) + (1.0 - w) * x
+  return x
+
+
+def _gray_batch(x: tf.Tensor, gray: tf.Tensor) -> tf.Tensor:
+  """Grayscale the images whose `gray` [n] is 1: an exact blend with weights 1/0."""
+  g = _per_image(gray)
+  return g * tf.tile(_grayscale(x), [1, 1, 1, 3]) + (1.0 - g) * x
+
+
+def _blur_batch(x: tf.Tensor, blur: tf.Tensor, sigma: tf.Tensor, max_sigma: float) -> tf.Tensor:
+  """`gaussian_blur` with a sigma per image; images whose `blur` [n] is 0 get the delta kernel.
+
+  Separable, edge-replicated, radius ceil(3 * max_sigma) as on the host, written as weighted
+  sums of shifted slices so that every image can have its own kernel.
+  """
+  radius = int(math.ceil(3.0 * max(max_sigma, _MAX_BLUR_SIGMA)))
+  taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+  kernel = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma[:, tf.newaxis])))
+  kernel = kernel / tf.reduce_sum(kernel, axis=-1, keepdims=True)  # [n, 2r + 1]
+  delta = tf.one_hot(radius, 2 * radius + 1)
+  kernel = blur[:, tf.newaxis] * kernel + (1.0 - blur[:, tf.newaxis]) * delta
+  height, width = x.shape[1], x.shape[2]
+  for axis, size in ((1, height), (2, width)):
+    first = tf.gather(x, [0], axis=axis)
+    last = tf.gather(x, [size - 1], axis=axis)
+    padded = tf.concat([tf.repeat(first, radius, axis)] + [x] + [tf.repeat(last, radius, axis)],
+                       axis)
+    begin = [0, 0, 0, 0]
+    out = 0.0
+    for j in range(2 * radius + 1):
+      begin[axis] = j
+      shape = [-1, -1, -1, -1]
+      shape[axis] = size
+      out += _per_image(kernel[:, j]) * tf.slice(padded, begin, shape)
+    x = out
+  return x
+
+
+def apply_photometric(images: tf.Tensor, params: dict, spec: Photometric) -> tf.Tensor:
+  """A recipe's photometric ops on a batch, each image with its own parameters.
+
+  Per image the same ops as the host recipe (`random_color_jitter` in a random op order,
+  `random_grayscale`, `random_blur`), written with static shapes, 1/0 blends instead of
+  branches and no data-dependent Python control flow, so they compile under XLA.
+
+  Args:
+    images: float32 [n, H, W, 3] in [0, 1], H and W static.
+    params: from `draw_photometric`.
+    spec: the recipe's `Photometric`.
+
+  Returns:
+    float32 [n, H, W, 3] in [0, 1].
+  """
+  x = tf.convert_to_tensor(images, tf.float32)
+  if spec.gray_first and spec.gray_p > 0:
+    x = _gray_batch(x, params["gray"])
+  x = _jitter_batch(x, params, spec)
+  if not spec.gray_first and spec.gray_p > 0:
+    x = _gray_batch(x, params["gray"])
+  if spec.blur_p > 0:
+    x = _blur_batch(x, params["blur"], params["sigma"], spec.blur_sigma[1])
+  return x
+
+
+def device_view_input(images: tf.Tensor, rows: tf.Tensor, *, recipe: str, seed, step,
+                      stream: int, num_rows: int) -> tf.Tensor:
+  """Finishes uint8 views on the device: the recipe's photometric ops, then `to_model_input`.
+
+  The host sent the crops (`two_views_uint8(..., photometric=False)`); the flip it kept there
+  commutes with every photometric op (per pixel, or a symmetric kernel with mirrored edges).
+
+  Args:
+    images: uint8 [n, H, W, 3] views.
+    rows: [n] int, the views' rows in the global batch (for the keys of shuffle BN: the rows this
+      replica encodes), which key the draws.
+    recipe: a key of PHOTOMETRIC.
+    seed: the run seed. step: the global step (scalar tensor).
+    stream: 0 for the query views, 1 for the key views.
+    num_rows: the global batch size (static).
+
+  Returns:
+    float32 [n, H, W, 3], ImageNet-normalised.
+  """
+  if images.dtype != tf.uint8:
+    raise TypeError(f"--device_augment needs the uint8 views of the input pipeline, got "
+                    f"{images.dtype}.")
+  spec = PHOTOMETRIC[recipe]
+  params = draw_photometric(spec, photometric_key(seed, step, stream), rows, num_rows)
+  x = apply_photometric(tf.cast(images, tf.float32) * (1.0 / 255.0), params, spec)
+  return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)

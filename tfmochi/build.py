@@ -4,34 +4,82 @@ A `TrainConfig` maps to encoders (`build_run_encoder`: the only place that does)
 policy (`set_precision`), and `TrainState`: MoCo (f_q, f_k, the queue of K keys), the SGD optimizer
 on f_q's variables, the float16 loss scale and the step counters, created in a strategy's scope
 before any `tf.function` traces. `TrainState.replica_step` is the function `strategy.run` calls.
-Tools that rebuild a run's query encoder (evaluate, analyze, export) use `random_init_encoder`
-and `restore_encoder`, which read the run's config.json and checkpoints through `rundir.RunDir`.
+Tools that rebuild a run's query encoder (evaluate, analyze, export) do it through
+`tfmochi.checkpoints`, which reads the run's config.json and checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from absl import logging
 import keras
 import tensorflow as tf
 
 from tfmochi import models
 from tfmochi import moco as moco_lib
 from tfmochi import optimizer as optimizer_lib
-from tfmochi import rundir
 
 _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 def set_precision(mixed_precision: str, tf32: bool) -> None:
-  """Sets Keras' global precision policy (--mixed_precision) and TF32 (--tf32).
+  """Sets Keras' global precision policy (--mixed_precision) and --tf32.
 
-  TF32 (Ampere and later GPUs) rounds float32 matmul/conv inputs to a 10-bit mantissa, the
-  objective's q·Qᵀ and MoCHi's top-N included; TensorFlow turns it on by default, PyTorch's
-  matmuls do not (README "Design notes"). A no-op without such a GPU.
+  --tf32 is TensorFlow's one switch for the float32 products of matmuls and convolutions, read
+  when a function is traced: on Ampere and later GPUs it allows TF32 (inputs rounded to a 10-bit
+  mantissa), and on a TPU it is the XLA precision of every float32 dot and convolution: off,
+  PrecisionConfig HIGHEST (full float32 products, several bfloat16 passes each); on, DEFAULT (one
+  bfloat16 pass, 7-bit mantissa inputs, float32 accumulation). TensorFlow's default is on; off
+  keeps the objective's q·Qᵀ and MoCHi's top-N in float32, as PyTorch's matmuls (docs/DESIGN.md;
+  docs/TPU.md, "Precision"). What it means on the run's devices: `float32_matmuls`.
   """
   tf.config.experimental.enable_tensor_float_32_execution(tf32)
   keras.mixed_precision.set_global_policy(_POLICIES[mixed_precision])
+
+
+def float32_matmuls(tf32: bool, mixed_precision: str, device: str,
+                    compute_capability: tuple[int, int] | None = None) -> str:
+  """What float32 matmuls and convolutions compute with on `device` (config.json's resolved).
+
+  Under --mixed_precision=bfloat16/float16 these are the projection head, the objective's logits
+  and their gradients (the encoders' convolutions take 16-bit inputs, which no setting rounds);
+  under float32 they are the whole network. A float32 run on a TPU with --tf32 off computes every
+  convolution with full float32 products, several bfloat16 passes each: that is warned about.
+
+  Args:
+    tf32: --tf32.
+    mixed_precision: --mixed_precision.
+    device: "TPU", "GPU" or "CPU": where the replicas run (`training_device`).
+    compute_capability: (major, minor) of the GPU; TF32 needs 8.0 (Ampere) or later.
+
+  Returns:
+    "float32" (full float32 products), "tf32" (Ampere+ GPU, --tf32) or "bfloat16" (TPU, --tf32:
+    one bfloat16 pass with float32 accumulation).
+  """
+  if device == "TPU" and not tf32 and mixed_precision == "float32":
+    logging.warning(
+        "--mixed_precision=float32 with --tf32=false on a TPU: every convolution and matmul is "
+        "compiled at XLA's HIGHEST precision (full float32 products, several bfloat16 passes "
+        "each): expect a much slower step. --mixed_precision=bfloat16 (configs/tpu.flags) "
+        "keeps full float32 for the head and the logits only; --tf32 takes one bfloat16 pass.")
+  if not tf32:
+    return "float32"
+  if device == "TPU":
+    return "bfloat16"
+  if device == "GPU" and compute_capability and tuple(compute_capability) >= (8, 0):
+    return "tf32"
+  return "float32"
+
+
+def training_device(strategy: tf.distribute.Strategy) -> tuple[str, tuple[int, int] | None]:
+  """("TPU" | "GPU" | "CPU", the first GPU's compute capability or None) of a run's replicas."""
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return "TPU", None
+  gpus = tf.config.list_physical_devices("GPU")
+  if not gpus:
+    return "CPU", None
+  return "GPU", tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
 
 
 def encoder_bn_mode(moco_bn_mode: str) -> str:
@@ -59,55 +107,6 @@ def weight_init_seed(config) -> int:
   inside a graph (OperatorNotAllowedInGraphError).
   """
   return config.seed + 1
-
-
-def random_init_encoder(model_dir: str):
-  """A run's query encoder as the trainer initialises it, before its first step.
-
-  The baseline a pretrained checkpoint must beat (`evaluate --random_init`). Sets the global
-  random seeds (keras.utils.set_random_seed), as the trainer does before building its networks.
-
-  Returns:
-    (encoder, train_config).
-
-  Raises:
-    rundir.CheckpointError: no config.json (not a run directory).
-  """
-  config = rundir.RunDir(model_dir).read_config()
-  keras.utils.set_random_seed(weight_init_seed(config))
-  return build_run_encoder(config, "query_encoder"), config
-
-
-def restore_run_encoder(model_dir: str, checkpoint_path: str | None = None):
-  """Rebuilds a run's query encoder and loads a checkpoint into it.
-
-  Args:
-    model_dir: the run directory.
-    checkpoint_path: a specific checkpoint prefix (default: the newest readable one, falling back
-      to older ones).
-
-  Returns:
-    (encoder, train_config, step, checkpoint prefix).
-
-  Raises:
-    rundir.CheckpointError: no config, no checkpoint, or a checkpoint that does not fit.
-  """
-  run_dir = rundir.RunDir(model_dir)
-  config = run_dir.read_config()
-  encoder = build_run_encoder(config, "query_encoder")
-  step = tf.Variable(0, dtype=tf.int64)
-  path = run_dir.restore(tf.train.Checkpoint(step=step, query_encoder=encoder), partial=True,
-                         paths=None if checkpoint_path is None else [checkpoint_path])
-  if path is None:
-    raise rundir.CheckpointError(
-        f"{model_dir} has no checkpoint yet (looked in {run_dir.checkpoint_dir}). Train first, "
-        "or wait for the first checkpoint of a running job.")
-  return encoder, config, int(step.numpy()), path
-
-
-def restore_encoder(model_dir: str, checkpoint_path: str | None = None):
-  """(encoder, train_config, step) of `restore_run_encoder`."""
-  return restore_run_encoder(model_dir, checkpoint_path)[:3]
 
 
 def _counter(name: str) -> tf.Variable:

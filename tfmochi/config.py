@@ -29,7 +29,7 @@ from tfmochi import moco as moco_lib
 from tfmochi import objective as objective_lib
 
 # resnet10_tiny: the small ResNet of tests, the CPU quickstart and the digits comparison
-# (models.SMOKE_ARCHS; cannot be exported).
+# (models.SMOKE_ARCHS; exported as saved_model, hub or keras, not as torchvision weights).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet10_tiny")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -63,17 +63,17 @@ class TrainConfig:
   batch_size: int = 64
   augmentation: str = "affine"
   crop_min_scale: float = 1.0
-  hflip: bool = _added_later(False, older_runs=True)  # views were always flipped
+  hflip: bool = _added_later(False, older_runs=True)  # absent: flipped views
   validate_images: bool = False
   tfrecord_label_offset: int = 1
-  # -1: the run's --seed, as runs drew the held-out split before this flag existed.
+  # absent: -1, the held-out split drawn with the run's --seed.
   split_seed: int = _added_later(0, older_runs=-1)
   # model
   arch: str = "resnet18"
   small_stem: bool = True
   embedding_dim: int = 128
   mlp_head: bool = True
-  head_bn: bool = _added_later(True, older_runs=False)  # heads had no BN
+  head_bn: bool = _added_later(True, older_runs=False)  # absent: no BN in the head
   bn_mode: str = "split"
   bn_splits: int = 2
   # MoCo
@@ -111,6 +111,8 @@ class TrainConfig:
   cpu_replicas: int = 1
   jit_compile: str = "auto"
   fast_grad: str = "auto"
+  # Runs before this flag finished every view on the host.
+  device_augment: str = _added_later("auto", older_runs="false")
   mixed_precision: str = "float32"
   initial_loss_scale: float = 32768.0
   tf32: bool = _added_later(False, older_runs=True)  # TensorFlow's default was kept
@@ -141,14 +143,17 @@ class TrainConfig:
                                  top_n=self.mochi_topn, top_n_recall=self.mochi_topn_recall),
         mask_duplicates=self.mask_duplicates, label_mode=self.label_mode)
 
-  def moco_config(self, steps_per_epoch: int, total_steps: int) -> moco_lib.MoCoConfig:
-    """The method's config (`moco.MoCo`), with the objective inside."""
+  def moco_config(self, steps_per_epoch: int, total_steps: int,
+                  device_augment: bool = False) -> moco_lib.MoCoConfig:
+    """The method's config (`moco.MoCo`), with the objective inside; `device_augment`: the
+    resolved --device_augment (the step then runs --augmentation's photometric ops)."""
     return moco_lib.MoCoConfig(
         queue_size=self.queue_size, embedding_dim=self.embedding_dim,
         momentum=self.moco_momentum, momentum_schedule=self.momentum_schedule,
         total_steps=total_steps, bn_mode=self.bn_mode, weight_decay=self.weight_decay,
         mochi_warmup_steps=int(round(self.mochi_warmup_epochs * steps_per_epoch)),
-        seed=self.seed, objective=self.objective_config())
+        seed=self.seed, objective=self.objective_config(),
+        device_augment=self.augmentation if device_augment else None)
 
   @property
   def held_out_seed(self) -> int:
@@ -196,7 +201,8 @@ class TrainConfig:
     for name, choices in (("arch", ARCHS), ("strategy", STRATEGIES),
                           ("mixed_precision", PRECISIONS), ("augmentation", AUGMENTATIONS),
                           ("nonfinite", NONFINITE), ("jit_compile", AUTO_BOOL),
-                          ("fast_grad", AUTO_BOOL), ("export_format", EXPORT_FORMATS)):
+                          ("fast_grad", AUTO_BOOL), ("device_augment", AUTO_BOOL),
+                          ("export_format", EXPORT_FORMATS)):
       value = getattr(self, name)
       _need(value in choices, f"--{name} must be one of {', '.join(choices)}; got {value!r}.")
 
@@ -311,7 +317,7 @@ _HELP = {
     "hflip": "Random horizontal flips in the views (MoCo: on). Turn off for digits or text, whose "
              "classes are not mirror-symmetric.",
     "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout), or resnet10_tiny "
-            "(widths 16-128: tests and the CPU quickstart; --export_format=none).",
+            "(widths 16-128: tests and the CPU quickstart; no torchvision weight files).",
     "small_stem": "CIFAR-style stem (3x3 conv, no max-pool) for small images.",
     "embedding_dim": "D, the projection (and queue) dimension.",
     "mlp_head": "MoCo v2 MLP projection head (else MoCo v1's linear head).",
@@ -364,14 +370,23 @@ _HELP = {
     "fast_grad": "tfmochi's Conv2D with faster exact input gradients for TensorFlow's CPU "
                  "kernels: auto (on only when no GPU/TPU is visible), true or false. Same "
                  "weights and checkpoints either way; exports always use plain Keras layers.",
+    "device_augment": "Run the views' photometric ops (colour jitter in its random op order, "
+                      "grayscale, Gaussian blur) in the training step on the accelerator, after "
+                      "the uint8 crops arrive; the host only decodes, crops and flips. auto: on "
+                      "when a GPU or TPU is visible, off on CPU-only machines (the same cores "
+                      "would do the work). The same distributions as on the host but other draws: "
+                      "a resumed run repeats the uninterrupted one only with the same setting.",
     "mixed_precision": "float32, bfloat16 (TPU/CPU) or float16 (GPU, with loss scaling); the "
                        "head, queue and loss always stay float32.",
     "initial_loss_scale": "float16 only: the first dynamic loss scale (halved at each overflow, "
                           "doubled after 2000 good steps; overflow steps are skipped and counted "
                           "as loss_scale_skipped_steps).",
-    "tf32": "Allow TensorFloat-32 in float32 matmuls and convolutions on Ampere and later GPUs "
-            "(faster; q.Q^T and MoCHi's top-N then use 10-bit mantissas). Off: exact float32, as "
-            "PyTorch's matmuls. No effect on CPU/TPU.",
+    "tf32": "Faster, less precise float32 matmuls and convolutions: TensorFloat-32 on Ampere "
+            "and later GPUs (10-bit mantissa inputs), one bfloat16 pass on a TPU (7-bit; XLA's "
+            "DEFAULT precision). Off: full float32 products, as PyTorch's matmuls (a TPU takes "
+            "several bfloat16 passes each, XLA's HIGHEST). Touches q.Q^T, MoCHi's top-N and the "
+            "head, and under --mixed_precision=float32 the whole network. No effect on CPUs. "
+            "config.json's resolved.float32_matmuls says what it became.",
     "seed": "Run seed: initial weights, data order, augmentations, MoCHi draws, shuffle BN.",
     "split_seed": "Seed of the held-out split tfmochi makes for data sets that have none "
                   "(quickstart, folders without split folders). Fixed (0) by default so that runs "

@@ -52,6 +52,11 @@ def all_gather(x: tf.Tensor, axis: int = 0) -> tf.Tensor:
   unchanged, so library code can call it unconditionally. On TPU every replica must pass the same
   shape (true for our fixed per-replica batches).
 
+  uint8 tensors (images) cross the replicas as uint8 bytes, four to an int32 word
+  (`_all_gather_bytes`). 64-bit integers are refused across replicas: a TPU emulates them, and
+  XLA cannot rewrite a 64-bit collective into 32-bit ones; gather ids as int32
+  (`queue.device_ids`).
+
   Args:
     x: [b, ...] this replica's tensor.
     axis: the axis to concatenate along.
@@ -62,7 +67,37 @@ def all_gather(x: tf.Tensor, axis: int = 0) -> tf.Tensor:
   ctx = tf.distribute.get_replica_context()
   if ctx is None or ctx.num_replicas_in_sync == 1:
     return x
+  x = tf.convert_to_tensor(x)
+  if x.dtype in (tf.int64, tf.uint64):
+    raise TypeError(f"all_gather of {x.dtype.name} would be a 64-bit collective, which a TPU "
+                    "cannot compile; gather it as int32.")
+  if x.dtype == tf.uint8:
+    return _all_gather_bytes(ctx, x, axis)
   return ctx.all_gather(_placed(x), axis=axis)
+
+
+def _all_gather_bytes(ctx: tf.distribute.ReplicaContext, x: tf.Tensor, axis: int) -> tf.Tensor:
+  """`all_gather` of uint8 [b, ...] as int32 words: every 4 bytes of a row travel as one int32.
+
+  The collectives have no uint8 kind: MirroredStrategy's gather takes floats and 32/64-bit
+  integers only, and TPUStrategy gathers the dtypes its cross-replica sum lacks (uint8 among them)
+  with all-to-alls reordered by a 64-bit argmax. An int32 gather is TPUStrategy's one-hot
+  cross-replica sum, exact for integers (one non-zero term per element), of the uint8 bytes: a
+  quarter of the bytes of the same images as float32. A row whose size is not a multiple of 4 is
+  padded with zeros for the trip.
+  """
+  if axis != 0 or not x.shape[1:].is_fully_defined():
+    return tf.cast(ctx.all_gather(_placed(tf.cast(x, tf.int32)), axis=axis), tf.uint8)
+  inner = x.shape[1:].as_list()
+  row = x.shape[1:].num_elements()  # bytes per row (1 for a [b] tensor)
+  pad = -row % 4
+  flat = tf.reshape(x, [-1, row])
+  if pad:
+    flat = tf.pad(flat, [[0, 0], [0, pad]])
+  words = tf.bitcast(tf.reshape(flat, [-1, (row + pad) // 4, 4]), tf.int32)  # [b, ⌈row/4⌉]
+  gathered = ctx.all_gather(_placed(words), axis=0)  # [R·b, ⌈row/4⌉]
+  flat = tf.reshape(tf.bitcast(gathered, tf.uint8), [-1, row + pad])[:, :row]
+  return tf.reshape(flat, [-1] + inner)
 
 
 def _placed(x: tf.Tensor) -> tf.Tensor:
@@ -194,7 +229,7 @@ def replica_step_function(fn, jit_compile: bool, strategy: tf.distribute.Strateg
 
   AutoGraph does not rewrite the step: it is written with explicit `tf.cond`/`tf.where` (a
   Python `if` on a tensor fails at trace time instead of being converted), and converting the
-  ~60 functions it calls cost every run's start-up 6-11 s on a 2-core CPU (docs/BENCHMARKS.md).
+  functions it calls would lengthen every run's start-up (docs/BENCHMARKS.md).
   """
   if jit_compile and not isinstance(strategy, tf.distribute.TPUStrategy):
     return tf.function(fn, jit_compile=True, autograph=False)

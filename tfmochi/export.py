@@ -20,12 +20,16 @@ restores the newest readable checkpoint of a run and writes one of these directo
   images, output dict `C2`..`C5`, `pooled`), with standard BN layers only so that
   `keras.saving.load_model` needs no tfmochi import; plus, when keras-hub is importable and the
   backbone has the ImageNet stem, `keras_hub/`: a keras-hub preset of the same weights as a
-  `keras_hub.models.ResNetBackbone` with a `ResNetImageConverter` (see `to_keras_hub`).
+  `keras_hub.models.ResNetBackbone` with a `ResNetImageConverter` (see `to_keras_hub`; not for
+  resnet10_tiny, whose widths keras-hub's ResNets do not have).
 * `detectron2`: `backbone.pkl`, MoCo's converter layout `{"model": {detectron2 key: array},
   "__author__": "tfmochi", "matching_heuristics": True}`.
 * `torchvision`: `backbone.npz` (and `backbone.safetensors` when `safetensors` is importable),
   torchvision ResNet state-dict keys and layouts (OIHW conv kernels), including
   `num_batches_tracked`, so `resnet.load_state_dict(state, strict=False)` misses only `fc.*`.
+
+`saved_model`, `hub` and `keras` hold any tfmochi backbone, `resnet10_tiny` (the quickstart's)
+included; `detectron2` and `torchvision` need an architecture torchvision has (resnet18/34/50).
 
 Every export also has `export_info.json` (architecture, stem, strides, input convention, step,
 files), written last: an export is complete when it exists (`load_export_info`). On a local disk
@@ -59,17 +63,19 @@ import tempfile
 import uuid
 from collections.abc import Callable
 
-if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tfmochi import cli
+
+cli.quiet_tensorflow_startup()  # before TensorFlow's first import
 
 from absl import logging  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfmochi import checkpoints as ckpt_lib  # noqa: E402
+from tfmochi import checkpoints  # noqa: E402
 from tfmochi import models  # noqa: E402
 from tfmochi import rundir  # noqa: E402
+from tfmochi import weightmaps  # noqa: E402
 
 FORMATS = ("saved_model", "hub", "keras", "detectron2", "torchvision")
 
@@ -88,12 +94,17 @@ SAFETENSORS_FILE = "backbone.safetensors"
 FEATURE_NAMES = ("C2", "C3", "C4", "C5")
 _STRIDES = {False: (4, 8, 16, 32), True: (1, 2, 4, 8)}  # by small_stem
 
-# (block type, blocks per stage) -> arch; the torchvision layouts of models.build_backbone.
+# (block type, blocks per stage, width of the first stage) -> arch: the layouts of
+# models.build_backbone.
 _ARCH_BY_LAYOUT = {
-    ("basic", (2, 2, 2, 2)): "resnet18",
-    ("basic", (3, 4, 6, 3)): "resnet34",
-    ("bottleneck", (3, 4, 6, 3)): "resnet50",
+    ("basic", (2, 2, 2, 2), 64): "resnet18",
+    ("basic", (3, 4, 6, 3), 64): "resnet34",
+    ("bottleneck", (3, 4, 6, 3), 64): "resnet50",
+    ("basic", (1, 1, 1, 1), 16): "resnet10_tiny",
 }
+# The formats that are torchvision weight files (or renamed ones): they need an architecture
+# torchvision has, so models.SMOKE_ARCHS cannot be written in them.
+TORCHVISION_FORMATS = ("detectron2", "torchvision")
 
 _UINT8_IMAGES = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 _FLOAT_IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
@@ -111,7 +122,7 @@ def infer_architecture(backbone: keras.Model) -> tuple[str, bool]:
   """(arch, small_stem) of a `models.build_backbone` model, read from its layers.
 
   Raises:
-    ValueError: the model is not one of the torchvision-layout ResNets of `models.ARCHS`.
+    ValueError: the model is not one of the ResNets of `models.ARCHS` / `models.SMOKE_ARCHS`.
   """
   names = [layer.name for layer in backbone.layers]
   blocks = {stage: set() for stage in (1, 2, 3, 4)}  # stage -> block indices
@@ -123,10 +134,13 @@ def infer_architecture(backbone: keras.Model) -> tuple[str, bool]:
       bottleneck |= match.group(3) == "3"  # only bottlenecks have a third conv
   depths = tuple(len(blocks[stage]) for stage in (1, 2, 3, 4))
   block_type = "bottleneck" if bottleneck else "basic"
-  arch = _ARCH_BY_LAYOUT.get((block_type, depths))
+  width = (int(backbone.get_layer("layer1.0.conv1").kernel.shape[-1])
+           if "layer1.0.conv1" in names else None)
+  arch = _ARCH_BY_LAYOUT.get((block_type, depths, width))
   if arch is None or "conv1" not in names:
     raise ValueError(f"{backbone.name!r} is not a tfmochi ResNet backbone ({block_type} blocks "
-                     f"{depths}); export supports {list(models.ARCHS)} from models.build_backbone.")
+                     f"{depths}, width {width}); export supports "
+                     f"{list(models.ARCHS + models.SMOKE_ARCHS)} from models.build_backbone.")
   small_stem = backbone.get_layer("conv1").kernel.shape[0] == 3
   return arch, bool(small_stem)
 
@@ -159,11 +173,11 @@ def standard_backbone(backbone: keras.Model, *, arch: str | None = None,
   if small_stem is not None and bool(small_stem) != found_small:
     raise ValueError(f"The backbone has small_stem={found_small}, the caller expects "
                      f"small_stem={bool(small_stem)}.")
-  state = models.torchvision_state_dict(backbone)
+  state = weightmaps.torchvision_state_dict(backbone)
   with _float32_policy():
     clean = models.build_backbone(found_arch, small_stem=found_small, bn_mode="standard",
                                   name="backbone", fast_grad=False)
-  models.load_torchvision_state_dict(clean, state)
+  weightmaps.load_torchvision_state_dict(clean, state)
   return clean
 
 
@@ -254,30 +268,17 @@ def torchvision_weights(backbone: keras.Model) -> dict[str, np.ndarray]:
   `torchvision.models.resnetXX().load_state_dict(state, strict=False)` misses exactly `fc.*`.
   """
   state = {}
-  for key, value in models.torchvision_state_dict(backbone).items():
+  for key, value in weightmaps.torchvision_state_dict(backbone).items():
     state[key] = value
     if key.endswith(".running_var"):
       state[key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return state
 
 
-def detectron2_to_torchvision_key(key: str) -> str:
-  """Inverse of `models.torchvision_to_detectron2_key`.
-
-  E.g. `res2.0.conv1.norm.weight` -> `layer1.0.bn1.weight`, `stem.conv1.norm.bias` -> `bn1.bias`,
-  `res4.0.shortcut.weight` -> `layer3.0.downsample.0.weight`.
-  """
-  if key.startswith("stem."):
-    key = key[len("stem."):].replace("conv1.norm.", "bn1.")
-  key = key.replace("shortcut.norm", "downsample.1").replace("shortcut", "downsample.0")
-  key = re.sub(r"conv(\d)\.norm", r"bn\1", key)
-  return re.sub(r"^res(\d)", lambda m: f"layer{int(m.group(1)) - 1}", key)
-
-
 def detectron2_weights(backbone: keras.Model) -> dict[str, np.ndarray]:
   """{detectron2 key: float32 array} as MoCo's convert-pretrain-to-detectron2.py writes it."""
-  return {models.torchvision_to_detectron2_key(key): value
-          for key, value in models.torchvision_state_dict(backbone).items()}
+  return {weightmaps.torchvision_to_detectron2_key(key): value
+          for key, value in weightmaps.torchvision_state_dict(backbone).items()}
 
 
 def _portable_array(array: np.ndarray):
@@ -301,7 +302,7 @@ def dumps_detectron2(weights: dict[str, np.ndarray]) -> bytes:
 def read_torchvision_weights(path: str) -> dict[str, np.ndarray]:
   """Reads an exported `.npz`, `.safetensors` or detectron2 `.pkl` as a torchvision state dict.
 
-  The result loads into a tfmochi backbone with `models.load_torchvision_state_dict` (MoCo's
+  The result loads into a tfmochi backbone with `weightmaps.load_torchvision_state_dict` (MoCo's
   own converted detectron2 `.pkl` files work too). A `.pkl` is unpickled: only read files you
   trust.
   """
@@ -315,7 +316,8 @@ def read_torchvision_weights(path: str) -> dict[str, np.ndarray]:
     return dict(load(data))
   if path.endswith(".pkl"):
     state = pickle.loads(data, encoding="latin1")
-    return {detectron2_to_torchvision_key(k): np.asarray(v) for k, v in state["model"].items()}
+    return {weightmaps.detectron2_to_torchvision_key(k): np.asarray(v)
+            for k, v in state["model"].items()}
   raise ValueError(f"Unknown weights file {path!r}: expected .npz, .safetensors or .pkl.")
 
 
@@ -330,22 +332,6 @@ def _import_keras_hub():
     raise ImportError("keras-hub is not installed: pip install keras-hub (or tfmochi[kerashub])."
                       ) from e
   return keras_hub
-
-
-def _keras_hub_layer(torch_layer: str) -> str:
-  """torchvision module name -> keras-hub ResNetBackbone layer name (its timm converter's map)."""
-  if torch_layer in ("conv1", "bn1"):
-    return {"conv1": "conv1_conv", "bn1": "conv1_bn"}[torch_layer]
-  stage, block, module = re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", torch_layer).groups()
-  suffix = {"downsample.0": "0_conv", "downsample.1": "0_bn"}.get(module)
-  if suffix is None:
-    kind, index = re.fullmatch(r"(conv|bn)(\d)", module).groups()
-    suffix = f"{index}_{kind}"
-  return f"stack{int(stage) - 1}_block{block}_{suffix}"
-
-
-_HUB_BN_ATTRS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
-                 "running_var": "moving_variance"}
 
 
 def to_keras_hub(backbone: keras.Model):
@@ -367,8 +353,10 @@ def to_keras_hub(backbone: keras.Model):
   if small_stem:
     raise ValueError("keras-hub's ResNetBackbone always has the ImageNet stem (7x7/2 conv + "
                      "max-pool); a small_stem (CIFAR) backbone has no keras-hub equivalent.")
+  if arch in models.SMOKE_ARCHS:
+    raise ValueError(f"{arch} is not one of keras-hub's ResNets (its widths are 16-128).")
   keras_hub = _import_keras_hub()
-  block_type, depths = next(k for k, v in _ARCH_BY_LAYOUT.items() if v == arch)
+  block_type, depths, _ = next(k for k, v in _ARCH_BY_LAYOUT.items() if v == arch)
   with _float32_policy():
     hub_backbone = keras_hub.models.ResNetBackbone(
         input_conv_filters=[64], input_conv_kernel_sizes=[7],
@@ -377,13 +365,13 @@ def to_keras_hub(backbone: keras.Model):
         use_pre_activation=False, image_shape=(None, None, 3), data_format="channels_last",
         dtype="float32")
   assigned = set()
-  for key, value in models.torchvision_state_dict(backbone).items():
+  for key, value in weightmaps.torchvision_state_dict(backbone).items():
     torch_layer, attr = key.rsplit(".", 1)
-    layer = hub_backbone.get_layer(_keras_hub_layer(torch_layer))
+    layer = hub_backbone.get_layer(weightmaps.keras_hub_layer_name(torch_layer))
     if isinstance(layer, keras.layers.Conv2D):
       variable, value = layer.kernel, value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     else:
-      variable = getattr(layer, _HUB_BN_ATTRS[attr])
+      variable = getattr(layer, dict(weightmaps.BN_KEYS)[attr])
     if tuple(variable.shape) != value.shape:
       raise ValueError(f"to_keras_hub: {key} {value.shape} does not fit {variable.path} "
                        f"{tuple(variable.shape)}.")
@@ -491,7 +479,7 @@ _WRITERS = {
 
 
 # -------------------------------------------------------------------------------------------------
-# Atomic directory replacement (tfmochi.rundir, rule 2)
+# Atomic directory replacement (a directory is complete once its marker exists: rundir.is_complete)
 
 
 def _is_remote(path: str) -> bool:
@@ -525,13 +513,21 @@ def load_export_info(export_dir: str) -> dict:
 
   Raises:
     ExportError: no export there, or an incomplete one (interrupted before export_info.json,
-      which is written last, see tfmochi.rundir rule 2).
+      which is written last, see rundir.is_complete).
   """
   if not rundir.is_complete(export_dir, INFO_FILE):
     what = "an incomplete export" if tf.io.gfile.exists(export_dir) else "no export"
     raise ExportError(f"{export_dir} holds {what} (no {INFO_FILE}, which is written last). "
                       "Export again (python -m tfmochi.export ... --overwrite).")
   return rundir.read_json(os.path.join(export_dir, INFO_FILE))
+
+
+def check_arch_format(arch: str, fmt: str) -> None:
+  """Raises ExportError when `fmt` cannot hold `arch`: the torchvision weight files need an
+  architecture torchvision has; saved_model, hub and keras hold any tfmochi backbone."""
+  if arch in models.SMOKE_ARCHS and fmt in TORCHVISION_FORMATS:
+    raise ExportError(f"--arch={arch} is a small network with no torchvision counterpart, so it "
+                      f"has no {fmt} weight file; export it as saved_model, hub or keras.")
 
 
 def _check_format(fmt: str) -> str:
@@ -570,7 +566,8 @@ def export_backbone(backbone: keras.Model, out_dir: str, fmt: str = "saved_model
     The export_info.json content (includes "files", paths relative to out_dir).
 
   Raises:
-    ExportError: unknown format, or out_dir exists and overwrite is False.
+    ExportError: unknown format, a format that cannot hold the architecture
+      (`check_arch_format`), or out_dir exists and overwrite is False.
     ValueError: the model is not a tfmochi backbone or not the given arch / stem.
   """
   writer = _WRITERS[_check_format(fmt)]
@@ -578,6 +575,7 @@ def export_backbone(backbone: keras.Model, out_dir: str, fmt: str = "saved_model
   _refuse_existing(out_dir, overwrite)
   clean = standard_backbone(backbone, arch=arch, small_stem=small_stem)
   arch, small_stem = infer_architecture(clean)
+  check_arch_format(arch, fmt)
 
   def write(stage: str) -> dict:
     extra = writer(clean, stage, image_size) or {}
@@ -663,19 +661,16 @@ def export_run(model_dir: str, export_dir: str | None = None, fmt: str = "saved_
     (export_dir, export info).
 
   Raises:
-    ExportError: unknown format, export_dir exists and overwrite is False, or the run used a
-      test-only architecture (models.SMOKE_ARCHS).
-    checkpoints.CheckpointError: no run, no checkpoint, or one of another architecture.
+    ExportError: unknown format, export_dir exists and overwrite is False, or a format that
+      cannot hold the run's architecture (`check_arch_format`).
+    rundir.CheckpointError: no run, no checkpoint, or one of another architecture.
   """
   _check_format(fmt)
   export_dir = export_dir or default_export_dir(model_dir, fmt)
-  arch = ckpt_lib.load_run_config(model_dir).arch
+  arch = rundir.RunDir(model_dir).read_config().arch
   _refuse_existing(export_dir, overwrite)  # before the (slow) restore
-  if arch in models.SMOKE_ARCHS:
-    raise ExportError(f"{model_dir} was trained with --arch={arch}, a small architecture "
-                      "with no torchvision counterpart: it cannot be exported "
-                      "(tfmochi.evaluate and tfmochi.analyze work on it).")
-  encoder, config, step = ckpt_lib.restore_encoder(model_dir, checkpoint_path)
+  check_arch_format(arch, fmt)
+  encoder, config, step, _ = checkpoints.restore_encoder(model_dir, checkpoint_path)
   info = export_backbone(encoder.backbone, export_dir, fmt, image_size=config.image_size,
                          overwrite=overwrite, arch=config.arch, small_stem=config.small_stem,
                          step=step, source=model_dir)
@@ -705,7 +700,7 @@ def main(argv):
     export_dir, info = export_run(flag_values.model_dir, flag_values.export_dir,
                                   flag_values.format, overwrite=flag_values.overwrite,
                                   checkpoint_path=flag_values.checkpoint)
-  except (ExportError, ckpt_lib.CheckpointError) as e:
+  except (ExportError, rundir.CheckpointError) as e:
     logging.flush()
     print(f"tfmochi.export: error: {e}", file=sys.stderr, flush=True)
     # A failed restore leaves checkpoint objects whose deletion at exit logs one warning per

@@ -32,6 +32,7 @@ import tensorflow as tf
 from tfmochi import evaluate as eval_lib
 from tfmochi import memory
 from tfmochi import rundir
+from tfmochi import runfiles
 
 
 class TrainingError(RuntimeError):
@@ -229,7 +230,7 @@ class CheckpointHook(Hook):
   Attributes:
     last_saved_step: the newest step saved or restored (-1: none), so that every worker skips
       the same saves.
-    metrics: the run's MetricsLog, flushed with each checkpoint (rundir rule 4), or None.
+    metrics: the run's MetricsLog, flushed with each checkpoint (see rundir.MetricsLog), or None.
   """
 
   def __init__(self, manager: tf.train.CheckpointManager, every: int, total: int,
@@ -252,7 +253,7 @@ class CheckpointHook(Hook):
       self.manager.save(checkpoint_number=step)
       self.last_saved_step = step
     if self.metrics is not None:
-      self.metrics.flush()  # object stores: metrics.jsonl up to this checkpoint (rundir rule 4)
+      self.metrics.flush()  # object stores: metrics.jsonl up to this checkpoint (rundir.MetricsLog)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -470,12 +471,12 @@ class KnnMonitorHook(Hook):
     if self.final and start_step == 0:
       self.random = self.evaluate(raw_pixels=None)
       if self.random is not None and self.chief:
-        self.run_dir.write(rundir.KNN_RANDOM_INIT_FILE, self.random)
+        self.run_dir.write(runfiles.KNN_RANDOM_INIT_FILE, self.random)
         if self.verbose:
           print(f"kNN top-1 at random init: {self.random['top1']:.2f}%"
                 f"{eval_lib.baselines_text(self.random, knn_details(self.random))}", flush=True)
     else:
-      self.random = self.run_dir.read(rundir.KNN_RANDOM_INIT_FILE)
+      self.random = self.run_dir.read(runfiles.KNN_RANDOM_INIT_FILE)
 
   def boundary(self, step: int) -> int | None:
     return (step // self.every + 1) * self.every if self.every else None

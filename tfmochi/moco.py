@@ -21,7 +21,9 @@ the key encoder too).
 Everything random (MoCHi's draws, the shuffle-BN permutation) is a stateless function of
 (seed, step), so a step is reproducible and identical on 1 or R replicas for the same global batch,
 and with or without XLA (`distribute.replica_step_function`, `--jit_compile`): the step has static
-shapes and only ops XLA compiles.
+shapes and only ops XLA compiles. Its sorts, scatters and collectives see no 64-bit integer (a TPU
+emulates those, and XLA's rewriting of them fails there): the permutation sorts int32 draws, the
+queue's ids, labels and pointer are int32, and the key views cross the replicas as uint8.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class MoCoConfig:
     weight_decay: coupled L2 coefficient (MoCo: 1e-4 on all parameters).
     mochi_warmup_steps: steps before MoCHi starts synthesising (the paper: 10/15 epochs).
     seed: the run seed behind every stateless draw.
+    device_augment: a recipe of `augment.PHOTOMETRIC` whose photometric ops the step runs on the
+      uint8 views (--device_augment), or None: the views arrive finished.
     objective: the loss side (`objective.ObjectiveConfig`).
   """
   queue_size: int = 65536
@@ -74,6 +78,7 @@ class MoCoConfig:
   weight_decay: float = 1e-4
   mochi_warmup_steps: int = 0
   seed: int = 0
+  device_augment: str | None = None
   objective: objective_lib.ObjectiveConfig = dataclasses.field(
       default_factory=objective_lib.ObjectiveConfig)
 
@@ -135,6 +140,21 @@ class MoCo(tf.Module):
                                          seed=config.seed)
 
   # ----------------------------------------------------------------------------------------------
+  def view_input(self, images: tf.Tensor, step: tf.Tensor, stream: int,
+                 rows: tf.Tensor | None = None) -> tf.Tensor:
+    """The encoders' input from views [n, H, W, 3]: `augment.to_model_input`, or with
+    `config.device_augment` the recipe's photometric ops first (`augment.device_view_input`),
+    drawn per image from (seed, step, stream: 0 queries / 1 keys, its global batch row). `rows`
+    [n] are those rows (default: this replica's own, replica_id·n + i)."""
+    if self.config.device_augment is None:
+      return augment.to_model_input(images)
+    if rows is None:
+      n = images.shape[0]
+      rows = tf.cast(distribute.replica_context_info()[1], tf.int32) * n + tf.range(n)
+    return augment.device_view_input(images, rows, recipe=self.config.device_augment,
+                                     seed=self.config.seed, step=step, stream=stream,
+                                     num_rows=self.global_batch_size)
+
   def momentum_at(self, step: tf.Tensor) -> tf.Tensor:
     """m for this step (constant, or the cosine schedule towards 1)."""
     if self.config.momentum_schedule == "cosine":
@@ -148,6 +168,10 @@ class MoCo(tf.Module):
   def encode_keys(self, images: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
     """k = normalize(f_k(x_k)) with MoCo's shuffle BN: [b, H, W, 3] -> [b, D] float32, detached.
 
+    `images` are the key views as the input pipeline sends them, uint8 (normalised here, after
+    the shuffle's gather and the selection of this replica's rows: the replicas exchange a quarter
+    of the bytes of float32 images), or floats already normalised (`augment.to_model_input`).
+
     With R > 1 replicas and bn_mode "shuffle"/"split", the key images of the whole global batch are
     all-gathered, permuted with a permutation shared by every replica (a stateless function of
     (seed, step), so no broadcast is needed), each replica encodes its slice of the permuted
@@ -160,12 +184,13 @@ class MoCo(tf.Module):
     shuffle = self.config.bn_mode in ("shuffle", "split") and (
         num_replicas > 1 or self.config.bn_mode == "split")
     if not shuffle:
-      k = self.key_encoder(images, training=True)
+      k = self.key_encoder(self.view_input(images, step, 1), training=True)
       return tf.stop_gradient(tf.math.l2_normalize(tf.cast(k, tf.float32), axis=-1))
     b = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
     mine, back = shuffle_bn_indices(self.config.seed, step, replica_id, num_replicas, b)
-    all_images = distribute.all_gather(images)  # [R·b, H, W, 3]
-    k = self.key_encoder(tf.gather(all_images, mine), training=True)
+    all_images = distribute.all_gather(images)  # [R·b, H, W, 3], uint8 as it came
+    k = self.key_encoder(self.view_input(tf.gather(all_images, mine), step, 1, rows=mine),
+                         training=True)
     k = tf.math.l2_normalize(tf.cast(k, tf.float32), axis=-1)
     all_k = distribute.all_gather(k)  # [R·b, D] in permuted order
     return tf.stop_gradient(tf.gather(all_k, back))
@@ -183,7 +208,9 @@ class MoCo(tf.Module):
 
     Args:
       batch: {"view1": [b, H, W, 3] query views (uint8, normalised here, or already normalised
-        floats), "view2": key views, optional "id" [b] and "label" [b] int64 (-1 unknown)}.
+        floats), "view2": key views, optional "id" [b] and "label" [b] (-1 unknown): int32, as
+        the trainer's input pipeline sends them (`queue.device_ids`; wider ints are folded into
+        int32 in the step)}.
       optimizer: a `tfmochi.optimizer.SGD` built on `query_encoder.trainable_variables` (inside
         the strategy scope); its learning rate is taken at `step`.
       step: the global step (scalar int tensor) *before* this update. It drives the learning
@@ -200,7 +227,9 @@ class MoCo(tf.Module):
     Returns:
       Per-replica metrics, see `_metrics`.
     """
-    batch = augment.normalize_views(batch)  # uint8 views from the input pipeline, on the device
+    # uint8 views from the input pipeline are normalised on the device: the queries here, the keys
+    # in `encode_keys` after shuffle BN's gather (which moves them as uint8).
+    batch = dict(batch, view1=self.view_input(batch["view1"], step, 0))
     # Read before the forward passes and the momentum update, to undo them on a skipped step.
     saved = self._save_moving_state() if (skip_nonfinite or loss_scale is not None) else None
     m = self.momentum_at(step)
@@ -347,7 +376,9 @@ def shuffle_bn_indices(seed: int | tf.Tensor, step: tf.Tensor, replica_id: int |
   computed from the replica id), so under XLA every shape is static: R and b are compile-time
   constants and only the replica id is data. The permutation sorts random *integers* (with a
   stable sort): TF's kernels and XLA turn random bits into floats differently, but draw the same
-  integers, so the compiled and the plain step shuffle alike.
+  integers, so the compiled and the plain step shuffle alike. They are int32: a TPU emulates
+  64-bit integers and XLA cannot rewrite a 64-bit sort (ties, about (R·b)²/2^33 of them per step,
+  keep the order of their rows: the sort is stable on both sides).
 
   Args:
     seed: the run seed.
@@ -359,9 +390,9 @@ def shuffle_bn_indices(seed: int | tf.Tensor, step: tf.Tensor, replica_id: int |
   pair = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
   pair = tf.random.experimental.stateless_fold_in(pair, 0x5B, alg="philox")
   n = num_replicas * per_replica
-  draws = tf.random.stateless_uniform([n], pair, minval=None, maxval=None, dtype=tf.int64,
+  draws = tf.random.stateless_uniform([n], pair, minval=None, maxval=None, dtype=tf.int32,
                                       alg="philox")
-  perm = tf.argsort(draws, stable=True)  # [R·b]
+  perm = tf.argsort(draws, stable=True)  # [R·b] int32
   inverse = tf.argsort(perm, stable=True)
   shape = tf.stack([num_replicas, per_replica])
   r = tf.cast(replica_id, tf.int32)

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tfmochi import losses as losses_lib
 from tfmochi import mixing
+from tfmochi import queue as queue_lib
 
 LABEL_MODES = ("none", "oracle", "supcon")
 
@@ -129,9 +130,13 @@ class _Masks(NamedTuple):
 
 
 def same_entry_mask(query_values: tf.Tensor, queue_values: tf.Tensor) -> tf.Tensor:
-  """[B], [K] -> [B, K] bool: True where both are known (>= 0) and equal."""
-  q = tf.cast(query_values, tf.int64)[:, None]
-  n = tf.cast(queue_values, tf.int64)[None, :]
+  """[B], [K] -> [B, K] bool: True where both are known (>= 0) and equal.
+
+  Compared as int32 (`queue.device_ids`, whose folding of ids beyond int32 may make two samples
+  equal: its collision rule), so no 64-bit integer op reaches a TPU's step.
+  """
+  q = queue_lib.device_ids(query_values)[:, None]
+  n = queue_lib.device_ids(queue_values)[None, :]
   return tf.logical_and(tf.equal(q, n), tf.logical_and(q >= 0, n >= 0))
 
 

@@ -19,9 +19,9 @@ its own copy of the (NONE-aggregated) variables identically, as the queue and th
 are updated, with no merge call (which also keeps the step compilable by XLA). The learning rate
 is an argument, so the step counter that drives it is the caller's (the trainer's global step).
 
-Checkpoints hold one buffer per variable (`momentum_buffers/<i>`). A checkpoint written with Keras'
-SGD (runs of earlier tfmochi versions) cannot be resumed: its velocity equals −lr·buf only if lr
-never changed, so there is no exact conversion; `check_checkpoint` says so and what to do.
+Checkpoints hold one buffer per variable (`momentum_buffers/<i>`). A checkpoint whose optimizer
+state is Keras' SGD velocity (v = m·v − lr·g) cannot be resumed: it equals −lr·buf only if lr never
+changed, so there is no exact conversion; `check_checkpoint` says so and what to do.
 """
 
 from __future__ import annotations
@@ -178,9 +178,9 @@ def check_checkpoint(path: str, key: str = "optimizer") -> None:
   if any(name.startswith(f"{key}/_iterations/") or name.startswith(f"{key}/inner_optimizer/")
          for name in names):
     raise LegacyCheckpointError(
-        f"The checkpoint {path} was written by an earlier tfmochi, whose pretraining optimizer "
-        "was Keras' SGD (velocity v = m*v - lr*g). tfmochi now uses PyTorch's SGD momentum "
-        "(buf = m*buf + g; w -= lr*buf), as MoCo does; the two states differ once the learning "
-        "rate has changed, so this run cannot be resumed exactly. Finish it with the tfmochi "
+        f"The checkpoint {path} holds Keras' SGD state (velocity v = m*v - lr*g), not the "
+        "PyTorch SGD momentum tfmochi's pretraining optimizer keeps (buf = m*buf + g; "
+        "w -= lr*buf), as MoCo does; the two states differ once the learning rate has changed, "
+        "so this run cannot be resumed exactly. Finish it with the tfmochi "
         "version that started it, or start a new run in a new --model_dir. Its checkpoints "
         "still work with tfmochi.evaluate, tfmochi.export and tfmochi.analyze.")

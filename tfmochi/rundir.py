@@ -1,4 +1,4 @@
-"""A run's directory: what it holds, and how each file is written (whole or not at all, no rename).
+"""A run's directory: what it holds, and how each file is written (whole or not at all).
 
 `RunDir` is the one owner of `<model_dir>`: config.json, checkpoints (listing, restore with
 fallback), result files, metrics.jsonl, TensorBoard writers and the write probe all go through it.
@@ -11,7 +11,7 @@ Layout of `model_dir` (local, gs:// or ram://):
   summary.json           the end-of-run summary
   knn_random_init.json   the trainer's kNN of the network before its first step
   eval_<mode>[_random_init].json   tfmochi.evaluate's results (of checkpoints / of the initial
-                         network, see build.random_init_encoder)
+                         network, see checkpoints.random_init_encoder)
   metrics.jsonl          one JSON record per training loop (see MetricsLog)
   export/<format>/       the exported backbone (complete once export_info.json exists)
   analysis/              tfmochi.analyze's report (complete once report.json exists)
@@ -31,11 +31,12 @@ crash half-way leaves half of each directory). The rules:
    by `write_bytes` / `write_text` / `write_json`:
    * on a local disk, into a temporary sibling that is renamed over the target (POSIX rename is
      atomic);
-   * elsewhere (`is_local` is False: any `scheme://` but `file://`), by one GFile write of the full
-     content and a close. TensorFlow's GCS file system buffers a written file locally and uploads
-     it when it is closed, and GCS makes an object visible only once its upload has completed, so
-     a reader sees the previous object or the new one, never a part of one. Nothing here flushes
-     an object store file before its close (a flush would upload the part written so far).
+   * elsewhere (`runfiles.is_local` is False: any `scheme://` but `file://`), by one GFile write
+     of the full content and a close. TensorFlow's GCS file system buffers a written file locally
+     and uploads it when it is closed, and GCS makes an object visible only once its upload has
+     completed, so a reader sees the previous object or the new one, never a part of one. Nothing
+     here flushes an object store file before its close (a flush would upload the part written so
+     far).
 2. Directories (exports, analyses) are complete when their marker file exists: `export_info.json`
    for an export, `report.json` for an analysis. The marker is written last (rule 1) and lists the
    directory's files; a directory is rewritten by first deleting its marker (`begin_directory`),
@@ -72,17 +73,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 
 from absl import logging
 import tensorflow as tf
 
+from tfmochi import runfiles
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-KNN_RANDOM_INIT_FILE = "knn_random_init.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_SUBDIR = "checkpoints"
+
 
 
 class RunDirError(ValueError):
@@ -91,11 +88,6 @@ class RunDirError(ValueError):
 
 class CheckpointError(ValueError):
   """A model_dir has no usable checkpoint, or one that does not fit the model. Clear message."""
-
-
-def is_local(path: str) -> bool:
-  """True for paths of the local file system (no scheme, or file://): rename there is atomic."""
-  return "://" not in path or path.startswith("file://")
 
 
 def reason(error: BaseException) -> str:
@@ -154,7 +146,7 @@ def write_bytes(path: str, data: bytes) -> None:
   directory = os.path.dirname(path)
   if directory:
     tf.io.gfile.makedirs(directory)
-  if not is_local(path):
+  if not runfiles.is_local(path):
     if path.startswith("ram://") and tf.io.gfile.exists(path):
       # TensorFlow's in-memory file system appends to an existing file opened for writing,
       # where gs:// replaces the object: emulate the replacement.
@@ -162,14 +154,7 @@ def write_bytes(path: str, data: bytes) -> None:
     with tf.io.gfile.GFile(path, "wb") as f:  # one upload at close
       f.write(data)
     return
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-  except BaseException:
-    remove(tmp)
-    raise
+  runfiles.write_local(path, data)
 
 
 def write_text(path: str, text: str) -> None:
@@ -251,7 +236,7 @@ class MetricsLog:
 
   def __init__(self, path: str, resume_step: int = 0):
     self.path = path
-    self.append_mode = is_local(path)
+    self.append_mode = runfiles.is_local(path)
     self._records: list[str] = []  # object stores: every line of the file, in order
     self._dirty = False
     if not self.append_mode and resume_step > 0 and tf.io.gfile.exists(path):
@@ -320,7 +305,7 @@ class RunDir:
 
   @property
   def checkpoint_dir(self) -> str:
-    return self.join(CHECKPOINT_SUBDIR)
+    return self.join(runfiles.CHECKPOINT_SUBDIR)
 
   def check_writable(self) -> None:
     """The write probe of rule 6 on model_dir; raises RunDirError."""
@@ -340,7 +325,7 @@ class RunDir:
     """The TrainConfig the run was started with (config.json); raises CheckpointError."""
     from tfmochi import config as config_lib  # local: config imports the heavy modules
 
-    path = self.join(CONFIG_FILE)
+    path = self.join(runfiles.CONFIG_FILE)
     try:
       found = check_readable(path)
     except RunDirError as e:  # an unknown scheme, a bucket without access, ...
@@ -349,15 +334,16 @@ class RunDir:
       if not tf.io.gfile.exists(self.path):
         raise CheckpointError(f"--model_dir {self.path} does not exist. Point it at the directory "
                               "a training run wrote (it holds config.json and checkpoints/).")
-      raise CheckpointError(f"{self.path} has no {CONFIG_FILE}: it is not a tfmochi training "
-                            "directory (python -m tfmochi.train --model_dir=... writes one).")
+      raise CheckpointError(f"{self.path} has no {runfiles.CONFIG_FILE}: it is not a tfmochi "
+                            "training directory (python -m tfmochi.train --model_dir=... writes "
+                            "one).")
     try:
       return config_lib.TrainConfig.from_dict(read_json(path))
     except (ValueError, tf.errors.OpError) as e:
       raise CheckpointError(f"{path} cannot be read ({reason(e)}).") from None
 
   def metrics_log(self, resume_step: int = 0) -> "MetricsLog":
-    return MetricsLog(self.join(METRICS_FILE), resume_step)
+    return MetricsLog(self.join(runfiles.METRICS_FILE), resume_step)
 
   def summary_writer(self, name: str, enabled: bool = True):
     """A TensorBoard writer into `<model_dir>/<name>` (a no-op writer when not `enabled`)."""

@@ -75,8 +75,8 @@ def _top_k_indices(x: tf.Tensor, n: int) -> tf.Tensor:
 # Why: on a CPU, `tf.math.top_k(k=1024)` over [256, 65536] logits costs about as much as the whole
 # MoCo head (its kernel pushes every element through a heap comparison, a few ns each), and XLA's
 # TopK is slower still. A fused compare-and-count pass costs a fraction of a ns per element, so the
-# selection below only compares, counts and gathers (4-5x faster at that size), and it is exact:
-# it returns exactly the set
+# selection below only compares, counts and gathers (docs/BENCHMARKS.md has the timings), and it
+# is exact: it returns exactly the set
 # {x >= t} for a threshold t with count(x >= t) == N, which *is* the top-N set. Whenever it cannot
 # certify such a t (ties at the N-th value, fewer than N finite logits, non-finite values, an
 # unusually spread candidate set), it falls back to `_top_k_indices`, so the result never differs.

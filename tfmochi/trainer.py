@@ -26,15 +26,19 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from tfmochi import augment
 from tfmochi import build
 from tfmochi import config as config_lib
 from tfmochi import data as data_lib
 from tfmochi import distribute
 from tfmochi import evaluate as eval_lib
 from tfmochi import hooks as hooks_lib
+from tfmochi import idhash
 from tfmochi import models
 from tfmochi import optimizer as optimizer_lib
+from tfmochi import queue as queue_lib
 from tfmochi import rundir
+from tfmochi import runfiles
 from tfmochi import schedules
 
 TrainingError = hooks_lib.TrainingError
@@ -61,12 +65,7 @@ def mask_labels(labels: tf.Tensor, ids: tf.Tensor, fraction: float, seed: int) -
   """
   if fraction >= 1.0:
     return labels
-  # A hash of "seed:id" is a per-image uniform draw that needs no state and no loop.
-  keys = tf.strings.join([tf.strings.as_string(tf.cast(seed, tf.int64)), ":",
-                          tf.strings.as_string(tf.cast(ids, tf.int64))])
-  buckets = 1 << 30
-  u = tf.cast(tf.strings.to_hash_bucket_fast(keys, buckets), tf.float64) / buckets
-  return tf.where(u < fraction, tf.cast(labels, tf.int64),
+  return tf.where(idhash.id_uniform(ids, seed) < fraction, tf.cast(labels, tf.int64),
                   tf.fill(tf.shape(labels), tf.constant(-1, tf.int64)))
 
 
@@ -76,7 +75,7 @@ def _check_model_dir(config: config_lib.TrainConfig, run_dir: rundir.RunDir) -> 
     run_dir.check_writable()
   except rundir.RunDirError as e:
     raise config_lib.ConfigError(str(e)) from None
-  old = run_dir.read(rundir.CONFIG_FILE) or {}
+  old = run_dir.read(runfiles.CONFIG_FILE) or {}
   diff = [f"--{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in _FIXED_SETTINGS
           if k in old and old[k] != getattr(config, k)]
   if diff and run_dir.list_checkpoints():
@@ -105,15 +104,20 @@ def sync_to_first_replica(model) -> None:
 class Trainer:
   """Builds everything a run needs; `run()` trains to the end (or to a preemption)."""
 
-  def __init__(self, config: config_lib.TrainConfig):
+  def __init__(self, config: config_lib.TrainConfig, hooks: tuple[hooks_lib.Hook, ...] = ()):
+    """`hooks` act after every block of steps, after the trainer's own (progress, metrics.jsonl,
+    checkpoints, preemption, the kNN monitor): a caller's way to watch or stop a run."""
     self.config = cfg = config.validate()
-    if cfg.arch in models.SMOKE_ARCHS and cfg.export_format != "none":
+    self.extra_hooks = tuple(hooks)
+    if cfg.arch in models.SMOKE_ARCHS and cfg.export_format in ("detectron2", "torchvision"):
+      # Refused before training rather than after it (tfmochi.export.check_arch_format).
       raise config_lib.ConfigError(
-          f"--arch={cfg.arch} is a small network with no torchvision counterpart to "
-          f"export to; pass --export_format=none (got {cfg.export_format}).")
+          f"--arch={cfg.arch} is a small network with no torchvision counterpart, so it has no "
+          f"{cfg.export_format} weight file; pass --export_format=saved_model, hub, keras or "
+          "none.")
     if cfg.deterministic:
       tf.config.experimental.enable_op_determinism()
-    # The weight init seed: build.random_init_encoder rebuilds the same initial network.
+    # The weight init seed: checkpoints.random_init_encoder rebuilds the same initial network.
     keras.utils.set_random_seed(build.weight_init_seed(cfg))
     build.set_precision(cfg.mixed_precision, cfg.tf32)
     # Data first: a missing data set must fail in seconds, before any device set-up.
@@ -129,7 +133,8 @@ class Trainer:
     self.run_dir = rundir.RunDir(cfg.model_dir)
     _check_model_dir(cfg, self.run_dir)
     self._plan_steps()
-    moco_config = cfg.moco_config(self.steps_per_epoch, self.total_steps)
+    moco_config = cfg.moco_config(self.steps_per_epoch, self.total_steps,
+                                  device_augment=self.device_augment)
     # Built in the strategy's scope, before any tf.function traces.
     self.state = build.build_train_state(cfg, self.strategy, moco_config, self.lr_schedule,
                                          self.fast_grad)
@@ -150,7 +155,8 @@ class Trainer:
     self._metrics = None  # rundir.MetricsLog of metrics.jsonl (chief only), set by run()
 
   def _set_up_devices(self) -> None:
-    """The strategy, its replicas, the resolved --jit_compile/--fast_grad, the batch split."""
+    """The strategy, its replicas, the resolved --jit_compile/--fast_grad/--device_augment, the
+    batch split."""
     cfg = self.config
     self.strategy = distribute.make_strategy(cfg.strategy, tpu=cfg.tpu,
                                              cpu_replicas=cfg.cpu_replicas)
@@ -161,6 +167,10 @@ class Trainer:
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
     self.fast_grad = models.resolve_fast_grad(cfg.fast_grad)
+    self.device_augment = augment.resolve_device_augment(cfg.device_augment)
+    # --tf32 on these devices: on a TPU it sets the XLA precision of float32 products.
+    self.float32_matmuls = build.float32_matmuls(cfg.tf32, cfg.mixed_precision,
+                                                 *build.training_device(self.strategy))
     if cfg.batch_size % self.num_replicas:
       raise config_lib.ConfigError(
           f"--batch_size {cfg.batch_size} (global) must be divisible by the {self.num_replicas} "
@@ -227,14 +237,17 @@ class Trainer:
       ds = data_lib.pretrain_dataset(
           self.train_source, global_batch_size=cfg.batch_size, image_size=cfg.image_size,
           seed=cfg.seed, recipe=cfg.augmentation, crop_scale=(cfg.crop_min_scale, 1.0),
-          hflip=cfg.hflip,
+          hflip=cfg.hflip, device_augment=self.device_augment,
           input_context=ctx, start_step=start_step,
           deterministic=cfg.deterministic)
       if cfg.labeled_fraction < 1.0:
         # Semi-supervised runs: a fixed, seeded subset keeps its labels (host side, not on TPU).
         ds = ds.map(lambda b: dict(b, label=mask_labels(b["label"], b["id"],
                                                         cfg.labeled_fraction, cfg.seed)))
-      return ds
+      # Ids and labels reach the device as int32 (folded on the host: `queue.device_ids`), so the
+      # step holds no 64-bit integer a TPU would have to emulate.
+      return ds.map(lambda b: dict(b, id=queue_lib.device_ids(b["id"]),
+                                   label=queue_lib.device_ids(b["label"])))
 
     return self.strategy.distribute_datasets_from_function(input_fn)
 
@@ -302,7 +315,7 @@ class Trainer:
       return None
     cfg = self.config
     # The subsets the monitor will use (exact for in-memory sources, an upper bound for streams).
-    train, test = (int(eval_lib.class_balanced_subset(source, per_class, cfg.seed).num_examples)
+    train, test = (int(data_lib.class_balanced_subset(source, per_class, cfg.seed).num_examples)
                    for source, per_class in zip(sources, (cfg.knn_train_per_class,
                                                           cfg.knn_test_per_class)))
     return {"train_images": train, "test_images": test, "images": train + test,
@@ -345,19 +358,21 @@ class Trainer:
       self._metrics = self.run_dir.metrics_log(start_step)
       self.checkpointing.metrics = self._metrics
       # The flags as given, plus what "auto" resolved to on this machine.
-      self.run_dir.write(rundir.CONFIG_FILE, dict(dataclasses.asdict(cfg), resolved={
-          "jit_compile": self.jit_compile, "fast_grad": self.fast_grad}))
+      self.run_dir.write(runfiles.CONFIG_FILE, dict(dataclasses.asdict(cfg), resolved={
+          "jit_compile": self.jit_compile, "fast_grad": self.fast_grad,
+          "float32_matmuls": self.float32_matmuls, "device_augment": self.device_augment}))
     progress = hooks_lib.ProgressHook(self.total_steps, start_step, cfg.verbose and self.chief,
                                       show_skipped=cfg.nonfinite == "skip",
                                       show_scale_skips=cfg.mixed_precision == "float16")
-    self.metrics = hooks_lib.MetricsHook(writer, self._log_metrics if self.chief else None)
+    self.metrics = hooks_lib.MetricsHook(writer, self._metrics.append if self.chief else None)
     self.knn_monitor = hooks_lib.KnnMonitorHook(
         self.knn_eval, self.knn_monitor_cost, final=cfg.knn_eval and self.train_source.has_labels,
         every=self.knn_every, total=self.total_steps, run_dir=self.run_dir, chief=self.chief,
         writer=writer, progress=progress, verbose=cfg.verbose)
     self.knn_monitor.before_training(start_step)
     hooks = [hooks_lib.NonFiniteHook(cfg.nonfinite, self.run_dir.list_checkpoints), progress,
-             self.metrics, self.checkpointing, self.preemption, self.knn_monitor]
+             self.metrics, self.checkpointing, self.preemption, self.knn_monitor,
+             *self.extra_hooks]
     step = self._train(start_step, hooks, writer)
     stopped = self._stop_after_preemption(step)
     return stopped if stopped is not None else self._finish(step, writer)
@@ -442,7 +457,7 @@ class Trainer:
     summary = self._summary(step, export_path)
     knn = self.knn_monitor.result
     if self.chief:
-      self.run_dir.write(rundir.SUMMARY_FILE, summary)
+      self.run_dir.write(runfiles.SUMMARY_FILE, summary)
       with writer.as_default(step=step):
         if knn:
           tf.summary.scalar("knn_top1", knn["top1"])
@@ -450,7 +465,7 @@ class Trainer:
       writer.flush()
     if cfg.verbose and self.chief:
       self.knn_monitor.report()
-      print(f"Summary: {self.run_dir.join(rundir.SUMMARY_FILE)}", flush=True)
+      print(f"Summary: {self.run_dir.join(runfiles.SUMMARY_FILE)}", flush=True)
       if self.train_source.has_labels:
         print(f"Linear probe: python -m tfmochi.evaluate --model_dir={cfg.model_dir} "
               "--mode=linear (add --random_init for the baseline)", flush=True)
@@ -510,12 +525,6 @@ class Trainer:
     if self.config.verbose:
       print(message, flush=True)
     return {"preempted": True, "global_step": step}
-
-  def _log_metrics(self, record: dict) -> None:
-    """One JSON line per loop in <model_dir>/metrics.jsonl (what TensorBoard shows, in a form
-    scripts and tests can read; a resumed run continues it). Appended on local disks; on object
-    stores rewritten whole at each checkpoint (rundir rule 4)."""
-    self._metrics.append(record)
 
   def _export(self) -> str | None:
     try:

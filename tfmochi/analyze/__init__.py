@@ -17,9 +17,9 @@ Modules, one job each:
 Every public name is importable from this package.
 """
 
-import os
+from tfmochi import cli as _cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_cli.quiet_tensorflow_startup()  # before TensorFlow's first import: `python -m` loads this first
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from tfmochi.analyze.report import (  # noqa: E402

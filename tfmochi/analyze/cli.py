@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from tfmochi import checkpoints as ckpt_lib
 from tfmochi import cli as cli_lib
 from tfmochi import data as data_lib
+from tfmochi import rundir
 from tfmochi.analyze import render
 from tfmochi.analyze.pipeline import analyze_run
 from tfmochi.analyze.report import AnalyzeError
@@ -50,7 +50,7 @@ def main(argv) -> int:
                          seed=flag_values.seed, split=flag_values.split,
                          batch_size=flag_values.batch_size, dataset=flag_values.dataset,
                          data_dir=flag_values.data_dir, progress=print)
-  except (AnalyzeError, ckpt_lib.CheckpointError, data_lib.DataError) as e:
+  except (AnalyzeError, rundir.CheckpointError, data_lib.DataError) as e:
     return cli_lib.error(PROGRAM, str(e))
   fn = report["false_negatives"]
   print(f"Hardest 1% of negatives: {100 * fn['hardest_1pct']:.2f}% same class (chance "

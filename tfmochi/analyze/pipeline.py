@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfmochi import augment
-from tfmochi import checkpoints as ckpt_lib
+from tfmochi import build
+from tfmochi import checkpoints
 from tfmochi import data as data_lib
 from tfmochi import mixing
 from tfmochi import rundir
@@ -30,7 +31,6 @@ from tfmochi.analyze import render
 from tfmochi.analyze import wordnet
 from tfmochi.analyze.report import AnalyzeError, ClassSimilarity, negatives_report
 from tfmochi.evaluate.features import Progress
-from tfmochi.evaluate.pipeline import restore_checkpoint
 
 REPORT_FILE = "report.json"
 
@@ -45,7 +45,7 @@ def check_output_dir(output_dir: str) -> None:
 
 def _restore_key_encoder(config, checkpoint_path: str):
   """The run's momentum encoder from a checkpoint, or None when it has none."""
-  encoder = ckpt_lib.build_run_encoder(config, "key_encoder")
+  encoder = build.build_run_encoder(config, "key_encoder")
   try:
     tf.train.Checkpoint(key_encoder=encoder).read(checkpoint_path).expect_partial() \
         .assert_existing_objects_matched()
@@ -144,8 +144,8 @@ def _labelled_source(config, model_dir: str, checkpoint_path: str | None, *, spl
                      dataset: str | None, data_dir: str | None,
                      source: data_lib.DataSource | None) -> data_lib.DataSource:
   """The data to embed, after the cheap checks (a checkpoint exists, the data are labelled)."""
-  if checkpoint_path is None and not ckpt_lib.list_checkpoints(model_dir):
-    ckpt_lib.restore_encoder(model_dir)  # raises its clear "no checkpoint yet" message
+  if checkpoint_path is None and not rundir.RunDir(model_dir).list_checkpoints():
+    checkpoints.restore_encoder(model_dir)  # raises its clear "no checkpoint yet" message
   if source is None:
     source = data_lib.load(dataset, split, data_dir=data_dir, seed=config.held_out_seed,
                            tfrecord_label_offset=config.tfrecord_label_offset)
@@ -157,7 +157,7 @@ def _labelled_source(config, model_dir: str, checkpoint_path: str | None, *, spl
 
 def _encoders(model_dir: str, checkpoint_path: str | None):
   """(query encoder, key encoder, which the keys come from, config, step, checkpoint path)."""
-  query_encoder, config, step, path = restore_checkpoint(model_dir, checkpoint_path)
+  query_encoder, config, step, path = checkpoints.restore_encoder(model_dir, checkpoint_path)
   key_encoder = _restore_key_encoder(config, path)
   key_source = "momentum (key) encoder"
   if key_encoder is None:
@@ -226,13 +226,13 @@ def analyze_run(model_dir: str, output_dir: str, *, checkpoint_path: str | None 
     The report (also in output_dir/report.json).
 
   Raises:
-    AnalyzeError, checkpoints.CheckpointError, data.DataError.
+    AnalyzeError, rundir.CheckpointError, data.DataError.
   """
   say = progress or (lambda message: logging.info("%s", message))
   _check_sizes(num_queries, queue_size, batch_size)
   check_output_dir(output_dir)
   start = time.time()
-  config = ckpt_lib.load_run_config(model_dir)  # cheap checks first, then the model
+  config = rundir.RunDir(model_dir).read_config()  # cheap checks first, then the model
   data_dir = config.data_dir if data_dir is None else data_dir
   source = _labelled_source(config, model_dir, checkpoint_path, split=split,
                             dataset=dataset or config.dataset, data_dir=data_dir, source=source)

@@ -107,11 +107,13 @@ def _options(deterministic: bool) -> tf.data.Options:
 
 def _views(source: DataSource, ds: tf.data.Dataset, *, image_size: int, key: tf.Tensor,
            recipe: str, crop_scale: tuple[float, float], hflip: bool, fused_decode: bool,
-           num_parallel_calls: int, deterministic: bool) -> tf.data.Dataset:
+           num_parallel_calls: int, deterministic: bool,
+           device_augment: bool = False) -> tf.data.Dataset:
   """(epoch, raw example) -> {"view1", "view2": uint8 [S, S, 3], "label", "id"}.
 
   The views of sample `id` at `epoch` use the seed derived from (key, epoch, id). Undecodable
-  images are dropped (`map_skipping_bad`).
+  images are dropped (`map_skipping_bad`). With `device_augment` the views stop before the
+  recipe's photometric ops, which the step runs (`augment.device_view_input`).
   """
   encoded = source.encoded if fused_decode else None
 
@@ -121,12 +123,21 @@ def _views(source: DataSource, ds: tf.data.Dataset, *, image_size: int, key: tf.
     image = encoded(ex["raw"]) if encoded is not None else source.decode(ex)["image"]
     view1, view2 = augment.two_views_uint8(image, image_size, _fold(key, epoch, ex["id"]),
                                            recipe, crop_scale, hflip,
-                                           encoded=encoded is not None)
+                                           encoded=encoded is not None,
+                                           photometric=not device_augment)
     return {"view1": view1, "view2": view2, "label": ex["label"], "id": ex["id"]}
 
   view = (image_size, image_size, tf.uint8)
   return map_skipping_bad(source, ds, make_views, placeholder(view1=view, view2=view),
                           num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+
+def _check_recipe_and_step(recipe: str, start_step: int) -> None:
+  if recipe not in augment.AUGMENTATIONS:
+    raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
+                     f"{sorted(augment.AUGMENTATIONS)}.")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
 
 
 def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: int, seed: int,
@@ -135,7 +146,8 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
                      input_context: tf.distribute.InputContext | None = None,
                      start_step: int = 0, shuffle_buffer: int | None = None,
                      deterministic: bool = True, fused_decode: bool = True,
-                     num_parallel_calls: int = AUTOTUNE) -> tf.data.Dataset:
+                     num_parallel_calls: int = AUTOTUNE,
+                     device_augment: bool = False) -> tf.data.Dataset:
   """Infinite stream of per-replica MoCo batches, fully determined by (seed, step).
 
   See the tfmochi.data docstring for the data-position contract. Works as the input_fn of
@@ -147,7 +159,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
     global_batch_size: B, summed over replicas.
     image_size: view side S.
     seed: run seed (data order and augmentations).
-    recipe: "mocov2", "mocov1" or "small" (augment.AUGMENTATIONS).
+    recipe: "mocov2", "mocov1", "small" or "affine" (augment.AUGMENTATIONS; --augmentation).
     crop_scale: area range of the random resized crop.
     hflip: random horizontal flips in the views (off for digits and text).
     input_context: from distribute_datasets_from_function, or None for a single pipeline.
@@ -159,6 +171,8 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
       crop window of a JPEG; False decodes the whole image once for both views (the same
       windows; for benchmarks).
     num_parallel_calls: of the decode + augment map.
+    device_augment: end the views after their geometric ops (the same draws); the step runs the
+      photometric ones (`augment.device_view_input`, --device_augment).
 
   Returns:
     tf.data.Dataset of {"view1": uint8 [b, S, S, 3], "view2": same, "label": int64 [b],
@@ -167,11 +181,7 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
     quarter of float32's bytes to the device; the step normalises them there
     (`augment.to_model_input`, called at the top of `MoCo.train_step`).
   """
-  if recipe not in augment.AUGMENTATIONS:
-    raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of "
-                     f"{sorted(augment.AUGMENTATIONS)}.")
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  _check_recipe_and_step(recipe, start_step)
   num_shards, index, batch, replicas_per_pipeline = _input_topology(global_batch_size,
                                                                     input_context)
   spe = steps_per_epoch(source.num_examples, global_batch_size)
@@ -186,7 +196,8 @@ def pretrain_dataset(source: DataSource, *, global_batch_size: int, image_size: 
                      key=_fold(run_key, _SHUFFLE_STREAM, index), shuffle_buffer=shuffle_buffer)
   ds = _views(source, ds, image_size=image_size, key=_fold(run_key, _AUGMENT_STREAM),
               recipe=recipe, crop_scale=crop_scale, hflip=hflip, fused_decode=fused_decode,
-              num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+              num_parallel_calls=num_parallel_calls, deterministic=deterministic,
+              device_augment=device_augment)
   ds = ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
   return ds.with_options(_options(deterministic))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tfmochi import knn as knn_lib
+from tfmochi import idhash
 from tfmochi.data.source import DataSource
 
 # Share of a streamed split (tfds, TFRecords) that `class_balanced_subset` considers, relative to
@@ -44,19 +44,46 @@ def stratified_holdout(labels: np.ndarray, num_test: int, seed: int
   return train, test
 
 
+def balanced_indices(labels: np.ndarray, ids: np.ndarray, per_class: int,
+                     seed: int) -> np.ndarray:
+  """A class-balanced subset: per class, the `per_class` samples of smallest `idhash.id_hash`.
+
+  Args:
+    labels: [N] int labels (negative = unlabelled, never chosen).
+    ids: [N] int unique sample ids.
+    per_class: samples per class (a class with fewer keeps all of them); 0 = everything.
+    seed: the run seed.
+
+  Returns:
+    Sorted int64 indices into the N samples.
+  """
+  labels, ids = np.asarray(labels, np.int64), np.asarray(ids, np.int64)
+  if per_class <= 0:
+    return np.arange(len(labels), dtype=np.int64)
+  rank = idhash.id_hash(ids, seed, "knn").numpy() if len(labels) else np.zeros([0], np.int64)
+  chosen = []
+  for c in np.unique(labels[labels >= 0]):
+    members = np.flatnonzero(labels == c)
+    order = np.lexsort((ids[members], rank[members]))  # ties (never in practice) by id
+    chosen.append(members[order[:per_class]])
+  if not chosen:
+    return np.zeros([0], np.int64)
+  return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
 def class_balanced_subset(source: DataSource, per_class: int, seed: int) -> DataSource:
   """At most `per_class` images of each class of `source`, chosen by `seed` (0: `source` itself).
 
-  In-memory sources (quickstart, `data.from_numpy`): per class, the `per_class` images of smallest
-  `knn.id_hash(seed, id)`, exactly. Streamed sources (tfds, e.g. ImageNet): the split is read in
-  its stored order (tfds shuffles examples when it writes them), an image is considered when its
-  seeded hash falls in the lowest share p = min(1, per_class x classes / (`_STREAM_KEEP` x split))
-  and kept while its class has fewer than `per_class`; reading stops as soon as every class is
-  full, so a pass decodes only the chosen images and reads (undecoded) about 2 x per_class /
-  (images per class) of the split. A split at most twice the subset is considered whole (p = 1:
-  every class keeps min(per_class, its images)); in a larger one a class with fewer than ~2 x
-  per_class images may keep fewer than per_class. Both depend
-  only on (seed, ids, stored order): the same subset at every pass, on every host, after a resume.
+  In-memory sources (quickstart, `data.from_numpy`): `balanced_indices`, exactly. Streamed
+  sources (tfds, e.g. ImageNet): the split is read in its stored order (tfds shuffles examples
+  when it writes them), an image is considered when its seeded hash falls in the lowest share
+  p = min(1, per_class x classes / (`_STREAM_KEEP` x split)) and kept while its class has fewer
+  than `per_class`; reading stops as soon as every class is full, so a pass decodes only the
+  chosen images and reads (undecoded) about 2 x per_class / (images per class) of the split. A
+  split at most twice the subset is considered whole (p = 1: every class keeps min(per_class, its
+  images)); in a larger one a class with fewer than ~2 x per_class images may keep fewer than
+  per_class. Both depend only on (seed, ids, stored order): the same subset at every pass, on
+  every host, after a resume.
 
   Returns:
     A DataSource over the subset (`num_examples` is per_class x classes, capped at the split,
@@ -67,7 +94,7 @@ def class_balanced_subset(source: DataSource, per_class: int, seed: int) -> Data
   records = source.records()
   if records is not None:
     _, labels, ids = records
-    return source.subset(knn_lib.balanced_indices(labels, ids, per_class, seed))
+    return source.subset(balanced_indices(labels, ids, per_class, seed))
   num_classes = int(source.num_classes or 0)
   if not num_classes:
     return source  # unlabelled: the kNN refuses it with its own message
@@ -76,7 +103,7 @@ def class_balanced_subset(source: DataSource, per_class: int, seed: int) -> Data
 
   @tf.autograph.experimental.do_not_convert  # plain tensor code; silences AutoGraph
   def considered(ex):
-    return knn_lib.id_hash(ex["id"], seed) < threshold
+    return idhash.id_hash(ex["id"], seed, "knn") < threshold
 
   @tf.autograph.experimental.do_not_convert
   def cap(counts, ex):

@@ -10,8 +10,8 @@ Modules, one job each:
 
   features   pooled backbone features in inference mode, on one device or over a single-host
              strategy's replicas (padded batches, gathered back in order)
-  knn        weighted kNN of the L2-normalised features (MoCo's monitor) + the raw-pixel baseline,
-             class-balanced subsets for the trainer's monitor
+  knn        weighted kNN of the L2-normalised features (MoCo's monitor: `auto_k`, `knn_accuracy`,
+             `knn_eval`) + the raw-pixel baseline
   linear     MoCo's linear probe (main_lincls.py) with its sanity check of the frozen backbone
   results    eval_<mode>.json with its history, TensorBoard scalars, the random-init baseline
   pipeline   one checkpoint of a run: EvalSettings, restore, the run's data, evaluate, record
@@ -22,9 +22,9 @@ The library functions (`knn_eval`, `linear_probe`, `evaluate_checkpoint`, `run_s
 explicit arguments and never read flags; every public name is importable from this package.
 """
 
-import os
+from tfmochi import cli as _cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_cli.quiet_tensorflow_startup()  # before TensorFlow's first import: `python -m` loads this first
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from tfmochi.accuracy import topk_accuracy  # noqa: E402
@@ -32,7 +32,8 @@ from tfmochi.evaluate.features import (  # noqa: E402
     EvalError, Progress, backbone_of, check_strategy, extract_pooled, padded_batches,
     pooled_feature_fn, require_labels)
 from tfmochi.evaluate.knn import (  # noqa: E402
-    RAW_PIXELS_MAX_SIZE, class_balanced_subset, eval_view_pixels, knn_eval, raw_pixels_meaningful)
+    AUTO_K_FRACTION, AUTO_K_MAX, RAW_PIXELS_MAX_SIZE, auto_k, eval_view_pixels, knn_accuracy,
+    knn_eval, knn_predict_scores, raw_pixels_meaningful)
 from tfmochi.evaluate.linear import (  # noqa: E402
     LINEAR_BATCH_SIZE, LINEAR_CROP_MIN_SCALE, LINEAR_EPOCHS, LINEAR_INIT_STD, LINEAR_LR,
     LINEAR_MILESTONES, LINEAR_MOMENTUM, BackboneChangedError, default_linear_settings,
@@ -41,6 +42,6 @@ from tfmochi.evaluate.results import (  # noqa: E402
     EVAL_SUBDIR, RANDOM_INIT_SUFFIX, baselines_text, eval_json_path, random_init_result,
     write_eval_scalars)
 from tfmochi.evaluate.pipeline import (  # noqa: E402
-    MODES, EvalSettings, evaluate_checkpoint, load_sources, restore_checkpoint)
-from tfmochi.evaluate.sidecar import SUMMARY_FILE, run_sidecar, training_finished  # noqa: E402
+    MODES, EvalSettings, evaluate_checkpoint, load_sources)
+from tfmochi.evaluate.sidecar import run_sidecar, training_finished  # noqa: E402
 from tfmochi.evaluate.cli import EVAL_STRATEGIES, main, run  # noqa: E402

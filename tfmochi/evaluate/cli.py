@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfmochi import checkpoints as ckpt_lib
 from tfmochi import cli as cli_lib
 from tfmochi import data as data_lib
 from tfmochi import distribute
+from tfmochi import rundir
 from tfmochi.evaluate import linear as linear_lib
 from tfmochi.evaluate import pipeline
 from tfmochi.evaluate import results as results_lib
@@ -115,12 +115,12 @@ def main(argv) -> int:
                          f"(evaluation runs on one host); got {flag_values.strategy!r}.")
   try:
     result = _evaluate(flag_values, settings)
-  except (EvalError, ckpt_lib.CheckpointError, data_lib.DataError,
+  except (EvalError, rundir.CheckpointError, data_lib.DataError,
           linear_lib.BackboneChangedError) as e:
     return cli_lib.error(PROGRAM, str(e))
   if result is None:
     return cli_lib.error(PROGRAM, f"no checkpoint could be evaluated in "
-                         f"{ckpt_lib.checkpoint_dir(model_dir)} within "
+                         f"{rundir.RunDir(model_dir).checkpoint_dir} within "
                          f"--sidecar_timeout={flag_values.sidecar_timeout:g} s.")
   name = "kNN" if settings.mode == "knn" else "Linear"
   what = "random init" if settings.random_init else f"step {result['checkpoint_step']}"

@@ -134,8 +134,8 @@ def extract_pooled(model, dataset: tf.data.Dataset, *, batch_size: int,
 
 # The last traced steps, by (backbone, strategy) identity (neither type defines __eq__): an
 # evaluation extracts its train and test features with the same network, and the kNN monitor
-# reuses it every pass; tracing a replicated forward pass is the slow part on many replicas (8
-# logical CPU replicas: ~45 s per trace on 2 cores, against seconds of actual work). The cache
+# reuses it every pass; tracing a replicated forward pass is the slow part on many replicas
+# (it costs more than the extraction itself; docs/BENCHMARKS.md). The cache
 # holds its two entries strongly, so a step is never reused for a new object with an old id.
 @functools.lru_cache(maxsize=2)
 def _gathering_step_of(backbone, strategy: tf.distribute.Strategy):

@@ -2,11 +2,19 @@
 
 The monitor of the MoCo CIFAR demo (and InstDisc): L2-normalised pooled features, the train split
 is the memory bank, the held-out split the queries; each query is voted for by its k nearest
-neighbours weighted by exp(cos / t), t = 0.1, k chosen from the bank: 10% of its smallest class's
-count, at most 200 (MoCo's value for 5,000 images per class; `knn.auto_k`). The k used is
-recorded. For eval views of at most 32 x 32 pixels the same kNN on the flattened, L2-normalised
-eval views (raw pixels) is reported next to it: `raw_pixels_top1`. `class_balanced_subset` bounds
-the cost of the trainer's monitor on large splits (`tfmochi.data.class_balanced_subset`).
+neighbours (cosine similarity), each vote weighted by exp(cos / t), t = 0.1; top-1/top-5 are read
+off the class scores (`knn_accuracy`). The bank is processed in chunks, so a large training set
+never needs a [N_test, N_train] matrix at once.
+
+k is chosen from the bank (`auto_k`): 10% of the smallest class's count, at most 200 (the value of
+the MoCo CIFAR demo and InstDisc, made for 5,000 and ~1,300 images per class). A k above a class's
+count forces every query of that class to take votes from other classes, so the accuracy then
+measures the protocol rather than the features: on small data sets it stops telling a better
+network from a worse one. The k used is recorded.
+
+For eval views of at most 32 x 32 pixels the same kNN on the flattened, L2-normalised eval views
+(raw pixels) is reported next to it: `raw_pixels_top1`. The trainer's monitor bounds its cost on
+large splits with `tfmochi.data.class_balanced_subset`.
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tfmochi import accuracy
 from tfmochi import data as data_lib
-from tfmochi import knn as knn_lib
 from tfmochi.evaluate import features as features_lib
 from tfmochi.evaluate.features import EvalError
 
@@ -25,8 +33,80 @@ from tfmochi.evaluate.features import EvalError
 # pixels are a meaningful (and cheap) baseline, as for the 8x8 digits and CIFAR; at 224 px it is
 # near chance and 150,528 values per image.
 RAW_PIXELS_MAX_SIZE = 32
-# Defined in tfmochi.data (it selects examples of a DataSource); importable from here too.
-class_balanced_subset = data_lib.class_balanced_subset
+# auto_k: k = AUTO_K_FRACTION x the smallest class's count in the bank, in [1, AUTO_K_MAX].
+AUTO_K_FRACTION = 0.1
+AUTO_K_MAX = 200
+
+
+def auto_k(bank_labels: np.ndarray, k: int = 0) -> int:
+  """The k of the vote: `k` when given (> 0), else chosen from the bank's class counts.
+
+  Auto: 10% of the smallest class's count in the bank, at most 200 and at least 1; so k never
+  exceeds the smallest class (the module docstring says why).
+
+  Args:
+    bank_labels: [N] int labels of the memory bank (negative labels are ignored).
+    k: an explicit k (wins), or 0 for the automatic choice.
+
+  Returns:
+    k >= 1.
+  """
+  if k < 0:
+    raise ValueError(f"knn k must be >= 1 (or 0 = auto), got {k}.")
+  if k > 0:
+    return int(k)
+  labels = np.asarray(bank_labels)
+  counts = np.bincount(labels[labels >= 0])
+  counts = counts[counts > 0]
+  smallest = int(counts.min()) if counts.size else 1
+  return int(max(1, min(AUTO_K_MAX, int(smallest * AUTO_K_FRACTION))))
+
+
+def knn_predict_scores(train_features: np.ndarray, train_labels: np.ndarray,
+                       test_features: np.ndarray, num_classes: int, k: int = 0,
+                       t: float = 0.1, chunk: int = 1024) -> np.ndarray:
+  """Class scores of the weighted kNN vote.
+
+  Args:
+    train_features: [N, F] L2-normalised memory bank.
+    train_labels: [N] int labels in [0, C).
+    test_features: [M, F] L2-normalised queries.
+    num_classes: C.
+    k: neighbours (clipped to N); 0 = `auto_k` of the bank.
+    t: temperature of the exp(sim / t) weights.
+    chunk: test rows per matmul.
+
+  Returns:
+    [M, C] float32 scores.
+  """
+  if t <= 0:
+    raise ValueError(f"knn temperature t must be > 0, got {t}.")
+  k = min(auto_k(train_labels, k), len(train_features))
+  bank = tf.constant(train_features, tf.float32)
+  bank_labels = tf.constant(train_labels, tf.int64)
+  scores = []
+  for start in range(0, len(test_features), chunk):
+    sim = tf.matmul(tf.constant(test_features[start:start + chunk], tf.float32), bank,
+                    transpose_b=True)  # [m, N]
+    top_sim, top_idx = tf.math.top_k(sim, k=k)  # [m, k]
+    weights = tf.exp(top_sim / t)
+    one_hot = tf.one_hot(tf.gather(bank_labels, top_idx), num_classes)  # [m, k, C]
+    scores.append(tf.reduce_sum(one_hot * weights[..., None], axis=1).numpy())
+  return np.concatenate(scores)
+
+
+def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
+                 test_features: np.ndarray, test_labels: np.ndarray, num_classes: int,
+                 k: int = 0, t: float = 0.1) -> dict[str, float]:
+  """Top-1 and top-5 accuracy (in %) of the weighted kNN classifier.
+
+  Returns:
+    {"top1": float, "top5": float, "k": the k used (`auto_k`, clipped to the bank)}.
+  """
+  k = min(auto_k(train_labels, k), len(train_features))
+  scores = knn_predict_scores(train_features, train_labels, test_features, num_classes, k, t)
+  top = accuracy.topk_accuracy(scores, test_labels, (1, 5))  # ties: the lower class first
+  return {"top1": top[1], "top5": top[5], "k": int(k)}
 
 
 def raw_pixels_meaningful(image_size: int) -> bool:
@@ -59,7 +139,7 @@ def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.Dat
     train_source: the memory bank (labelled).
     test_source: the queries (labelled).
     image_size: centre-view side S (the run's training image size).
-    k: neighbours; 0 = `knn.auto_k` (10% of the bank's smallest class, at most 200).
+    k: neighbours; 0 = `auto_k` (10% of the bank's smallest class, at most 200).
     t: temperature of the exp(cos / t) vote weights.
     batch_size: images per forward pass (global, over all replicas).
     strategy: spread the forward passes over a single-host strategy's replicas (see
@@ -84,14 +164,14 @@ def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.Dat
   features_lib.require_labels(test_source, "kNN evaluation")
   start = time.time()
   strategy = features_lib.check_strategy(strategy, batch_size)
-  train_source = class_balanced_subset(train_source, train_per_class, seed)
-  test_source = class_balanced_subset(test_source, test_per_class, seed)
+  train_source = data_lib.class_balanced_subset(train_source, train_per_class, seed)
+  test_source = data_lib.class_balanced_subset(test_source, test_per_class, seed)
   extract = dict(image_size=image_size, batch_size=batch_size, strategy=strategy)
   bank, bank_labels = _normalised_features(model, train_source, **extract)
   queries, labels = _normalised_features(model, test_source, **extract)
   num_classes = features_lib.num_classes_of(train_source, test_source) or int(
       max(bank_labels.max(), labels.max())) + 1
-  result = knn_lib.knn_accuracy(bank, bank_labels, queries, labels, num_classes, k=k, t=t)
+  result = knn_accuracy(bank, bank_labels, queries, labels, num_classes, k=k, t=t)
   counts = np.bincount(bank_labels[bank_labels >= 0])
   result.update({"k_auto": k == 0, "smallest_class": int(counts[counts > 0].min()),
                  "t": float(t), "num_train": int(len(bank)), "num_test": int(len(queries)),
@@ -125,6 +205,6 @@ def _raw_pixels_accuracy(train_source: data_lib.DataSource, test_source: data_li
   """
   pixel_bank, _ = eval_view_pixels(train_source, image_size=image_size, batch_size=batch_size)
   pixel_queries, _ = eval_view_pixels(test_source, image_size=image_size, batch_size=batch_size)
-  return knn_lib.knn_accuracy(
+  return knn_accuracy(
       tf.math.l2_normalize(pixel_bank, axis=-1).numpy(), bank_labels,
       tf.math.l2_normalize(pixel_queries, axis=-1).numpy(), labels, num_classes, k=k, t=t)

@@ -14,8 +14,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from tfmochi import build
-from tfmochi import checkpoints as ckpt_lib
+from tfmochi import checkpoints
 from tfmochi import data as data_lib
 from tfmochi.evaluate import features as features_lib
 from tfmochi.evaluate import knn as knn_eval_lib
@@ -105,11 +104,6 @@ def load_sources(config, settings: EvalSettings) -> tuple[data_lib.DataSource,
   return train, test
 
 
-def restore_checkpoint(model_dir: str, checkpoint_path: str | None):
-  """(encoder, config, step, path) of `checkpoint_path`, or of the newest readable checkpoint."""
-  return build.restore_run_encoder(model_dir, checkpoint_path)
-
-
 def _restore(model_dir: str, settings: EvalSettings, checkpoint_path: str | None,
              strategy: tf.distribute.Strategy | None):
   """(encoder, config, step, path): the checkpoint's, or the random-init network's (0, None)."""
@@ -118,9 +112,9 @@ def _restore(model_dir: str, settings: EvalSettings, checkpoint_path: str | None
                     "--checkpoint.")
   with strategy.scope() if strategy is not None else contextlib.nullcontext():
     if settings.random_init:
-      encoder, config = ckpt_lib.random_init_encoder(model_dir)
+      encoder, config = checkpoints.random_init_encoder(model_dir)
       return encoder, config, 0, None
-    return restore_checkpoint(model_dir, checkpoint_path)
+    return checkpoints.restore_encoder(model_dir, checkpoint_path)
 
 
 def _evaluate_mode(encoder, config, train: data_lib.DataSource, test: data_lib.DataSource,
@@ -170,7 +164,7 @@ def evaluate_checkpoint(model_dir: str, settings: EvalSettings, *,
     has a random-init result of this mode (`random_init_result`), random_init_top1.
 
   Raises:
-    checkpoints.CheckpointError: no run, no checkpoint, or an unreadable one.
+    rundir.CheckpointError: no run, no checkpoint, or an unreadable one.
     EvalError: bad settings or unlabelled data.
     data.DataError: the data set cannot be loaded.
     BackboneChangedError: the linear probe changed the backbone.

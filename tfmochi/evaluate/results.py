@@ -16,8 +16,8 @@ import os
 
 import tensorflow as tf
 
-from tfmochi import checkpoints as ckpt_lib
 from tfmochi import rundir
+from tfmochi import runfiles
 
 RANDOM_INIT_SUFFIX = "_random_init"
 EVAL_SUBDIR = "eval"
@@ -37,7 +37,7 @@ def random_init_result(model_dir: str, mode: str) -> dict | None:
   """
   candidates = [eval_json_path(model_dir, mode, random_init=True)]
   if mode == "knn":
-    candidates.append(os.path.join(model_dir, ckpt_lib.KNN_RANDOM_INIT_FILE))
+    candidates.append(os.path.join(model_dir, runfiles.KNN_RANDOM_INIT_FILE))
   for path in candidates:
     if tf.io.gfile.exists(path):
       try:

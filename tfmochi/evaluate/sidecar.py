@@ -13,15 +13,12 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from tfmochi import checkpoints as ckpt_lib
 from tfmochi import data as data_lib
 from tfmochi import rundir
+from tfmochi import runfiles
 from tfmochi.evaluate import features as features_lib
 from tfmochi.evaluate import pipeline
 from tfmochi.evaluate.features import EvalError, Progress
-
-SUMMARY_FILE = "summary.json"
-
 
 def training_finished(model_dir: str, last_path: str | None) -> bool:
   """True when the run's summary.json exists and its newest checkpoint has been evaluated.
@@ -29,10 +26,10 @@ def training_finished(model_dir: str, last_path: str | None) -> bool:
   A summary.json left by an earlier run that has since been resumed does not count: the resumed
   run's checkpoints are past that summary's global_step.
   """
-  summary_path = os.path.join(model_dir, SUMMARY_FILE)
+  summary_path = os.path.join(model_dir, runfiles.SUMMARY_FILE)
   if not tf.io.gfile.exists(summary_path):
     return False
-  latest = tf.train.latest_checkpoint(ckpt_lib.checkpoint_dir(model_dir))
+  latest = tf.train.latest_checkpoint(rundir.RunDir(model_dir).checkpoint_dir)
   if latest is None:
     return True  # a finished run without any checkpoint: nothing will come
   if latest != last_path:
@@ -41,7 +38,7 @@ def training_finished(model_dir: str, last_path: str | None) -> bool:
     final_step = rundir.read_json(summary_path).get("global_step")
   except (ValueError, tf.errors.OpError, AttributeError):
     final_step = None
-  return not (isinstance(final_step, int) and ckpt_lib.checkpoint_step(latest) > final_step)
+  return not (isinstance(final_step, int) and rundir.checkpoint_step(latest) > final_step)
 
 
 def run_sidecar(model_dir: str, settings: pipeline.EvalSettings, *, timeout: float = 3600.0,
@@ -79,18 +76,18 @@ def run_sidecar(model_dir: str, settings: pipeline.EvalSettings, *, timeout: flo
 
   # checkpoints_iterator polls every second and gives up a wait once less than a second is
   # left, so a wait shorter than 2 s would return at once and spin; hence the floor.
-  iterator = tf.train.checkpoints_iterator(ckpt_lib.checkpoint_dir(model_dir),
+  iterator = tf.train.checkpoints_iterator(rundir.RunDir(model_dir).checkpoint_dir,
                                            timeout=max(2.0, min(poll_interval, timeout)),
                                            timeout_fn=stop)
   for path in iterator:
     features_lib.say(progress, f"side-car: evaluating {path}")
     try:
       if sources is None:
-        sources = pipeline.load_sources(ckpt_lib.load_run_config(model_dir), settings)
+        sources = pipeline.load_sources(rundir.RunDir(model_dir).read_config(), settings)
       result = pipeline.evaluate_checkpoint(model_dir, settings, checkpoint_path=path,
                                             sources=sources, strategy=strategy,
                                             progress=progress)
-    except ckpt_lib.CheckpointError as e:
+    except rundir.CheckpointError as e:
       # Typically the trainer deleted it (max_to_keep) before we got to it: go on.
       logging.warning("side-car: skipping %s: %s", path, e)
       state["path"] = path

@@ -1,6 +1,6 @@
-"""`python -m tfmochi.compare_eval --model_dir=RUN`: what a comparison sweep measures of one run.
+"""`python -m tfmochi.compare.eval --model_dir=RUN`: what a comparison sweep measures of one run.
 
-`tfmochi.compare` starts it once per finished training run (a process of its own, so that a
+`tfmochi.compare.sweep` starts it once per finished training run (a process of its own, so that a
 crash or a kill loses only this run's evaluation). Into RUN it writes
 
   eval_knn.json                  weighted kNN of the final checkpoint
@@ -27,21 +27,21 @@ import glob
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tfmochi import cli
+
+cli.quiet_tensorflow_startup()  # before TensorFlow's first import
 
 import tensorflow as tf  # noqa: E402
 
 from tfmochi import analyze  # noqa: E402
-from tfmochi import cli  # noqa: E402
-from tfmochi import checkpoints as ckpt_lib  # noqa: E402
 from tfmochi import data as data_lib  # noqa: E402
 from tfmochi import evaluate  # noqa: E402
 from tfmochi import rundir  # noqa: E402
+from tfmochi import runfiles  # noqa: E402
+from tfmochi.compare import report  # noqa: E402
 
-RAW_PIXELS_LINEAR_FILE = "eval_linear_raw_pixels.json"
 ANALYSIS_DIR = "analysis"
-COMPARE_EVAL_FILE = "compare_eval.json"
-_PROGRAM = "tfmochi.compare_eval"
+_PROGRAM = "tfmochi.compare.eval"
 TRAIN_EVENTS_DIR = "train"  # the trainer's TensorBoard scalars, among them the kNN monitor's
 
 
@@ -59,9 +59,9 @@ class _PixelBackbone:
 
 def final_step(model_dir: str) -> int:
   """The step of a finished run (summary.json); raises CheckpointError if it has not finished."""
-  path = os.path.join(model_dir, "summary.json")
+  path = os.path.join(model_dir, runfiles.SUMMARY_FILE)
   if not tf.io.gfile.exists(path):
-    raise ckpt_lib.CheckpointError(f"{model_dir} has no summary.json: the run has not finished. "
+    raise rundir.CheckpointError(f"{model_dir} has no summary.json: the run has not finished. "
                                    "Train it to its end first (rerun the same train command).")
   return int(rundir.read_json(path)["global_step"])
 
@@ -83,7 +83,7 @@ def knn_history(model_dir: str) -> list[list[float]]:
   scalars. A step logged twice (a resumed run repeats the steps after its last checkpoint)
   keeps its last value."""
   points = {}
-  random_init = os.path.join(model_dir, ckpt_lib.KNN_RANDOM_INIT_FILE)
+  random_init = os.path.join(model_dir, runfiles.KNN_RANDOM_INIT_FILE)
   if tf.io.gfile.exists(random_init):
     points[0] = float(rundir.read_json(random_init)["top1"])
   pattern = os.path.join(model_dir, TRAIN_EVENTS_DIR, "events.out.tfevents.*")
@@ -128,7 +128,7 @@ def _steps(model_dir: str, step: int, linear_epochs: int | None, cache_features:
        {"checkpoint_step": 0, **probe}, evaluate.EvalSettings(**linear, random_init=True)),
       ("linear probe", evaluate.eval_json_path(model_dir, "linear"),
        {"checkpoint_step": step, **probe}, evaluate.EvalSettings(**linear)),
-      ("linear probe on raw pixels", os.path.join(model_dir, RAW_PIXELS_LINEAR_FILE),
+      ("linear probe on raw pixels", os.path.join(model_dir, report.RAW_PIXELS_LINEAR_FILE),
        {"checkpoint_step": 0}, evaluate.EvalSettings(**linear)),
       ("negatives analysis", os.path.join(model_dir, ANALYSIS_DIR, analyze.REPORT_FILE),
        {"checkpoint_step": step}, None),
@@ -151,7 +151,7 @@ def evaluate_run(model_dir: str, *, strategy=None, linear_epochs: int | None = N
     progress: called with progress lines.
   """
   step = final_step(model_dir)
-  config = ckpt_lib.load_run_config(model_dir)
+  config = rundir.RunDir(model_dir).read_config()
   seconds = {}
   for name, path, expected, settings in _steps(model_dir, step, linear_epochs,
                                                linear_cache_features):
@@ -162,7 +162,7 @@ def evaluate_run(model_dir: str, *, strategy=None, linear_epochs: int | None = N
     if settings is None:
       analyze.analyze_run(model_dir, os.path.dirname(path), num_queries=num_queries,
                           progress=lambda message: None)
-    elif path.endswith(RAW_PIXELS_LINEAR_FILE):
+    elif path.endswith(report.RAW_PIXELS_LINEAR_FILE):
       rundir.write_json(path, raw_pixels_linear(config, settings, strategy, lambda m: None))
     else:
       evaluate.evaluate_checkpoint(model_dir, settings, strategy=strategy,
@@ -170,7 +170,7 @@ def evaluate_run(model_dir: str, *, strategy=None, linear_epochs: int | None = N
     seconds[name] = time.time() - start
   summary = {"checkpoint_step": step, "knn_history": knn_history(model_dir),
              "linear_cache_features": linear_cache_features, "seconds": seconds}
-  rundir.write_json(os.path.join(model_dir, COMPARE_EVAL_FILE), summary)
+  rundir.write_json(os.path.join(model_dir, report.COMPARE_EVAL_FILE), summary)
   return summary
 
 
@@ -196,7 +196,8 @@ def main(argv) -> int:
   from tfmochi import distribute  # pylint: disable=g-import-not-at-top
 
   flag_values = flags.FLAGS
-  status = cli.check_invocation(_PROGRAM, argv, required={"model_dir": "the finished run to measure"})
+  status = cli.check_invocation(_PROGRAM, argv,
+                                required={"model_dir": "the finished run to measure"})
   if status is not None:
     return status
   try:
@@ -209,7 +210,7 @@ def main(argv) -> int:
                  linear_cache_features=flag_values.linear_cache_features,
                  num_queries=flag_values.num_queries)
   except (evaluate.EvalError, evaluate.BackboneChangedError, analyze.AnalyzeError,
-          ckpt_lib.CheckpointError, data_lib.DataError) as e:
+          rundir.CheckpointError, data_lib.DataError) as e:
     return cli.error(_PROGRAM, str(e))
   return 0
 

@@ -4,7 +4,7 @@ over seeds per variant, results.json, the Markdown table results.md and the plot
 Every number comes from a file the evaluation wrote into the run (`METRICS`, `BASELINES`), so the
 table can be checked against `eval_knn.json`, `eval_linear.json` and `analysis/report.json`. The
 spread is the sample standard deviation over seeds (ddof = 1; none with one seed).
-Needs no TensorFlow (run directories on gs:// are read through tf.io.gfile, imported then).
+Needs no TensorFlow: run files are read through `tfmochi.runfiles`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import math
 import os
 
 import numpy as np
+
+from tfmochi import runfiles
 
 # The share of the last logged training steps that train_top1 averages over.
 TAIL = 0.1
@@ -30,10 +32,17 @@ METRICS = (
     ("proxy_top1", "proxy top-1 vs queue (%)", "analysis/report.json", ("proxy_top1",), 1.0, 1),
     # The proxy task as trained: MoCHi's synthetic negatives are among the logits here (they are
     # not in proxy_top1, which scores the final model against the real queue only).
-    ("train_top1", f"training top-1, last {TAIL:.0%} of steps (%)", "metrics.jsonl", ("acc1",),
-     100.0, 1),
+    ("train_top1", f"training top-1, last {TAIL:.0%} of steps (%)", runfiles.METRICS_FILE,
+     ("acc1",), 100.0, 1),
 )
-# Where compare.py accumulates the wall and CPU seconds the sweep spent on a run (training and
+# What `tfmochi.compare.eval` writes into a run besides the evaluations' own files: its summary
+# (the kNN monitor's history, the seconds) and the linear probe on raw pixels.
+COMPARE_EVAL_FILE = "compare_eval.json"
+RAW_PIXELS_LINEAR_FILE = "eval_linear_raw_pixels.json"
+# The sweep's outputs in its output directory.
+RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "results.md"
+# Where the sweep accumulates the wall and CPU seconds it spent on a run (training and
 # evaluation, over every invocation that worked on it), so a rerun that skips it keeps its cost.
 COST_FILE = "compare_cost.json"
 # The same split's baselines, recorded by the evaluations of every run.
@@ -42,7 +51,7 @@ BASELINES = (
     ("knn_raw_pixels", "raw pixels", "knn_top1", "eval_knn.json", ("raw_pixels_top1",)),
     ("linear_random_init", "random init", "linear_top1", "eval_linear_random_init.json",
      ("top1",)),
-    ("linear_raw_pixels", "raw pixels", "linear_top1", "eval_linear_raw_pixels.json", ("top1",)),
+    ("linear_raw_pixels", "raw pixels", "linear_top1", RAW_PIXELS_LINEAR_FILE, ("top1",)),
     ("same_class_chance", "chance", "same_class_hardest_1pct", "analysis/report.json",
      ("false_negatives", "chance")),
 )
@@ -50,47 +59,10 @@ _SCALE = {key: scale for key, _, _, _, scale, _ in METRICS}
 _DECIMALS = {key: decimals for key, _, _, _, _, decimals in METRICS}
 
 
-def _read_text(path: str) -> str | None:
-  """The text at `path` (local, or gs:// through tf.io.gfile), or None when absent/unreadable."""
-  try:
-    if "://" in path:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      with tf.io.gfile.GFile(path) as f:
-        return f.read()
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except (OSError, ValueError):  # ValueError: undecodable bytes
-    return None
-  except Exception as e:  # noqa: BLE001  tf.errors.NotFoundError without importing TF here
-    if type(e).__name__ == "NotFoundError":
-      return None
-    raise
-
-
-def read_json(path: str):
-  """The JSON at `path` (local, or gs:// through tf.io.gfile), or None when absent/unreadable."""
-  text = _read_text(path)
-  try:
-    return None if text is None else json.loads(text)
-  except ValueError:
-    return None
-
-
-def write_whole(path: str, text: str) -> None:
-  """Writes `text` to the local `path` through a temporary file and a rename: readers see the
-  old file or the whole new one. (tfmochi.rundir.write_text does the same for gs:// but imports
-  TensorFlow, which the sweep driver does not need.)"""
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, f".{name}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def tail_mean(path: str, key: str, tail: float = TAIL) -> float | None:
   """Mean of `key` over the training log rows (metrics.jsonl) of the last `tail` of the logged
   steps; None when the file or the key is absent. Rows without the key (evaluations) are skipped."""
-  text = _read_text(path)
+  text = runfiles.read_text(path)
   if text is None:
     return None
   rows = []
@@ -126,15 +98,15 @@ def read_run_metrics(run_dir: str) -> dict:
       found = tail_mean(os.path.join(run_dir, filename), keys[0])
       return None if found is None else found * scale
     if filename not in cache:
-      cache[filename] = read_json(os.path.join(run_dir, filename))
+      cache[filename] = runfiles.read_json(os.path.join(run_dir, filename))
     found = _lookup(cache[filename], keys)
     return None if found is None else found * scale
 
   metrics = {key: value(f, keys, scale) for key, _, f, keys, scale, _ in METRICS}
   baselines = {key: value(f, keys, _SCALE[metric]) for key, _, metric, f, keys in BASELINES}
-  summary = read_json(os.path.join(run_dir, "summary.json")) or {}
-  extra = read_json(os.path.join(run_dir, "compare_eval.json")) or {}
-  cost = read_json(os.path.join(run_dir, COST_FILE)) or {}
+  summary = runfiles.read_json(os.path.join(run_dir, runfiles.SUMMARY_FILE)) or {}
+  extra = runfiles.read_json(os.path.join(run_dir, COMPARE_EVAL_FILE)) or {}
+  cost = runfiles.read_json(os.path.join(run_dir, COST_FILE)) or {}
   return {"metrics": metrics, "baselines": baselines,
           "train_seconds": summary.get("wall_seconds"), "global_step": summary.get("global_step"),
           "knn_history": extra.get("knn_history", []), "eval_seconds": extra.get("seconds", {}),
@@ -295,6 +267,6 @@ def write_results(results: dict, output_dir: str) -> None:
   results["failed_variants"] = sorted({r["variant"] for r in results["runs"]
                                        if r["status"] == "failed"})
   results["plots"] = write_plots(results, output_dir)
-  for name, text in (("results.json", json.dumps(results, indent=2, sort_keys=True) + "\n"),
-                     ("results.md", markdown(results))):
-    write_whole(os.path.join(output_dir, name), text)  # a kill never leaves half a table
+  for name, text in ((RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n"),
+                     (MARKDOWN_FILE, markdown(results))):
+    runfiles.write_local(os.path.join(output_dir, name), text)  # a kill never leaves half a table

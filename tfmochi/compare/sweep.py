@@ -1,29 +1,13 @@
-"""`python -m tfmochi.compare`: trains named variants over several seeds, evaluates every run the
-same way, and writes the results table with mean ± std over seeds.
-
-  python -m tfmochi.compare --base_flagfile=configs/compare_digits.flags \\
-      --variants=moco_v2,mochi,hard --seeds=3 --output_dir=runs/compare
+"""One comparison sweep: train every (variant, seed) in its own process, evaluate it in another,
+and rewrite the results after every run (`run_sweep`).
 
 Each (variant, seed) is one `python -m tfmochi.train` process, `--flagfile=BASE` followed by the
-variant's flags (`tfmochi.compare_variants`), the sweep's overrides (`--train_steps`/`--epochs`,
+variant's flags (`tfmochi.compare.variants`), the sweep's overrides (`--train_steps`/`--epochs`,
 `--strategy`, `--train_flags`) and `--seed=k --model_dir=OUTPUT/runs/<variant>/seed<k>`; then one
-`python -m tfmochi.compare_eval` process measures it (kNN, the linear probe on cached features,
-the random-init and raw-pixel baselines on the same split, the negatives analysis). Separate
-processes isolate the runs: a crash or a failing variant is reported (exit status and the log's
-last line) and the sweep goes on. The driver itself needs no TensorFlow.
-
-Resuming: a run with summary.json is not trained again, one with compare_eval.json of its final
-step is not evaluated again; a run killed half-way resumes from its last checkpoint (the
-trainer's own resume). So after a kill, the same command continues the sweep. A Ctrl-C / SIGTERM
-reaches the training process too: it checkpoints, and the sweep stops.
-
-Outputs in OUTPUT: results.json (every run's numbers, means and spreads, failures), results.md
-(the Markdown table), knn_over_steps.png, alignment_uniformity.png (`tfmochi.compare_report`),
-rewritten after every run. Logs: OUTPUT/runs/<variant>/seed<k>/train.log and eval.log;
-the run's compare_cost.json adds up the wall and CPU seconds every invocation spent on it.
-
-Under `--strategy=multi_worker` run the same command on every worker (TF_CONFIG): all of them
-train each run together, only the chief evaluates and writes the results (not tested here).
+`python -m tfmochi.compare.eval` process measures it. Separate processes isolate the runs: a
+crash or a failing variant is reported (exit status and the log's last line) and the sweep goes
+on. This module imports no TensorFlow: it starts processes and reads the files they write
+(`tfmochi.runfiles`).
 """
 
 from __future__ import annotations
@@ -37,22 +21,16 @@ import subprocess
 import sys
 import time
 
-from absl import flags
-
-from tfmochi import cli
-from tfmochi import compare_report
-from tfmochi import compare_variants
-
-FLAGS = flags.FLAGS
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-_PROGRAM = "tfmochi.compare"
+from tfmochi import runfiles
+from tfmochi.compare import report
+from tfmochi.compare import variants as variants_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
   """What `run_sweep` does (the command's flags)."""
   base_flagfile: str
-  variants: tuple  # of compare_variants.Variant
+  variants: tuple  # of variants_lib.Variant
   seeds: tuple[int, ...]
   output_dir: str
   train_steps: int | None = None
@@ -90,7 +68,7 @@ def train_command(config: SweepConfig, variant, seed: int) -> list[str]:
 
 def eval_command(config: SweepConfig, model_dir: str) -> list[str]:
   strategy = "default" if config.strategy == "multi_worker" else config.strategy
-  command = [config.python, "-m", "tfmochi.compare_eval", f"--model_dir={model_dir}",
+  command = [config.python, "-m", "tfmochi.compare.eval", f"--model_dir={model_dir}",
              f"--strategy={strategy}", f"--cpu_replicas={config.cpu_replicas}",
              f"--num_queries={config.num_queries}"]
   if config.tpu:
@@ -152,21 +130,21 @@ def _fmt(seconds: float) -> str:
 
 def _train(config: SweepConfig, variant, seed: int, path: str) -> tuple[str, str | None]:
   """("ok" | "failed" | "stopped", error) of training one run (skipped when finished)."""
-  if os.path.exists(os.path.join(path, "summary.json")):
+  if os.path.exists(os.path.join(path, runfiles.SUMMARY_FILE)):
     return "ok", None
   os.makedirs(path, exist_ok=True)
   log = os.path.join(path, "train.log")
   code = _run_logged(train_command(config, variant, seed), log)
   if code != 0:
     return "failed", f"training exited with status {code}: {last_error_line(log)} (log: {log})"
-  if not os.path.exists(os.path.join(path, "summary.json")):
+  if not os.path.exists(os.path.join(path, runfiles.SUMMARY_FILE)):
     return "stopped", "training was stopped (SIGTERM/Ctrl-C) after checkpointing"
   return "ok", None
 
 
 def _evaluated(path: str) -> bool:
-  summary = compare_report.read_json(os.path.join(path, "summary.json")) or {}
-  done = compare_report.read_json(os.path.join(path, "compare_eval.json")) or {}
+  summary = runfiles.read_json(os.path.join(path, runfiles.SUMMARY_FILE)) or {}
+  done = runfiles.read_json(os.path.join(path, report.COMPARE_EVAL_FILE)) or {}
   return done.get("checkpoint_step") is not None \
       and done.get("checkpoint_step") == summary.get("global_step")
 
@@ -183,7 +161,7 @@ def _evaluate(config: SweepConfig, path: str) -> tuple[str, str | None]:
 
 def _record(variant: str, seed: int, path: str, status: str, error: str | None) -> dict:
   record = {"variant": variant, "seed": seed, "run_dir": path, "status": status, "error": error}
-  return {**record, **compare_report.read_run_metrics(path)}
+  return {**record, **report.read_run_metrics(path)}
 
 
 def _pct(value: float | None) -> str:
@@ -222,10 +200,10 @@ def _notes(config: SweepConfig) -> list[str]:
       f"the queue and proxy top-1: `tfmochi.analyze` on {config.num_queries} training queries.",
       ("training top-1: the trainer's proxy accuracy (acc1 in metrics.jsonl: the positive "
        "above every negative, MoCHi's synthetic ones included) over the last "
-       f"{compare_report.TAIL:.0%} of the logged steps; proxy top-1 vs queue scores the final "
+       f"{report.TAIL:.0%} of the logged steps; proxy top-1 vs queue scores the final "
        "model against the real queue only."),
       f"base: {config.base_flagfile}; seeds {', '.join(map(str, config.seeds))}; overrides: "
-      + (" ".join(train_command(config, compare_variants.Variant("V", ()), 0)[4:-2]) or "none"),
+      + (" ".join(train_command(config, variants_lib.Variant("V", ()), 0)[4:-2]) or "none"),
       "variants: " + "; ".join(f"{v.name} = {' '.join(v.flags) or '(base)'}"
                                for v in config.variants),
   ]
@@ -233,11 +211,11 @@ def _notes(config: SweepConfig) -> list[str]:
 
 def _add_cost(path: str, wall: float, cpu: float) -> None:
   """Adds this invocation's seconds to the run's cost file (written whole)."""
-  cost = compare_report.read_json(os.path.join(path, compare_report.COST_FILE)) or {}
+  cost = runfiles.read_json(os.path.join(path, report.COST_FILE)) or {}
   cost = {"wall_seconds": (cost.get("wall_seconds") or 0.0) + wall,
           "cpu_seconds": (cost.get("cpu_seconds") or 0.0) + cpu,
           "invocations": (cost.get("invocations") or 0) + 1}
-  compare_report.write_whole(os.path.join(path, compare_report.COST_FILE), json.dumps(cost))
+  runfiles.write_local(os.path.join(path, report.COST_FILE), json.dumps(cost))
 
 
 def _run_one(config: SweepConfig, variant, seed: int,
@@ -274,7 +252,7 @@ def run_sweep(config: SweepConfig, log=print) -> dict:
   for i, (variant, seed) in enumerate(jobs, 1):
     path = run_dir(config, variant.name, seed)
     tag = f"[{i}/{len(jobs)}] {variant.name} seed {seed}"
-    fresh = not (os.path.exists(os.path.join(path, "summary.json")) and _evaluated(path))
+    fresh = not (os.path.exists(os.path.join(path, runfiles.SUMMARY_FILE)) and _evaluated(path))
     log(f"{tag}: " + (f"training + evaluation (logs: {path}/train.log, eval.log)" if fresh
                       else "finished earlier, skipped"), flush=True)
     record, status, what, wall = _run_one(config, variant, seed, chief)
@@ -282,97 +260,12 @@ def run_sweep(config: SweepConfig, log=print) -> dict:
     results["runs"] = list(records.values())
     results["stopped"] = status == "stopped"
     if chief:
-      compare_report.write_results(results, config.output_dir)
+      report.write_results(results, config.output_dir)
     if status == "stopped":
       log(f"{tag}: {what}; rerun the same command to continue the sweep.", flush=True)
       break
     ran = wall if fresh and status == "ok" else None
     log(f"{tag}: {what}; {eta.finished(ran)}", flush=True)
   if chief:  # with the aggregates
-    results = compare_report.read_json(os.path.join(config.output_dir, "results.json"))
+    results = runfiles.read_json(os.path.join(config.output_dir, report.RESULTS_FILE))
   return results
-
-
-# -------------------------------------------------------------------------------------------------
-# Command line
-
-def _define_flags() -> None:
-  """The command's flags (defined when it runs: the names overlap tfmochi.train's)."""
-  flags.DEFINE_string("base_flagfile", None,
-                      "The tfmochi.train flag file every variant starts from.")
-  flags.DEFINE_string("variants", None, "Comma-separated variant names (tfmochi.compare_variants: "
-                      "moco_v2, mochi, mochi_N_s_s', mochi_s_only, mochi_sprime_only, debiased, "
-                      "hard, drop_hardest_P, keep_hardest_P, oracle, supcon, or a --variants_file "
-                      "name). Default: the names the --variants_file lists.")
-  flags.DEFINE_string("variants_file", None, "A file of 'name: --flag=value ...' lines (and "
-                      "names to run).")
-  flags.DEFINE_integer("seeds", 3, "Seeds per variant: --first_seed .. --first_seed + seeds - 1.")
-  flags.DEFINE_integer("first_seed", 0, "The first seed.")
-  flags.DEFINE_string("output_dir", None, "Where runs/, results.json, results.md and plots go.")
-  flags.DEFINE_integer("train_steps", None, "Override the base's schedule: training steps.")
-  flags.DEFINE_float("epochs", None, "Override the base's schedule: epochs.")
-  flags.DEFINE_enum("strategy", "default", STRATEGIES, "Training (and evaluation) strategy.")
-  flags.DEFINE_integer("cpu_replicas", 1, "--strategy=mirrored without GPUs: logical CPUs.")
-  flags.DEFINE_string("tpu", None, "--strategy=tpu: the TPU name ('local' on a TPU VM).")
-  flags.DEFINE_string("train_flags", "", "More tfmochi.train flags for every run, e.g. "
-                      "'--data_dir=/data --knn_every_epochs=1'.")
-  flags.DEFINE_integer("linear_epochs", None, "Linear probe epochs (default: the data set's).")
-  flags.DEFINE_bool("linear_cache_features", True, "Linear probes on cached centre-view features "
-                    "(fast); --nolinear_cache_features: MoCo's protocol, fresh crops every epoch.")
-  flags.DEFINE_integer("num_queries", 512, "Queries of the negatives analysis.")
-
-
-def config_from_flags() -> SweepConfig:
-  """A SweepConfig from the parsed flags; raises VariantError / ValueError with the fix."""
-  if not FLAGS.base_flagfile or not os.path.isfile(FLAGS.base_flagfile):
-    raise ValueError(f"--base_flagfile must name an existing tfmochi.train flag file, got "
-                     f"{FLAGS.base_flagfile!r} (e.g. configs/compare_digits.flags).")
-  if not FLAGS.output_dir:
-    raise ValueError("--output_dir is required (runs/, results.json and results.md go there).")
-  if FLAGS.seeds < 1 or FLAGS.first_seed < 0:
-    raise ValueError(f"--seeds must be >= 1 and --first_seed >= 0; got {FLAGS.seeds}, "
-                     f"{FLAGS.first_seed}.")
-  defined, listed = ({}, [])
-  if FLAGS.variants_file:
-    defined, listed = compare_variants.read_variants_file(FLAGS.variants_file)
-  names = compare_variants.split_names(FLAGS.variants) if FLAGS.variants else listed
-  train_flags = tuple(shlex.split(FLAGS.train_flags))
-  if any(not f.startswith("--") for f in train_flags):
-    raise ValueError("--train_flags must hold only flags (--name=value); got "
-                     f"{FLAGS.train_flags!r}.")
-  return SweepConfig(
-      base_flagfile=FLAGS.base_flagfile, variants=tuple(compare_variants.resolve(names, defined)),
-      seeds=tuple(range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds)),
-      output_dir=FLAGS.output_dir, train_steps=FLAGS.train_steps, epochs=FLAGS.epochs,
-      strategy=FLAGS.strategy, cpu_replicas=FLAGS.cpu_replicas, tpu=FLAGS.tpu,
-      train_flags=train_flags, linear_epochs=FLAGS.linear_epochs,
-      linear_cache_features=FLAGS.linear_cache_features, num_queries=FLAGS.num_queries)
-
-
-def main(argv) -> int:
-  if len(argv) > 1:
-    return cli.error(_PROGRAM, f"unexpected arguments {' '.join(argv[1:])} (flags start with --).")
-  try:
-    config = config_from_flags()
-  except ValueError as e:  # VariantError too
-    return cli.error(_PROGRAM, str(e))
-  start = time.time()
-  print(f"Sweep: {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) -> "
-        f"{config.output_dir}", flush=True)
-  try:
-    results = run_sweep(config)
-  except KeyboardInterrupt:
-    print("Interrupted; rerun the same command to continue the sweep.", file=sys.stderr)
-    return 130
-  failed = sorted({r["variant"] for r in results["runs"] if r["status"] == "failed"})
-  print(f"Done in {time.time() - start:.0f} s: {os.path.join(config.output_dir, 'results.md')}"
-        + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
-  return 1 if results.get("stopped") else 0
-
-
-def run():
-  cli.run(_PROGRAM, _define_flags, main)
-
-
-if __name__ == "__main__":
-  run()

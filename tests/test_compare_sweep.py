@@ -1,6 +1,7 @@
-"""Tests of `python -m tfmochi.compare` (tfmochi.compare, compare_variants, compare_eval,
-compare_report): variant names, mean ± std against NumPy, and one real sweep of resnet10_tiny on
-the offline digits that is killed half-way, resumed, and holds a failing variant."""
+"""Tests of tfmochi.compare.sweep and `python -m tfmochi.compare`: the commands it starts, the
+error line it reports, and one real sweep of resnet10_tiny on the offline digits that is killed
+half-way, resumed, and holds a failing variant (which also runs tfmochi.compare.eval and
+tfmochi.compare.report on real runs)."""
 
 import json
 import os
@@ -13,105 +14,36 @@ import pytest
 from absl.testing import absltest
 import numpy as np
 
-from tfmochi import compare
-from tfmochi import compare_report
-from tfmochi import compare_variants
+from tfmochi.compare import report
+from tfmochi.compare import sweep
+from tfmochi.compare import variants as variants_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class VariantsTest(absltest.TestCase):
-
-  def test_registry_and_parametric_names(self):
-    variants = compare_variants.resolve(compare_variants.split_names(
-        "moco_v2, mochi(256,512,0), mochi_128_1024_512, drop_hardest(1), keep_hardest_5, hard"))
-    self.assertEqual([v.name for v in variants],
-                     ["moco_v2", "mochi_256_512_0", "mochi_128_1024_512", "drop_hardest_1",
-                      "keep_hardest_5", "hard"])
-    self.assertEqual(variants[1].flags, ("--mochi_num_hard=256", "--mochi_num_mix=512",
-                                         "--mochi_num_query_mix=0"))
-    self.assertIn("--drop_hardest=1", variants[3].flags)
-    self.assertIn("--mochi_num_hard=0", variants[4].flags)  # Cai et al. on MoCo v2
-    for name in ("debiased", "oracle", "supcon", "mochi_s_only", "mochi_sprime_only"):
-      self.assertEqual(compare_variants.resolve([name])[0].name, name)
-
-  def test_variants_file(self):
-    defined, listed = compare_variants.parse_variants_file(
-        "# comment\nmine: --loss=hard --tau_plus=0.05  # my hard\nmoco_v2\nmine\n")
-    self.assertEqual(listed, ["mine", "moco_v2"])
-    self.assertEqual(defined["mine"].flags, ("--loss=hard", "--tau_plus=0.05"))
-    self.assertEqual(defined["mine"].about, "my hard")
-    self.assertEqual([v.name for v in compare_variants.resolve(["mine", "moco_v2"], defined)],
-                     ["mine", "moco_v2"])
-
-  def test_bad_names(self):
-    with self.assertRaisesRegex(compare_variants.VariantError, "Unknown variant 'mocoo'.*Known"):
-      compare_variants.resolve(["mocoo"])
-    with self.assertRaisesRegex(compare_variants.VariantError, "listed twice"):
-      compare_variants.resolve(["hard", "hard"])
-    with self.assertRaisesRegex(compare_variants.VariantError, "is not a flag"):
-      compare_variants.parse_variants_file("x: loss=hard")
+class CommandsTest(absltest.TestCase):
 
   def test_train_command_puts_seed_and_model_dir_last(self):
-    config = compare.SweepConfig("base.flags", (), (0,), "/out", train_steps=5,
-                                 train_flags=("--seed=9",), python="py")
-    cmd = compare.train_command(config, compare_variants.resolve(["hard"])[0], 3)
+    config = sweep.SweepConfig("base.flags", (), (0,), "/out", train_steps=5,
+                               train_flags=("--seed=9",), python="py")
+    cmd = sweep.train_command(config, variants_lib.resolve(["hard"])[0], 3)
     self.assertEqual(cmd[:4], ["py", "-m", "tfmochi.train", "--flagfile=base.flags"])
     self.assertIn("--train_steps=5", cmd)
     self.assertEqual(cmd[-2:], ["--seed=3", "--model_dir=/out/runs/hard/seed3"])
 
-
-class StatisticsTest(absltest.TestCase):
-
-  def _run(self, variant, seed, knn, status="ok", random_init=50.0):
-    metrics = {key: None for key, *_ in compare_report.METRICS}
-    metrics["knn_top1"] = knn
-    baselines = {key: None for key, *_ in compare_report.BASELINES}
-    baselines["knn_random_init"] = random_init
-    return {"variant": variant, "seed": seed, "status": status, "metrics": metrics,
-            "baselines": baselines, "knn_history": [], "error": None if status == "ok" else "x"}
-
-  def test_mean_std_matches_numpy(self):
-    values = [91.25, 93.5, 90.0]
-    stat = compare_report.mean_std(values + [None])
-    self.assertAlmostEqual(stat["mean"], np.mean(values), places=12)
-    self.assertAlmostEqual(stat["std"], np.std(values, ddof=1), places=12)
-    self.assertEqual(stat["n"], 3)
-    self.assertIsNone(compare_report.mean_std([4.0])["std"])
-    self.assertEqual(compare_report.format_mean_std(stat, 2),
-                     f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (3)")
-
-  def test_aggregate_skips_failures_and_averages_baselines_per_seed(self):
-    runs = [self._run("a", 0, 90.0, random_init=50.0), self._run("a", 1, 94.0, random_init=60.0),
-            self._run("b", 0, 80.0, random_init=50.0), self._run("b", 1, 0.0, status="failed",
-                                                                 random_init=99.0)]
-    summary, baselines = compare_report.aggregate(runs)
-    self.assertEqual(summary["a"]["knn_top1"]["values"], [90.0, 94.0])
-    self.assertAlmostEqual(summary["a"]["knn_top1"]["std"], np.std([90.0, 94.0], ddof=1))
-    self.assertEqual(summary["b"]["knn_top1"]["n"], 1)
-    # Seed 0's two runs count once; the failed run's baseline not at all.
-    self.assertEqual(baselines["knn_random_init"]["values"], [50.0, 60.0])
-
-  def test_tail_mean_reads_the_last_tenth_of_the_training_log(self):
-    path = os.path.join(self.create_tempdir().full_path, "metrics.jsonl")
-    rows = [{"step": step, "acc1": step / 100.0} for step in range(10, 101, 10)]
-    with open(path, "w") as f:
-      f.write("\n".join(json.dumps(r) for r in rows[:8]) + "\n")
-      f.write(json.dumps({"step": 85, "knn_top1": 50.0}) + "\n")  # an evaluation row: skipped
-      f.write("\n".join(json.dumps(r) for r in rows[8:]) + "\n" + '{"step": 10')  # cut by a kill
-    # Steps >= 90 of 100: 0.9 and 1.0.
-    self.assertAlmostEqual(compare_report.tail_mean(path, "acc1"), 0.95, places=12)
-    self.assertAlmostEqual(compare_report.tail_mean(path, "acc1", tail=0.5), np.mean(
-        [r["acc1"] for r in rows if r["step"] >= 50]), places=12)
-    self.assertIsNone(compare_report.tail_mean(path, "loss"))
-    self.assertIsNone(compare_report.tail_mean(path + ".absent", "acc1"))
+  def test_eval_command_runs_the_eval_module(self):
+    config = sweep.SweepConfig("base.flags", (), (0,), "/out", linear_epochs=2, python="py")
+    cmd = sweep.eval_command(config, "/out/runs/hard/seed3")
+    self.assertEqual(cmd[:4], ["py", "-m", "tfmochi.compare.eval",
+                               "--model_dir=/out/runs/hard/seed3"])
+    self.assertIn("--linear_epochs=2", cmd)
 
   def test_last_error_line(self):
     path = os.path.join(self.create_tempdir().full_path, "log")
     with open(path, "w") as f:
       f.write("step 1/6\r step 2/6\nTraceback (most recent call last):\n  x\n"
               "tfmochi.train: error: --queue_size (K) must be a multiple\nbye\n")
-    self.assertEqual(compare.last_error_line(path),
+    self.assertEqual(sweep.last_error_line(path),
                      "tfmochi.train: error: --queue_size (K) must be a multiple")
 
 
@@ -222,7 +154,7 @@ class SweepTest(absltest.TestCase):
     # Each run's cost, kept across invocations: seed 0 was skipped by the second one (still one
     # invocation), seed 1's killed first share is not recorded (one).
     for run in ok_runs:
-      cost = json.load(open(os.path.join(run["run_dir"], compare_report.COST_FILE)))
+      cost = json.load(open(os.path.join(run["run_dir"], report.COST_FILE)))
       self.assertEqual(cost["invocations"], 1)
       self.assertGreater(cost["cpu_seconds"], 1.0)
       self.assertEqual(run["sweep_wall_seconds"], cost["wall_seconds"])

@@ -1,0 +1,49 @@
+"""`python -m tfmochi.benchmark --what=step|head|input`: speed and memory of tfmochi's pieces.
+
+Each run prints ONE JSON line on stdout (and appends it to `--output` if given):
+
+  --what=head   the contrastive head alone: queue logits, top-N, synthesis, loss and the gradient
+                w.r.t. q (a `tf.function` with a GradientTape over q; the queue is a tensor), for
+                MoCo (no MoCHi) and MoCHi(N, s, s') in the same process, interleaved. With
+                `--compare_topn`, also the MoCHi head compiled whole by XLA with the exact and
+                the approximate top-N (`--mochi_topn`).
+  --what=step   a full MoCo v2 training step (synthetic random images, no input pipeline): the
+                `MoCo` object, an SGD optimizer built before tracing and a `tf.function` running
+                `moco.train_step` through `strategy.run` for `--steps_per_call` steps, as the
+                trainer does. With MoCHi on and `--compare_moco`, the same step without MoCHi is
+                timed in the same process, interleaved; `--compare_jit` adds the step compiled
+                by XLA (`--jit_compile=true`).
+  --what=input  the MoCo v2 augmentation pipeline (`data.pretrain_dataset`) on an in-memory source
+                of random `--source_size`² uint8 images, on `--source_images` real 500x375 JPEG
+                photos in TFRecords (`--input_source=jpeg`: decoding included, fused with the
+                crops), or on the `--dataset` itself (`--input_source=dataset`), in images/s at
+                `--image_size` (two views per image), and per thread with `--input_threads`.
+
+The model, data and objective come from the training flags (`tfmochi.config.define_flags`:
+`--arch --image_size --batch_size --queue_size --embedding_dim --mochi_num_hard --mochi_num_mix
+--mochi_num_query_mix --temperature --loss --bn_mode --mixed_precision ...`), so a benchmark and a
+training run use the same settings. Timing: `--warmup_steps` untimed calls per variant (tracing, XLA
+compilation, allocator warm-up), then `--timed_steps` (>= 5) timed calls per variant, variants
+interleaved call by call so that a noisy machine slows all of them alike; the median is reported.
+Memory: the peak resident set size of each timed call, from the kernel's high-water mark (reset
+before each call through /proc/self/clear_refs) and from a background thread sampling
+/proc/self/status, and its increase over the RSS at the start of that call (freed heap memory is
+returned to the OS before each call so the start is a fair baseline); and, because TensorFlow's
+CPU allocator pools memory (so a repeated computation barely moves the RSS), the peak of that
+allocator during the call and its increase (`tf_peak_mb`, `tf_increase_mb`).
+
+Every function below takes explicit arguments; FLAGS are read only in `main`.
+
+Modules, one job each:
+
+  peak            `PeakMemory`: the peak RSS and TensorFlow allocator use of a block of code
+  timing          `run_interleaved`: variants timed call by call, medians, the machine's description
+  head            `bench_head` (--what=head)
+  step            `bench_step` (--what=step)
+  input_pipeline  `bench_input` (--what=input) and its sources
+  cli             the flags, `run` (one benchmark, its JSON-able result) and `main`
+"""
+
+from tfmochi import cli as _cli
+
+_cli.quiet_tensorflow_startup()  # before TensorFlow's first import: `python -m` loads this first
