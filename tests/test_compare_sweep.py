@@ -120,7 +120,8 @@ class SweepTest(absltest.TestCase):
       self.assertEqual(run["status"], "ok")
       files = {name: json.load(open(os.path.join(run["run_dir"], name))) for name in
                ("eval_knn.json", "eval_linear.json", "eval_linear_random_init.json",
-                "eval_linear_raw_pixels.json", "analysis/report.json", "summary.json")}
+                "eval_linear_raw_pixels.json", "analysis/report.json", "summary.json",
+                report.ANALYSIS_BASELINES_FILE)}
       self.assertEqual(files["summary.json"]["global_step"], 6)
       expected = {"knn_top1": files["eval_knn.json"]["top1"],
                   "linear_top1": files["eval_linear.json"]["top1"],
@@ -133,9 +134,17 @@ class SweepTest(absltest.TestCase):
       acc1 = [(r["step"], r["acc1"]) for r in logged if "acc1" in r]
       expected["train_top1"] = 100 * np.mean([a for step, a in acc1
                                               if step >= 0.9 * max(s for s, _ in acc1)])
+      # moco_v2 has no synthetic negatives: its queue accuracy is acc1 itself.
+      expected["train_top1_queue"] = expected["train_top1"]
       for key, value in expected.items():
         self.assertAlmostEqual(run["metrics"][key], value, places=9, msg=key)
         values.setdefault(key, []).append(value)
+      shares = files[report.ANALYSIS_BASELINES_FILE]
+      for kind in ("random_init", "raw_pixels"):
+        self.assertBetween(shares[kind]["hardest_1pct"], 0.0, 1.0)
+        self.assertAlmostEqual(run["baselines"][f"same_class_{kind}"],
+                               100 * shares[kind]["hardest_1pct"], places=9)
+      self.assertEqual(run["num_test"], files["eval_knn.json"]["num_test"])
       self.assertEqual(run["baselines"]["knn_raw_pixels"],
                        files["eval_knn.json"]["raw_pixels_top1"])
       self.assertEqual(run["baselines"]["linear_random_init"],
@@ -159,6 +168,14 @@ class SweepTest(absltest.TestCase):
       self.assertGreater(cost["cpu_seconds"], 1.0)
       self.assertEqual(run["sweep_wall_seconds"], cost["wall_seconds"])
     self.assertIn("Cost of the 2 finished run(s)", table)
+    self.assertIn("What this design resolves", table)
+    with open(os.path.join(out, report.RUNS_CSV_FILE)) as f:
+      csv_runs = {(r["variant"], r["seed"]): r for r in report.read_runs_csv(f.read())}
+    self.assertLen(csv_runs, 4)
+    for run in ok_runs:
+      self.assertEqual(csv_runs[(run["variant"], run["seed"])]["metrics"], run["metrics"])
+    broken = [row for row in results["paired"] if row["variant"] == "broken"]
+    self.assertEqual([row["n"] for row in broken], [0, 0])  # kNN and linear: failed, not run
     self.assertIn("| broken | - |", table)
     self.assertIn("cache_features=True", table)
     for plot in ("knn_over_steps.png", "alignment_uniformity.png"):

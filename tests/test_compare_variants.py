@@ -1,5 +1,7 @@
 """Tests of tfmochi.compare.variants: registry and parametric names, variants files, bad names."""
 
+import os
+
 from absl.testing import absltest
 
 from tfmochi.compare import variants as variants_lib
@@ -28,6 +30,21 @@ class VariantsTest(absltest.TestCase):
     self.assertEqual(defined["mine"].about, "my hard")
     self.assertEqual([v.name for v in variants_lib.resolve(["mine", "moco_v2"], defined)],
                      ["mine", "moco_v2"])
+
+  def test_the_shipped_variants_files_resolve(self):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    defined, listed = variants_lib.read_variants_file(
+        os.path.join(root, "configs", "compare_digits.variants"))
+    variants = {v.name: v for v in variants_lib.resolve(listed, defined)}
+    self.assertLen(variants, 15)
+    # The papers' shares of K = 256: N = 1.6%, s + s' = 2.3%; Cai et al.'s 0.1% by class share.
+    self.assertEqual(variants["mochi_4_4_2"].flags, ("--mochi_num_hard=4", "--mochi_num_mix=4",
+                                                     "--mochi_num_query_mix=2"))
+    self.assertIn("--drop_hardest=10", variants["drop_hardest_10"].flags)
+    self.assertIn("--keep_hardest=10", variants["keep_hardest_10"].flags)
+    defined, listed = variants_lib.read_variants_file(
+        os.path.join(root, "configs", "compare_in100.variants"))
+    self.assertEqual(variants_lib.resolve(listed, defined)[0].name, "moco_v2")
 
   def test_bad_names(self):
     with self.assertRaisesRegex(variants_lib.VariantError, "Unknown variant 'mocoo'.*Known"):

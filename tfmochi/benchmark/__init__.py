@@ -1,4 +1,4 @@
-"""`python -m tfmochi.benchmark --what=step|head|input`: speed and memory of tfmochi's pieces.
+"""`python -m tfmochi.benchmark --what=step|head|input|peer|versus`: speed and memory of tfmochi.
 
 Each run prints ONE JSON line on stdout (and appends it to `--output` if given):
 
@@ -18,6 +18,10 @@ Each run prints ONE JSON line on stdout (and appends it to `--output` if given):
                 photos in TFRecords (`--input_source=jpeg`: decoding included, fused with the
                 crops), or on the `--dataset` itself (`--input_source=dataset`), in images/s at
                 `--image_size` (two views per image), and per thread with `--input_threads`.
+  --what=peer   MoCo v2's training step transcribed in PyTorch (the `bench` extra: a CPU build of
+                torch), timed like --what=step with PyTorch's threads set to TensorFlow's.
+  --what=versus tfmochi's MoCo v2 step (float32 and `--mixed_precision=bfloat16`) and the peer,
+                each in its own child process with the same flags, alternating for `--rounds`.
 
 The model, data and objective come from the training flags (`tfmochi.config.define_flags`:
 `--arch --image_size --batch_size --queue_size --embedding_dim --mochi_num_hard --mochi_num_mix
@@ -32,15 +36,21 @@ returned to the OS before each call so the start is a fair baseline); and, becau
 CPU allocator pools memory (so a repeated computation barely moves the RSS), the peak of that
 allocator during the call and its increase (`tf_peak_mb`, `tf_increase_mb`).
 
+Every JSON line carries `machine`: the CPU, its ISA flags, the framework versions, the threads and
+the float32 GEMM rate (2048², the framework's own matmul) measured before and after the timing.
+
 Every function below takes explicit arguments; FLAGS are read only in `main`.
 
 Modules, one job each:
 
   peak            `PeakMemory`: the peak RSS and TensorFlow allocator use of a block of code
-  timing          `run_interleaved`: variants timed call by call, medians, the machine's description
+  timing          `run_interleaved`: variants timed call by call, medians
+  machine         `machine_info`: CPU model, ISA flags, versions, threads, the float32 GEMM peak
   head            `bench_head` (--what=head)
   step            `bench_step` (--what=step)
   input_pipeline  `bench_input` (--what=input) and its sources
+  peer            `bench_peer` (--what=peer): MoCo v2 in plain torch.nn; imported only for it
+  versus          `bench_versus` (--what=versus): one child process per variant, alternating
   cli             the flags, `run` (one benchmark, its JSON-able result) and `main`
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app
@@ -11,10 +12,11 @@ from absl import flags
 from tfmochi import config as config_lib
 from tfmochi.benchmark import head
 from tfmochi.benchmark import input_pipeline
+from tfmochi.benchmark import machine
 from tfmochi.benchmark import step
-from tfmochi.benchmark import timing
+from tfmochi.benchmark import versus
 
-WHATS = ("step", "head", "input")
+WHATS = ("step", "head", "input", "peer", "versus")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -23,8 +25,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if "what" in flag_values:
     return
   flags.DEFINE_enum("what", "head", WHATS, "What to time: step (full training step), head "
-                    "(contrastive head, MoCo vs MoCHi) or input (augmentation pipeline).",
+                    "(contrastive head, MoCo vs MoCHi), input (augmentation pipeline), peer "
+                    "(MoCo v2's step in PyTorch; the bench extra) or versus (tfmochi's MoCo v2 "
+                    "step and the peer, one process each, alternating --rounds times).",
                     flag_values=flag_values)
+  flags.DEFINE_list("versus", ["tfmochi", "peer", "tfmochi_bf16"], "--what=versus: the variants "
+                    f"each round runs, in order, among {', '.join(versus.VARIANTS)}.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("rounds", 2, "--what=versus: alternating rounds of the variants.",
+                       lower_bound=1, flag_values=flag_values)
   flags.DEFINE_integer("warmup_steps", 3, "Untimed calls per variant before timing.",
                        lower_bound=1, flag_values=flag_values)
   flags.DEFINE_integer("timed_steps", 5, "Timed calls per variant (the median is reported).",
@@ -75,7 +84,12 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
   """Runs one benchmark and returns its JSON-able result (with the machine description)."""
   if timed < 5:
     raise ValueError(f"timed must be >= 5 (a median of fewer steps is noise), got {timed}.")
-  if what == "head":
+  library = "torch" if what == "peer" else "tensorflow"
+  gemm_before = machine.gemm_gflops(library)
+  if what == "peer":
+    from tfmochi.benchmark import peer  # pylint: disable=g-import-not-at-top (the bench extra)
+    out = peer.bench_peer(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call)
+  elif what == "head":
     out = head.bench_head(config, warmup=warmup, timed=timed, compare_topn=compare_topn)
   elif what == "step":
     out = step.bench_step(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call,
@@ -88,49 +102,70 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
   else:
     raise ValueError(f"what must be one of {', '.join(WHATS)}; got {what!r}.")
   out["warmup_steps"], out["timed_steps"] = warmup, timed
-  out["machine"] = timing.machine_info()
+  gemm = {"before": gemm_before, "after": machine.gemm_gflops(library)}
+  out["machine"] = machine.machine_info(library, gemm)
   return out
+
+
+def _source(flag_values, config):
+  """--what=input's source of images (None for the other benchmarks)."""
+  if flag_values.what != "input":
+    return None
+  if flag_values.input_source == "dataset":
+    from tfmochi import data  # pylint: disable=g-import-not-at-top
+    return data.load(config.dataset, "train", data_dir=config.data_dir, seed=config.seed,
+                     tfrecord_label_offset=config.tfrecord_label_offset)
+  if flag_values.input_source == "jpeg":
+    return input_pipeline.jpeg_photo_source(flag_values.jpeg_dir, flag_values.source_images,
+                                            config.seed)
+  return input_pipeline.synthetic_source(flag_values.source_images, flag_values.source_size,
+                                         config.seed)
+
+
+def _set_threads(flag_values) -> None:
+  """Sizes the thread pools of the framework this process times, before its first op."""
+  if flag_values.what == "peer":
+    # PyTorch's OpenMP threads spin while they wait for work by default; on cores shared with
+    # other jobs the spinning threads take turns with the ones that have work, and a step takes
+    # several times as long. Passive waiting (read once, when OpenMP loads with torch) spares the
+    # peer that; a policy set in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from tfmochi.benchmark import peer  # pylint: disable=g-import-not-at-top (the bench extra)
+    peer.set_threads(flag_values.intra_op_threads, flag_values.inter_op_threads)
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.get_logger().setLevel("ERROR")
+  if flag_values.intra_op_threads:
+    tf.config.threading.set_intra_op_parallelism_threads(flag_values.intra_op_threads)
+  if flag_values.inter_op_threads:
+    tf.config.threading.set_inter_op_parallelism_threads(flag_values.inter_op_threads)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags start with --).")
   flag_values = flags.FLAGS
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.get_logger().setLevel("ERROR")
-  # Thread pools can only be sized before the runtime starts, i.e. before the first op.
-  if flag_values.intra_op_threads:
-    tf.config.threading.set_intra_op_parallelism_threads(flag_values.intra_op_threads)
-  if flag_values.inter_op_threads:
-    tf.config.threading.set_inter_op_parallelism_threads(flag_values.inter_op_threads)
+  if flag_values.what != "versus":
+    _set_threads(flag_values)
   try:
     config = config_lib.from_flags(flag_values)
   except config_lib.ConfigError as e:
     print(f"tfmochi.benchmark: error: {e}", file=sys.stderr, flush=True)
     return 2
-  source = None
-  if flag_values.what == "input":
-    if flag_values.input_source == "dataset":
-      from tfmochi import data  # pylint: disable=g-import-not-at-top
-      source = data.load(config.dataset, "train", data_dir=config.data_dir, seed=config.seed,
-                         tfrecord_label_offset=config.tfrecord_label_offset)
-    elif flag_values.input_source == "jpeg":
-      source = input_pipeline.jpeg_photo_source(flag_values.jpeg_dir, flag_values.source_images,
-                                                config.seed)
-    else:
-      source = input_pipeline.synthetic_source(flag_values.source_images,
-                                               flag_values.source_size, config.seed)
-  result = run(flag_values.what, config, warmup=flag_values.warmup_steps,
-               timed=flag_values.timed_steps, steps_per_call=flag_values.steps_per_call,
-               compare_moco=flag_values.compare_moco,
-               compare_keras_conv=flag_values.compare_keras_conv, source=source,
-               input_threads=flag_values.input_threads,
-               input_fused_decode=flag_values.input_fused_decode,
-               compare_jit=flag_values.compare_jit, compare_topn=flag_values.compare_topn)
+  if flag_values.what == "versus":
+    result = versus.bench_versus(sys.argv[1:], flag_values.versus, flag_values.rounds,
+                                 log=lambda line: print(line, file=sys.stderr, flush=True))
+  else:
+    result = run(flag_values.what, config, warmup=flag_values.warmup_steps,
+                 timed=flag_values.timed_steps, steps_per_call=flag_values.steps_per_call,
+                 compare_moco=flag_values.compare_moco,
+                 compare_keras_conv=flag_values.compare_keras_conv,
+                 source=_source(flag_values, config), input_threads=flag_values.input_threads,
+                 input_fused_decode=flag_values.input_fused_decode,
+                 compare_jit=flag_values.compare_jit, compare_topn=flag_values.compare_topn)
   line = json.dumps(result, sort_keys=True)
   print(line, flush=True)
   if flag_values.output:
     with open(flag_values.output, "a") as f:
       f.write(line + "\n")
   return 0
-

@@ -58,8 +58,9 @@ class PeakMemory:
   during the block) is what tells two computations' transient memory apart.
   """
 
-  def __init__(self, interval: float = 0.005):
+  def __init__(self, interval: float = 0.005, tensorflow: bool = True):
     self.interval = interval
+    self.tensorflow = tensorflow  # False: a process that must not start TensorFlow's runtime
     self.start_mb = 0.0
     self.peak_mb = 0.0
     self.tf_start_mb = 0.0
@@ -85,7 +86,8 @@ class PeakMemory:
     _release_free_heap()
     self._hwm_valid = _reset_peak()
     self.start_mb = self.peak_mb = current_rss_mb()
-    self.tf_start_mb, self.tf_peak_mb = _tf_allocator_mb(reset=True) or (0.0, 0.0)
+    self.tf_start_mb, self.tf_peak_mb = (
+        _tf_allocator_mb(reset=True) if self.tensorflow else None) or (0.0, 0.0)
     self._stop.clear()
     self._thread = threading.Thread(target=self._sample, daemon=True)
     self._thread.start()
@@ -99,6 +101,6 @@ class PeakMemory:
       hwm = memory.status_kb("VmHWM")
       if hwm is not None:
         self.peak_mb = max(self.peak_mb, hwm / 1024.0)
-    allocator = _tf_allocator_mb()
+    allocator = _tf_allocator_mb() if self.tensorflow else None
     if allocator is not None:
       self.tf_peak_mb = allocator[1]

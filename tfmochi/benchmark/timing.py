@@ -1,9 +1,8 @@
-"""Timing of benchmark variants: interleaved calls, medians, memory per call, the machine."""
+"""Timing of benchmark variants: interleaved calls, medians, memory per call."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -41,8 +40,17 @@ class VariantResult:
     }
 
 
+def fetch_tensors(out) -> None:
+  """Waits for a TensorFlow call: fetches every tensor of its (nested) result."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for t in tf.nest.flatten(out):
+    if hasattr(t, "numpy"):
+      t.numpy()
+
+
 def run_interleaved(variants: dict[str, Callable[[], object]], *, warmup: int, timed: int,
-                    steps_per_call: int = 1) -> dict[str, VariantResult]:
+                    steps_per_call: int = 1, finish: Callable[[object], None] | None = None,
+                    tensorflow_memory: bool = True) -> dict[str, VariantResult]:
   """Times callables call by call in turn: A B A B ... after `warmup` untimed calls of each.
 
   Args:
@@ -51,16 +59,14 @@ def run_interleaved(variants: dict[str, Callable[[], object]], *, warmup: int, t
     warmup: untimed calls per variant (first: tracing and compilation).
     timed: timed calls per variant.
     steps_per_call: steps each call runs (the per-step time is the call time divided by it).
+    finish: waits for a call's result (None: fetches its TensorFlow tensors).
+    tensorflow_memory: also track TensorFlow's allocator (False in a process without TensorFlow).
 
   Returns:
     name -> VariantResult.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  def finish(out):
-    for t in tf.nest.flatten(out):
-      if hasattr(t, "numpy"):
-        t.numpy()
+  if finish is None:
+    finish = fetch_tensors
 
   for fn in variants.values():
     for _ in range(warmup):
@@ -68,7 +74,7 @@ def run_interleaved(variants: dict[str, Callable[[], object]], *, warmup: int, t
   results = {name: VariantResult() for name in variants}
   for _ in range(timed):
     for name, fn in variants.items():
-      with PeakMemory() as mem:
+      with PeakMemory(tensorflow=tensorflow_memory) as mem:
         start = time.perf_counter()
         finish(fn())
         elapsed = time.perf_counter() - start
@@ -79,19 +85,6 @@ def run_interleaved(variants: dict[str, Callable[[], object]], *, warmup: int, t
       res.tf_peak_mb.append(mem.tf_peak_mb)
       res.tf_increase_mb.append(mem.tf_increase_mb)
   return results
-
-
-def machine_info() -> dict:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import keras  # pylint: disable=g-import-not-at-top
-  try:
-    load = [round(v, 2) for v in os.getloadavg()]
-  except OSError:
-    load = None
-  return {"cpus": os.cpu_count(), "loadavg": load, "tensorflow": tf.__version__,
-          "keras": keras.__version__,
-          "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-          "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()}
 
 
 def summarize(results: dict, images_per_step: int) -> dict:

@@ -30,7 +30,9 @@ def _define_flags() -> None:
                       "name). Default: the names the --variants_file lists.")
   flags.DEFINE_string("variants_file", None, "A file of 'name: --flag=value ...' lines (and "
                       "names to run).")
-  flags.DEFINE_integer("seeds", 3, "Seeds per variant: --first_seed .. --first_seed + seeds - 1.")
+  flags.DEFINE_integer("seeds", 5, "Seeds per variant: --first_seed .. --first_seed + seeds - 1 "
+                       "(the paired 95% interval is mean +- t sd / sqrt(n), t = 4.30 at 3 seeds, 2.78 at "
+                       "5, 2.26 at 10).")
   flags.DEFINE_integer("first_seed", 0, "The first seed.")
   flags.DEFINE_string("output_dir", None, "Where runs/, results.json, results.md and plots go.")
   flags.DEFINE_integer("train_steps", None, "Override the base's schedule: training steps.")

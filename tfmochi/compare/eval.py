@@ -11,6 +11,9 @@ crash or a kill loses only this run's evaluation). Into RUN it writes
   eval_linear_raw_pixels.json    the same probe on the raw eval views (flattened pixels)
   analysis/report.json           the negatives analysis (`analyze.analyze_run`): alignment,
                                  uniformity, same-class share of the hardest negatives, ...
+  analysis_baselines.json        the analysis' same-class shares of the hardest negatives on
+                                 the same queue and queries for the network at random
+                                 initialisation and for raw pixels (`analysis_baselines`)
   compare_eval.json              the kNN monitor's history over training steps and the seconds
 
 The probes train on centre-view features extracted once (`linear_probe(...,
@@ -31,9 +34,13 @@ from tfmochi import cli
 
 cli.quiet_tensorflow_startup()  # before TensorFlow's first import
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfmochi import analyze  # noqa: E402
+from tfmochi import augment  # noqa: E402
+from tfmochi import checkpoints  # noqa: E402
+from tfmochi.analyze import pipeline as analyze_pipeline  # noqa: E402
 from tfmochi import data as data_lib  # noqa: E402
 from tfmochi import evaluate  # noqa: E402
 from tfmochi import rundir  # noqa: E402
@@ -115,6 +122,76 @@ def raw_pixels_linear(config, settings: evaluate.EvalSettings, strategy=None,
           "image_size": int(config.image_size)}
 
 
+def _analysis_images(config, num_queries: int):
+  """(source, layout, seed) of the images the run's negatives analysis embeds (its defaults:
+  the train split, the run's K and seed)."""
+  source = data_lib.load(config.dataset, "train", data_dir=config.data_dir,
+                         seed=config.held_out_seed,
+                         tfrecord_label_offset=config.tfrecord_label_offset)
+  # pylint: disable=protected-access  (the analysis' own image selection, not a copy of it)
+  layout = analyze_pipeline._Layout.plan(source, config.queue_size, num_queries)
+  return source, layout, int(config.seed)
+
+
+def _eval_view_pixels(source, layout, seed: int, image_size: int) -> dict[str, np.ndarray]:
+  """The flattened, L2-normalised eval (centre) views of the analysis' images, in its order:
+  the same seeded shuffle and take as `analyze.pipeline._embed`."""
+  records = source.records()
+  buffer = source.num_examples if records is not None else min(source.num_examples, 10_000)
+
+  def view(ex):
+    example = source.decode(ex)
+    return {"image": augment.center_view(example["image"], image_size),
+            "label": example["label"], "id": example["id"]}
+
+  ds = source.raw().shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=False)
+  ds = ds.take(layout.total).map(view).batch(256)
+  parts = {"x": [], "label": [], "id": []}
+  for batch in ds:
+    images = batch["image"]
+    parts["x"].append(tf.math.l2_normalize(tf.reshape(images, [tf.shape(images)[0], -1]),
+                                           -1).numpy())
+    parts["label"].append(batch["label"].numpy())
+    parts["id"].append(batch["id"].numpy())
+  return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _false_negative_shares(q, k, queue_slice, query_slice, emb, temperature) -> dict:
+  """The analysis' false-negative shares (hardest 0.1/1/5%, chance) of one embedding."""
+  report = analyze.negatives_report(
+      q, k, emb["k"][queue_slice], emb["label"][query_slice], emb["label"][queue_slice],
+      temperature, q_ids=emb["id"][query_slice], queue_ids=emb["id"][queue_slice])
+  return {key: float(value) for key, value in report["false_negatives"].items()
+          if isinstance(value, (int, float))}
+
+
+def analysis_baselines(model_dir: str, num_queries: int) -> dict:
+  """The same-class shares of each query's hardest negatives for the network at random
+  initialisation (its projections of the analysis' two augmented views, key encoder = query
+  encoder as at step 0) and for the raw pixels (flattened, L2-normalised eval views), on the
+  queue and queries of the run's negatives analysis."""
+  config = rundir.RunDir(model_dir).read_config()
+  source, layout, seed = _analysis_images(config, num_queries)
+  encoder, _ = checkpoints.random_init_encoder(model_dir)
+  emb = analyze_pipeline._embed(  # pylint: disable=protected-access
+      encoder, encoder, source, total=layout.total, query_range=layout.query_range,
+      image_size=config.image_size, recipe=config.augmentation,
+      crop_scale=(getattr(config, "crop_min_scale", 0.2), 1.0), seed=seed, batch_size=128)
+  queue, queries = slice(0, layout.size), slice(*layout.query_range)
+  result = {"checkpoint_step": 0, "queue_size": layout.size, "num_queries": layout.num_queries,
+            "random_init": _false_negative_shares(emb["q"], emb["k"][queries], queue, queries,
+                                                  emb, config.temperature), "raw_pixels": None}
+  # Pixels only where the kNN has its raw-pixel baseline too: at 224 px a K x S*S*3 queue is GBs.
+  if evaluate.raw_pixels_meaningful(config.image_size):
+    pixels = _eval_view_pixels(source, layout, seed, config.image_size)
+    if not np.array_equal(pixels["id"], emb["id"]):
+      raise analyze.AnalyzeError("The raw-pixel baseline did not get the analysis' images.")
+    pixels["k"] = pixels["x"]
+    result["raw_pixels"] = _false_negative_shares(pixels["x"][queries], pixels["x"][queries],
+                                                  queue, queries, pixels, config.temperature)
+  return result
+
+
 def _steps(model_dir: str, step: int, linear_epochs: int | None, cache_features: bool):
   """(name, output path, what a finished file holds, EvalSettings or None = the analysis), in
   the order they run. The random-init probe comes before the trained one so that
@@ -132,6 +209,8 @@ def _steps(model_dir: str, step: int, linear_epochs: int | None, cache_features:
        {"checkpoint_step": 0}, evaluate.EvalSettings(**linear)),
       ("negatives analysis", os.path.join(model_dir, ANALYSIS_DIR, analyze.REPORT_FILE),
        {"checkpoint_step": step}, None),
+      ("negatives analysis at random init and on raw pixels",
+       os.path.join(model_dir, report.ANALYSIS_BASELINES_FILE), {"checkpoint_step": 0}, None),
   )
 
 
@@ -159,7 +238,9 @@ def evaluate_run(model_dir: str, *, strategy=None, linear_epochs: int | None = N
       continue
     start = time.time()
     progress(f"{model_dir}: {name}...")
-    if settings is None:
+    if path.endswith(report.ANALYSIS_BASELINES_FILE):
+      rundir.write_json(path, analysis_baselines(model_dir, num_queries))
+    elif settings is None:
       analyze.analyze_run(model_dir, os.path.dirname(path), num_queries=num_queries,
                           progress=lambda message: None)
     elif path.endswith(report.RAW_PIXELS_LINEAR_FILE):

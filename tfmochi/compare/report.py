@@ -1,5 +1,7 @@
 """The results of a comparison sweep: per-run metrics read from the runs' own files, mean ± std
-over seeds per variant, results.json, the Markdown table results.md and the plots.
+over seeds per variant, each variant against the baseline variant seed by seed (`stats`), what
+the design resolves, results.json, the per-run table results_runs.csv, the Markdown report
+results.md and the plots.
 
 Every number comes from a file the evaluation wrote into the run (`METRICS`, `BASELINES`), so the
 table can be checked against `eval_knn.json`, `eval_linear.json` and `analysis/report.json`. The
@@ -9,6 +11,8 @@ Needs no TensorFlow: run files are read through `tfmochi.runfiles`.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -16,6 +20,7 @@ import os
 import numpy as np
 
 from tfmochi import runfiles
+from tfmochi.compare import stats
 
 # The share of the last logged training steps that train_top1 averages over.
 TAIL = 0.1
@@ -34,14 +39,26 @@ METRICS = (
     # not in proxy_top1, which scores the final model against the real queue only).
     ("train_top1", f"training top-1, last {TAIL:.0%} of steps (%)", runfiles.METRICS_FILE,
      ("acc1",), 100.0, 1),
+    # The same training log against the real (masked) queue only: the trainer logs acc1_queue
+    # when MoCHi is on; without MoCHi the row holds no synthetic negatives and acc1 is it.
+    ("train_top1_queue", f"training top-1 vs real queue, last {TAIL:.0%} (%)",
+     runfiles.METRICS_FILE, ("acc1_queue", "acc1"), 100.0, 1),
 )
+# The metrics the paired table compares with the baseline variant, seed by seed.
+PAIRED_METRICS = ("knn_top1", "linear_top1")
+# The variant every other one is compared with.
+BASELINE_VARIANT = "moco_v2"
 # What `tfmochi.compare.eval` writes into a run besides the evaluations' own files: its summary
 # (the kNN monitor's history, the seconds) and the linear probe on raw pixels.
 COMPARE_EVAL_FILE = "compare_eval.json"
 RAW_PIXELS_LINEAR_FILE = "eval_linear_raw_pixels.json"
+# The negatives analysis' same-class shares of the network at random initialisation and of the
+# raw pixels, on the analysis' own queue and queries (`tfmochi.compare.eval`).
+ANALYSIS_BASELINES_FILE = "analysis_baselines.json"
 # The sweep's outputs in its output directory.
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
+RUNS_CSV_FILE = "results_runs.csv"
 # Where the sweep accumulates the wall and CPU seconds it spent on a run (training and
 # evaluation, over every invocation that worked on it), so a rerun that skips it keeps its cost.
 COST_FILE = "compare_cost.json"
@@ -52,11 +69,16 @@ BASELINES = (
     ("linear_random_init", "random init", "linear_top1", "eval_linear_random_init.json",
      ("top1",)),
     ("linear_raw_pixels", "raw pixels", "linear_top1", RAW_PIXELS_LINEAR_FILE, ("top1",)),
+    ("same_class_random_init", "random init", "same_class_hardest_1pct",
+     ANALYSIS_BASELINES_FILE, ("random_init", "hardest_1pct")),
+    ("same_class_raw_pixels", "raw pixels", "same_class_hardest_1pct", ANALYSIS_BASELINES_FILE,
+     ("raw_pixels", "hardest_1pct")),
     ("same_class_chance", "chance", "same_class_hardest_1pct", "analysis/report.json",
      ("false_negatives", "chance")),
 )
 _SCALE = {key: scale for key, _, _, _, scale, _ in METRICS}
 _DECIMALS = {key: decimals for key, _, _, _, _, decimals in METRICS}
+_TITLES = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1"}
 
 
 def tail_mean(path: str, key: str, tail: float = TAIL) -> float | None:
@@ -94,8 +116,9 @@ def read_run_metrics(run_dir: str) -> dict:
   cache = {}
 
   def value(filename, keys, scale=1.0):
-    if filename.endswith(".jsonl"):
-      found = tail_mean(os.path.join(run_dir, filename), keys[0])
+    if filename.endswith(".jsonl"):  # keys: the log's names to try, in order
+      found = next((v for v in (tail_mean(os.path.join(run_dir, filename), k) for k in keys)
+                    if v is not None), None)
       return None if found is None else found * scale
     if filename not in cache:
       cache[filename] = runfiles.read_json(os.path.join(run_dir, filename))
@@ -107,7 +130,8 @@ def read_run_metrics(run_dir: str) -> dict:
   summary = runfiles.read_json(os.path.join(run_dir, runfiles.SUMMARY_FILE)) or {}
   extra = runfiles.read_json(os.path.join(run_dir, COMPARE_EVAL_FILE)) or {}
   cost = runfiles.read_json(os.path.join(run_dir, COST_FILE)) or {}
-  return {"metrics": metrics, "baselines": baselines,
+  knn = cache.get("eval_knn.json") or {}
+  return {"metrics": metrics, "baselines": baselines, "num_test": knn.get("num_test"),
           "train_seconds": summary.get("wall_seconds"), "global_step": summary.get("global_step"),
           "knn_history": extra.get("knn_history", []), "eval_seconds": extra.get("seconds", {}),
           "sweep_wall_seconds": cost.get("wall_seconds"),
@@ -146,6 +170,116 @@ def aggregate(runs: list[dict]) -> tuple[dict, dict]:
   return summary, baselines
 
 
+# ------------------------------------------------------------------------------------------------
+# The per-run table (results_runs.csv): every run's figures, seed and cost, one row per run
+
+
+_RUN_FIELDS = ("variant", "seed", "status", "global_step", "num_test", "train_seconds",
+               "sweep_wall_seconds", "sweep_cpu_seconds")
+
+
+def runs_table(runs: list[dict]) -> tuple[list[str], list[list]]:
+  """(header, rows) of the per-run table: the run's fields, then every metric and baseline key
+  (metrics in the table's units: %, points; empty = not measured)."""
+  header = [*_RUN_FIELDS, *(key for key, *_ in METRICS), *(key for key, *_ in BASELINES)]
+  rows = []
+  for run in runs:
+    row = [run.get(field) for field in _RUN_FIELDS]
+    row += [run.get("metrics", {}).get(key) for key, *_ in METRICS]
+    row += [run.get("baselines", {}).get(key) for key, *_ in BASELINES]
+    rows.append(row)
+  return header, rows
+
+
+def runs_csv(runs: list[dict]) -> str:
+  """The per-run table as CSV text (floats with repr precision: the round trip is exact)."""
+  header, rows = runs_table(runs)
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows([["" if v is None else repr(v) if isinstance(v, float) else v for v in row]
+                    for row in rows])
+  return buffer.getvalue()
+
+
+def read_runs_csv(text: str) -> list[dict]:
+  """The runs of a results_runs.csv text, as results.json holds them (variant, seed, status,
+  metrics, baselines, costs): enough to redo `aggregate` and `compare_to_baseline`."""
+  metric_keys = {key for key, *_ in METRICS}
+  baseline_keys = {key for key, *_ in BASELINES}
+  runs = []
+  for row in csv.DictReader(io.StringIO(text)):
+    def number(text):
+      return None if text in ("", None) else float(text)
+    run = {"variant": row["variant"], "seed": int(row["seed"]), "status": row["status"],
+           "metrics": {k: number(row.get(k)) for k in metric_keys},
+           "baselines": {k: number(row.get(k)) for k in baseline_keys}}
+    for field in _RUN_FIELDS[3:]:
+      value = number(row.get(field))
+      run[field] = int(value) if field in ("global_step", "num_test") and value is not None \
+          else value
+    runs.append(run)
+  return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# Paired comparisons with the baseline variant, and what the design resolves
+
+
+def _by_seed(runs: list[dict], variant: str, key: str) -> dict:
+  return {r["seed"]: r["metrics"].get(key) for r in runs
+          if r["variant"] == variant and r["status"] == "ok"}
+
+
+def compare_to_baseline(runs: list[dict], variants: list[str],
+                        baseline: str = BASELINE_VARIANT,
+                        metrics: tuple[str, ...] = PAIRED_METRICS) -> list[dict]:
+  """Every variant but `baseline` against it, seed by seed, for each of `metrics`: one family.
+
+  Returns:
+    [{"variant", "metric", "claim", "claim_words", stats.paired(...) fields, "p_holm",
+    "p_bonferroni", "verdict"}], in the table's order; [] when the baseline did not run.
+  """
+  if baseline not in variants:
+    return []
+  rows = []
+  for key in metrics:
+    reference = _by_seed(runs, baseline, key)
+    for variant in variants:
+      if variant != baseline:
+        direction, words = stats.paper_claim(variant)
+        rows.append({"variant": variant, "metric": key, "claim": direction,
+                     "claim_words": words, **stats.paired(_by_seed(runs, variant, key),
+                                                          reference)})
+  for adjusted, name in ((stats.holm, "p_holm"), (stats.bonferroni, "p_bonferroni")):
+    for row, p in zip(rows, adjusted([row["p"] for row in rows])):
+      row[name] = p
+  for row in rows:
+    row["verdict"] = stats.verdict(row, row["claim"], row["p_holm"])
+  return rows
+
+
+def design_resolution(runs: list[dict], comparisons: list[dict], summary: dict,
+                      baseline: str = BASELINE_VARIANT) -> dict:
+  """Per paired metric, what the design resolves: {"n_test", "one_image" (points),
+  "binomial_se" (at the baseline's mean), and `stats.resolution` of the observed paired
+  spreads}."""
+  n_tests = [r.get("num_test") for r in runs if r["status"] == "ok" and r.get("num_test")]
+  n_test = int(np.median(n_tests)) if n_tests else None
+  out = {}
+  for key in PAIRED_METRICS:
+    rows = [c for c in comparisons if c["metric"] == key]
+    seeds = max((c["n"] for c in rows), default=0)
+    entry = stats.resolution([c["sd"] for c in rows], seeds, len(comparisons))
+    mean = (summary.get(baseline, {}).get(key) or {}).get("mean")
+    entry["n_test"] = n_test
+    if n_test:
+      entry["one_image"] = 100.0 / n_test
+      entry["binomial_se"] = None if mean is None else stats.binomial_se(mean, n_test)
+    out[key] = entry
+  return out
+
+
 def format_mean_std(stat: dict, decimals: int) -> str:
   """'95.00 ± 0.42 (3)', '95.00 (1)' for one seed, '-' for none."""
   if not stat or stat["mean"] is None:
@@ -156,14 +290,13 @@ def format_mean_std(stat: dict, decimals: int) -> str:
   return f"{text} ({stat['n']})"
 
 
-def markdown(results: dict) -> str:
-  """results.md: the variants' table, the baselines' table, the failures, the settings."""
+def _tables(results: dict) -> list[str]:
+  """The variants' table (mean ± std over seeds) and the baselines' table."""
   head = "| variant | " + " | ".join(title for _, title, *_ in METRICS) + " |"
-  lines = [f"# Comparison: {results['base_flagfile']}", "", head,
-           "|" + "---|" * (len(METRICS) + 1)]
+  lines = [head, "|" + "---|" * (len(METRICS) + 1)]
   for variant in results["variants"]:
-    stats = results["summary"].get(variant["name"])
-    cells = [format_mean_std(stats.get(key) if stats else None, _DECIMALS[key])
+    stats_ = results["summary"].get(variant["name"])
+    cells = [format_mean_std(stats_.get(key) if stats_ else None, _DECIMALS[key])
              for key, *_ in METRICS]
     lines.append(f"| {variant['name']} | " + " | ".join(cells) + " |")
   lines += ["", "Baselines on the same split (the same network at random initialisation, the "
@@ -177,6 +310,70 @@ def markdown(results: dict) -> str:
       cells.append(format_mean_std(results["baselines"].get(found[0]), _DECIMALS[key])
                    if found else "")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _resolution_lines(results: dict) -> list[str]:
+  """What the design resolves, per paired metric: to read before the tables."""
+  resolution, lines = results.get("resolution") or {}, []
+  for key in PAIRED_METRICS:
+    entry, title = resolution.get(key) or {}, _TITLES[key]
+    if entry.get("one_image") is not None:
+      se = entry.get("binomial_se")
+      lines.append(f"- {title}: {entry['n_test']} test images, one image = "
+                   f"{entry['one_image']:.2f} points"
+                   + (f"; binomial standard error at the baseline's mean "
+                      f"sqrt(p(1-p)/n) = {se:.2f} points" if se is not None else "") + ".")
+    if entry.get("half_width") is not None:
+      lines.append(
+          f"- {title}, paired over {entry['n']} seeds (sd of the differences "
+          f"{entry['pooled_sd']:.2f} points, pooled over the variants): 95% interval "
+          f"± {entry['half_width']:.2f} points; ± {entry['family_half_width']:.2f} "
+          f"simultaneous over the {entry['m']} comparisons (Bonferroni); a true difference of "
+          f"{entry['detectable_80']:.2f} points is found with 80% power at 5%.")
+  if not lines:
+    return []
+  return ["## What this design resolves (read before the tables)", "", *lines,
+          "- The paired intervals compare variants on one fixed test split, so the split's "
+          "binomial error is common to all and not in them; it bounds what one accuracy says "
+          "about the data set's population.", ""]
+
+
+def _format_p(p: float | None) -> str:
+  return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _claim_words(direction: str | None) -> str:
+  return {"+": "better", ">=": "not worse"}.get(direction, "-")
+
+
+def _paired_lines(results: dict) -> list[str]:
+  """The paired table: each variant minus the baseline, seed by seed, with the family note."""
+  rows = results.get("paired") or []
+  if not rows:
+    return []
+  m = len(rows)
+  lines = [f"## Each variant against {results.get('baseline_variant', BASELINE_VARIANT)}, "
+           "seed by seed", "",
+           f"Variant minus baseline on the same seed (same initial weights and data order), "
+           f"mean over seeds, 95% t interval over seeds. The table makes {m} comparisons: at 5% "
+           f"each, about {0.05 * m:.1f} would come out significant by chance if no variant "
+           "differed. Holm's adjustment keeps the chance of any false one at 5%; only Holm "
+           "p < 0.05 counts as resolved.", "",
+           "| variant | metric | paper's claim | seeds | difference (points) | 95% interval | "
+           "p | Holm p | reading |", "|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    cells = [row["variant"], _TITLES[row["metric"]], _claim_words(row["claim"]), str(row["n"]),
+             "-" if row["mean"] is None else f"{row['mean']:+.2f}",
+             "-" if row["low"] is None else f"[{row['low']:+.2f}, {row['high']:+.2f}]",
+             _format_p(row["p"]), _format_p(row["p_holm"]), row["verdict"]]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def _status_lines(results: dict) -> list[str]:
+  """The failed and unfinished runs, and the cost of the finished ones."""
+  lines = []
   failed = [r for r in results["runs"] if r["status"] == "failed"]
   if failed:
     lines += ["", "Failed runs (the rest of the sweep went on):", ""]
@@ -194,7 +391,17 @@ def markdown(results: dict) -> str:
               f"recorded): {np.mean(wall):.0f} s wall and {np.mean(cpu):.0f} s CPU per "
               f"run (mean); {sum(wall) / 60:.0f} min wall and {sum(cpu) / 60:.0f} min CPU in "
               "all."]
-  lines += ["", *[f"- {note}" for note in results["notes"]], ""]
+  return lines
+
+
+def markdown(results: dict) -> str:
+  """results.md: what the design resolves, the variants' and baselines' tables, the paired
+  comparisons, the failures and costs, the settings."""
+  lines = [f"# Comparison: {results['base_flagfile']}", "", *_resolution_lines(results),
+           "## Mean ± std over seeds", "", *_tables(results), "", *_paired_lines(results)]
+  lines += _status_lines(results)
+  lines += ["", f"Every run's figures, seed and cost: {RUNS_CSV_FILE} (one row per run).", "",
+            *[f"- {note}" for note in results["notes"]], ""]
   return "\n".join(lines)
 
 
@@ -207,36 +414,60 @@ def _mean_curve(histories: list[list[list[float]]]):
   return steps, values.mean(0), values.std(0, ddof=1) if len(values) > 1 else 0 * values[0]
 
 
+# One look per variant: 20 colours (tab20's dark shades first, then its light ones) crossed with
+# four line styles and markers, so that 12+ variants on a 10-colour cycle never share a look.
+_LINE_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
+
+def variant_style(index: int) -> dict:
+  """matplotlib keyword arguments of the index-th variant: colour, line style and marker."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  palette = matplotlib.colormaps["tab20"].colors
+  colour = palette[(2 * index) % 20 + (index // 10) % 2]  # dark 0-9, then light 0-9
+  return {"color": colour, "linestyle": _LINE_STYLES[index % len(_LINE_STYLES)],
+          "marker": _MARKERS[index % len(_MARKERS)]}
+
+
+def _baseline_lines(ax, results: dict, keys: tuple[str, str]) -> None:
+  """The random-init and raw-pixel baselines of `keys` as horizontal lines."""
+  for key, label, style in ((keys[0], "random init", ":"), (keys[1], "raw pixels", "--")):
+    mean = (results["baselines"].get(key) or {}).get("mean")
+    if mean is not None:
+      ax.axhline(mean, color="k" if label == "raw pixels" else "0.45", ls=style, lw=1.2,
+                 label=label)
+
+
 def _knn_axes(ax, results: dict, ok: list[dict]) -> None:
-  """kNN top-1 over training steps per variant: mean over seeds, ± std shaded; raw pixels."""
-  for variant in results["variants"]:
+  """kNN top-1 over training steps per variant: mean over seeds, ± std shaded; the baselines."""
+  for index, variant in enumerate(results["variants"]):
     histories = [r["knn_history"] for r in ok if r["variant"] == variant["name"]
                  and r["knn_history"]]
     if histories:
       steps, mean, std = _mean_curve(histories)
-      line, = ax.plot(steps, mean, marker="o", ms=3, label=variant["name"])
-      ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-  raw = results["baselines"].get("knn_raw_pixels", {}).get("mean")
-  if raw is not None:
-    ax.axhline(raw, color="k", ls="--", lw=1, label="raw pixels")
+      style = variant_style(index)
+      ax.plot(steps, mean, ms=4, lw=1.4, label=variant["name"], **style)
+      ax.fill_between(steps, mean - std, mean + std, color=style["color"], alpha=0.10)
+  _baseline_lines(ax, results, ("knn_random_init", "knn_raw_pixels"))
   ax.set(xlabel="training step", ylabel="kNN top-1 (%)",
          title="kNN monitor over training (mean ± std over seeds)")
 
 
 def _alignment_axes(ax, results: dict, ok: list[dict]) -> None:
-  """Alignment vs uniformity: one dot per run, one diamond per variant's mean."""
-  for variant in results["variants"]:
+  """Alignment vs uniformity: one small marker per run, one large one per variant's mean."""
+  for index, variant in enumerate(results["variants"]):
     runs = [r for r in ok if r["variant"] == variant["name"]
             and r["metrics"]["alignment"] is not None and r["metrics"]["uniformity"] is not None]
     if runs:
       x = [r["metrics"]["alignment"] for r in runs]
       y = [r["metrics"]["uniformity"] for r in runs]
-      points = ax.scatter(x, y, s=14, alpha=0.5)
-      ax.scatter([np.mean(x)], [np.mean(y)], s=60, marker="D",
-                 color=points.get_facecolor()[0][:3], label=variant["name"])
+      style = variant_style(index)
+      ax.scatter(x, y, s=14, alpha=0.5, color=style["color"], marker=style["marker"])
+      ax.scatter([np.mean(x)], [np.mean(y)], s=70, marker=style["marker"], color=style["color"],
+                 edgecolors="k", linewidths=0.6, label=variant["name"])
   ax.set(xlabel="alignment (lower: positive pairs closer)",
          ylabel="uniformity (lower: more uniform)",
-         title="Alignment vs uniformity (dots: seeds, diamonds: means)")
+         title="Alignment vs uniformity (small: seeds, large: means)")
 
 
 def write_plots(results: dict, output_dir: str) -> list[str]:
@@ -252,7 +483,7 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=size)
     draw(ax, results, ok)
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=8)
+      ax.legend(fontsize=7, ncol=2 if len(results["variants"]) > 8 else 1)
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, name), dpi=110)
     plt.close(fig)
@@ -260,13 +491,26 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
   return written
 
 
+def with_statistics(results: dict) -> dict:
+  """A copy of `results` (base_flagfile, variants, notes, runs) with every statistic the report
+  shows: summary and baselines (mean ± std), paired comparisons, resolution, failed variants."""
+  results = dict(results)
+  runs = results["runs"]
+  results["summary"], results["baselines"] = aggregate(runs)
+  names = [v["name"] for v in results["variants"]]
+  results["baseline_variant"] = BASELINE_VARIANT
+  results["paired"] = compare_to_baseline(runs, names)
+  results["resolution"] = design_resolution(runs, results["paired"], results["summary"])
+  results["runs_csv"] = RUNS_CSV_FILE
+  results["failed_variants"] = sorted({r["variant"] for r in runs if r["status"] == "failed"})
+  return results
+
+
 def write_results(results: dict, output_dir: str) -> None:
   """results.json, results.md and the plots into output_dir (local), each written whole."""
-  results = dict(results)
-  results["summary"], results["baselines"] = aggregate(results["runs"])
-  results["failed_variants"] = sorted({r["variant"] for r in results["runs"]
-                                       if r["status"] == "failed"})
+  results = with_statistics(results)
   results["plots"] = write_plots(results, output_dir)
   for name, text in ((RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n"),
-                     (MARKDOWN_FILE, markdown(results))):
+                     (MARKDOWN_FILE, markdown(results)), (RUNS_CSV_FILE,
+                                                          runs_csv(results["runs"]))):
     runfiles.write_local(os.path.join(output_dir, name), text)  # a kill never leaves half a table

@@ -197,11 +197,18 @@ def _notes(config: SweepConfig) -> list[str]:
        "epoch); the raw-pixel probe on cached pixels")
       + f"; epochs: {config.linear_epochs or 'the data set default'}.",
       "alignment (α = 2), uniformity (t = 2), same-class share of each query's hardest 1% of "
-      f"the queue and proxy top-1: `tfmochi.analyze` on {config.num_queries} training queries.",
+      f"the queue and proxy top-1: `tfmochi.analyze` on {config.num_queries} training queries; "
+      "the same share on the same queue and queries for the network at random initialisation "
+      "and for raw pixels (L2-normalised eval views) in the baselines' table.",
       ("training top-1: the trainer's proxy accuracy (acc1 in metrics.jsonl: the positive "
        "above every negative, MoCHi's synthetic ones included) over the last "
-       f"{report.TAIL:.0%} of the logged steps; proxy top-1 vs queue scores the final "
-       "model against the real queue only."),
+       f"{report.TAIL:.0%} of the logged steps; training top-1 vs real queue: acc1_queue of "
+       "the same rows (the real queue entries only, after any removal by the variant; acc1 "
+       "itself where the run has no synthetic negatives); proxy top-1 vs queue scores the "
+       "final model against the real queue only."),
+      (f"paired: each variant minus {report.BASELINE_VARIANT} on the same seed, mean and 95% t "
+       "interval over seeds, Holm-adjusted over every comparison of the table; the paper's "
+       "claim: the direction the variant's paper states (tfmochi.compare.stats)."),
       f"base: {config.base_flagfile}; seeds {', '.join(map(str, config.seeds))}; overrides: "
       + (" ".join(train_command(config, variants_lib.Variant("V", ()), 0)[4:-2]) or "none"),
       "variants: " + "; ".join(f"{v.name} = {' '.join(v.flags) or '(base)'}"
