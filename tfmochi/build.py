@@ -163,7 +163,7 @@ def build_train_state(config, strategy: tf.distribute.Strategy, moco_config: moc
     config: the run's TrainConfig (encoders, batch_size, initial_loss_scale, mixed_precision,
       nonfinite).
     strategy: where the variables live.
-    moco_config: the method's settings (`TrainConfig.moco_config`).
+    moco_config: the method's settings (`TrainConfig.moco_for_run`).
     learning_rate: a float or a schedule of the step (read at each step).
     fast_grad: see `build_run_encoder`.
   """

@@ -133,8 +133,8 @@ class Trainer:
     self.run_dir = rundir.RunDir(cfg.model_dir)
     _check_model_dir(cfg, self.run_dir)
     self._plan_steps()
-    moco_config = cfg.moco_config(self.steps_per_epoch, self.total_steps,
-                                  device_augment=self.device_augment)
+    moco_config = cfg.moco_for_run(self.steps_per_epoch, self.total_steps,
+                                   device_augment=self.device_augment)
     # Built in the strategy's scope, before any tf.function traces.
     self.state = build.build_train_state(cfg, self.strategy, moco_config, self.lr_schedule,
                                          self.fast_grad)
@@ -358,7 +358,7 @@ class Trainer:
       self._metrics = self.run_dir.metrics_log(start_step)
       self.checkpointing.metrics = self._metrics
       # The flags as given, plus what "auto" resolved to on this machine.
-      self.run_dir.write(runfiles.CONFIG_FILE, dict(dataclasses.asdict(cfg), resolved={
+      self.run_dir.write(runfiles.CONFIG_FILE, dict(cfg.to_dict(), resolved={
           "jit_compile": self.jit_compile, "fast_grad": self.fast_grad,
           "float32_matmuls": self.float32_matmuls, "device_augment": self.device_augment}))
     progress = hooks_lib.ProgressHook(self.total_steps, start_step, cfg.verbose and self.chief,
