@@ -276,7 +276,7 @@ class MoCoConfig:
       lower = (self.queue_size // global_batch_size) * global_batch_size
       hint = f"{lower} or {lower + global_batch_size}" if lower else f"{global_batch_size}"
       raise ConfigError(f"{flag_label(MoCoConfig, 'queue_size')} must be a multiple of the global "
-                        f"batch size ({global_batch_size}): the queue takes whole batches. Got "
+                        f"batch size {global_batch_size} (the queue takes whole batches), got "
                         f"{self.queue_size}; use e.g. {hint}.")
     return self
 

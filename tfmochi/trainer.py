@@ -125,9 +125,10 @@ class Trainer:
                                       seed=cfg.held_out_seed,
                                       validate="decode" if cfg.validate_images else "none",
                                       tfrecord_label_offset=cfg.tfrecord_label_offset)
-    if cfg.label_mode != "none" and not self.train_source.has_labels:
+    label_mode = cfg.moco.objective.label_mode
+    if label_mode != "none" and not self.train_source.has_labels:
       raise config_lib.ConfigError(
-          f"--label_mode={cfg.label_mode} needs labels, and the data set {cfg.dataset!r} has none. "
+          f"--label_mode={label_mode} needs labels, and the data set {cfg.dataset!r} has none. "
           "Use --label_mode=none, or a labelled data set.")
     self._set_up_devices()
     self.run_dir = rundir.RunDir(cfg.model_dir)
@@ -176,11 +177,11 @@ class Trainer:
           f"--batch_size {cfg.batch_size} (global) must be divisible by the {self.num_replicas} "
           "replicas.")
     per_replica = cfg.batch_size // self.num_replicas
-    if cfg.bn_mode == "split" and per_replica % cfg.bn_splits:
+    if cfg.moco.bn_mode == "split" and per_replica % cfg.bn_splits:
       raise config_lib.ConfigError(
           f"--bn_mode=split needs the per-replica batch ({per_replica}) divisible by --bn_splits "
           f"({cfg.bn_splits}).")
-    if cfg.bn_mode == "shuffle" and self.num_replicas == 1:
+    if cfg.moco.bn_mode == "shuffle" and self.num_replicas == 1:
       logging.warning("--bn_mode=shuffle on a single device cannot shuffle BN statistics between "
                       "devices; use --bn_mode=split (MoCo's single-GPU recipe) or sync.")
     self.chief = distribute.is_chief(self.strategy)
