@@ -553,9 +553,9 @@ class DeviceAugmentTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(config.ConfigError, "--device_augment"):
       config.TrainConfig(device_augment="yes").validate()
     self.assertEqual(config.TrainConfig.from_dict({}).device_augment, "false")
-    moco_config = config.TrainConfig(augmentation="mocov2").moco_config(1, 1, device_augment=True)
+    moco_config = config.TrainConfig(augmentation="mocov2").moco_for_run(1, 1, device_augment=True)
     self.assertEqual(moco_config.device_augment, "mocov2")
-    self.assertIsNone(config.TrainConfig().moco_config(1, 1).device_augment)
+    self.assertIsNone(config.TrainConfig().moco_for_run(1, 1).device_augment)
 
 
 

@@ -39,7 +39,7 @@ class TrainStateTest(tf.test.TestCase):
   def test_one_step_and_the_checkpoint_layout(self):
     config = config_lib.TrainConfig(**_TINY)
     state = build.build_train_state(config, tf.distribute.get_strategy(),
-                                    config.moco_config(10, 100), 0.03)
+                                    config.moco_for_run(10, 100), 0.03)
     self.assertFalse(state.float16)
     self.assertFalse(state.skip_nonfinite)
     batch = {"view1": tf.random.uniform([8, 8, 8, 3]), "view2": tf.random.uniform([8, 8, 8, 3]),

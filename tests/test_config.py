@@ -1,7 +1,11 @@
 """Tests of tfmochi.config: defaults, flags round trip, validation messages, the shipped flagfiles."""
 
+import dataclasses
 import glob
+import json
 import os
+import subprocess
+import sys
 
 from absl import flags
 from absl.testing import parameterized
@@ -101,25 +105,74 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, pattern):
       _parse(argv)
 
-  def test_every_library_field_maps_to_a_flag(self):
-    """Validation errors of MoCoConfig, ObjectiveConfig and MochiConfig name flags that exist."""
-    from tfmochi import mixing, moco, objective  # pylint: disable=g-import-not-at-top
+  def test_every_field_of_the_tree_is_a_flag_with_its_alias(self):
+    """Each field of MoCoConfig/ObjectiveConfig/MochiConfig is a flag named by its path, and its
+    old flag name is an alias that sets the same value."""
     fv = flags.FlagValues()
     config_lib.define_flags(fv)
-    for cls in (moco.MoCoConfig, objective.ObjectiveConfig, mixing.MochiConfig):
-      for field in cls.NAMES:
-        self.assertIn(field, config_lib.FLAG_OF_FIELD, cls.__name__)
-        self.assertIn(config_lib.FLAG_OF_FIELD[field][2:], fv, field)
+    for cls in (config_lib.MoCoConfig, config_lib.ObjectiveConfig, config_lib.MochiConfig):
+      for field in dataclasses.fields(cls):
+        if field.metadata.get("run") or field.type in ("ObjectiveConfig", "MochiConfig"):
+          continue
+        self.assertIn(cls.PATH + field.name, fv)
+        self.assertTrue(fv[cls.PATH + field.name].help, field.name)
+        self.assertIn(field.metadata["aliases"][0], fv, field.name)
+    by_alias = _parse(["--mochi_num_hard=8", "--moco_t=0.3", "--nomask_duplicates"])
+    by_path = _parse(["--moco.objective.mochi.num_hard=8", "--moco.objective.temperature=0.3",
+                      "--nomoco.objective.mask_duplicates"])
+    self.assertEqual(by_alias, by_path)
+    self.assertEqual((by_path.moco.objective.mochi.num_hard, by_path.mochi_num_hard), (8, 8))
+
+  def test_the_library_takes_the_branches_of_the_tree(self):
+    from tfmochi import mixing, moco, objective  # pylint: disable=g-import-not-at-top
+    self.assertIs(moco.MoCoConfig, config_lib.MoCoConfig)
+    self.assertIs(objective.ObjectiveConfig, config_lib.ObjectiveConfig)
+    self.assertIs(mixing.MochiConfig, config_lib.MochiConfig)
+    cfg = config_lib.TrainConfig(temperature=0.3, mochi_num_hard=16)
+    self.assertEqual(cfg, config_lib.TrainConfig(**{"moco.objective.temperature": 0.3,
+                                                    "moco.objective.mochi.num_hard": 16}))
+    self.assertEqual(cfg.moco.objective.mochi.num_hard, 16)
+    with self.assertRaisesRegex(TypeError, "unknown setting 'tempreature'"):
+      config_lib.TrainConfig(tempreature=0.3)
+
+  def test_a_library_config_checks_itself_when_built(self):
+    with self.assertRaisesRegex(config_lib.ConfigError, r"^--temperature \(T\) must be"):
+      config_lib.ObjectiveConfig(temperature=0.0)
+    with self.assertRaisesRegex(ValueError, r"^--mochi_num_hard \(N\) must be in \[0, K\]"):
+      config_lib.MoCoConfig(queue_size=24, objective=config_lib.ObjectiveConfig(
+          mochi=config_lib.MochiConfig(30, 1, 1)))
 
   def test_from_flag_to_the_loss(self):
     cfg = _parse(["--temperature=0.3"])
-    self.assertEqual(cfg.objective_config().temperature, 0.3)
-    self.assertEqual(cfg.moco_config(10, 100).objective.temperature, 0.3)
+    self.assertEqual(cfg.moco.objective.temperature, 0.3)
+    run = cfg.moco_for_run(10, 100)
+    self.assertEqual((run.objective.temperature, run.total_steps, run.mochi_warmup_steps,
+                      run.seed), (0.3, 100, 20, 0))
+    self.assertIs(run.objective, cfg.moco.objective)  # the same object, not a copy
+
+  def test_help_and_flag_errors_load_no_tensorflow(self):
+    # --help and a bad flag value answer before TensorFlow loads (it takes seconds).
+    code = ("import sys\n"
+            "from tfmochi import train\n"
+            "try:\n  train.run()\nexcept SystemExit:\n  pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for argv, message in ((["--help"], ""), (["--temperature=0"], "--temperature (T) must be"),
+                          (["--queue_size=abc"], "queue_size=abc")):
+      out = subprocess.run([sys.executable, "-c", code] + argv, cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+      self.assertEqual(out.stdout.strip().splitlines()[-1], "[]", (argv, out.stderr))
+      self.assertIn(message, out.stderr)
 
   def test_json_round_trip(self):
     cfg = config_lib.TrainConfig(mochi_num_hard=16, mochi_num_mix=8)
     again = config_lib.TrainConfig.from_dict(__import__("json").loads(cfg.to_json()))
     self.assertEqual(cfg, again)
+
+  def test_config_json_in_the_tree_layout_loads_too(self):
+    cfg = config_lib.TrainConfig(temperature=0.3, mochi_num_hard=16, mochi_num_mix=8)
+    nested = dataclasses.asdict(cfg)  # {"moco": {"objective": {"mochi": {...}}}, ...}
+    self.assertEqual(config_lib.TrainConfig.from_dict(json.loads(json.dumps(nested))), cfg)
 
   def test_config_json_of_older_runs_keeps_their_meaning(self):
     # A run written before --head_bn/--hflip/--tf32 existed had a plain MLP head, flips and
@@ -127,6 +180,7 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
     # quickstart defaults.
     values = __import__("json").loads(config_lib.TrainConfig().to_json())
     del values["head_bn"], values["hflip"], values["tf32"]
+    self.assertEqual(values["temperature"], 0.2)  # config.json keeps its flat layout
     old = config_lib.TrainConfig.from_dict(values)
     self.assertEqual((old.head_bn, old.hflip, old.tf32), (False, True, True))
     self.assertEqual((config_lib.TrainConfig().head_bn, config_lib.TrainConfig().hflip),

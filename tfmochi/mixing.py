@@ -33,13 +33,12 @@ is a boolean tensor that masks the synthetic logits to -inf and never retraces.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Mapping
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import tensorflow as tf
 
+from tfmochi import config as config_lib
 from tfmochi import topn
 
 _NEG_INF = float("-inf")
@@ -48,68 +47,9 @@ _NEG_INF = float("-inf")
 _ALG = tf.random.Algorithm.PHILOX
 # How each query's top-N is found (MochiConfig.top_n); see `tfmochi.topn`.
 TOP_N_METHODS = topn.METHODS
-
-
-@dataclasses.dataclass(frozen=True)
-class MochiConfig:
-  """MoCHi(N, s, s') hyper-parameters.
-
-  Attributes:
-    num_hard: N, how many hardest queue negatives each query mixes from. 0 disables MoCHi.
-    num_mix: s, synthetic negatives mixed from pairs of hard negatives (type 1).
-    num_query_mix: s', synthetic negatives mixed from the query and a hard negative (type 2).
-    beta_max: upper bound of β ~ U(0, β_max) for type 2; in (0, 0.5] so the query's share stays
-      below the negative's.
-    top_n: "exact" (the N hardest, exactly) or "approx" (`tf.math.approx_max_k`, for TPUs: each
-      true top-N entry is found with probability about `top_n_recall`; the entries it misses are
-      replaced by the next hardest ones, so a few synthetic points mix slightly easier negatives.
-      On CPUs and GPUs TensorFlow computes the exact set instead; see `topn.hardest_indices`).
-    top_n_recall: the recall target of "approx", in (0, 1].
-  """
-  num_hard: int = 1024
-  num_mix: int = 1024
-  num_query_mix: int = 512
-  beta_max: float = 0.5
-  top_n: str = "exact"
-  top_n_recall: float = 0.95
-
-  @property
-  def enabled(self) -> bool:
-    return self.num_hard > 0 and (self.num_mix + self.num_query_mix) > 0
-
-  @property
-  def num_synthetic(self) -> int:
-    """s + s' when enabled, else 0."""
-    return self.num_mix + self.num_query_mix if self.enabled else 0
-
-  # How validation errors call each field (their flags without "--"); `validate(names=...)`
-  # overrides them.
-  NAMES: ClassVar[dict] = {"num_hard": "mochi_num_hard", "num_mix": "mochi_num_mix",
-                           "num_query_mix": "mochi_num_query_mix", "beta_max": "mochi_beta_max",
-                           "top_n": "mochi_topn", "top_n_recall": "mochi_topn_recall"}
-
-  def validate(self, queue_size: int | None = None,
-               names: Mapping[str, str] | None = None) -> "MochiConfig":
-    """Raises ValueError naming the argument (`names[field]`) and its range; returns self."""
-    n = {**self.NAMES, **(names or {})}
-    for field, symbol in (("num_hard", "N"), ("num_mix", "s"), ("num_query_mix", "s'")):
-      value = getattr(self, field)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{n[field]} ({symbol}) must be an integer >= 0, got {value!r}.")
-    if not (isinstance(self.beta_max, (int, float)) and 0.0 < self.beta_max <= 0.5):
-      raise ValueError(f"{n['beta_max']} (β_max) must be in (0, 0.5], got {self.beta_max!r}.")
-    if queue_size is not None and self.num_hard > queue_size:
-      raise ValueError(f"{n['num_hard']} (N) must be in [0, K] = [0, {queue_size}] (it picks the "
-                       f"N hardest of the K queue entries), got {self.num_hard}.")
-    if self.top_n not in TOP_N_METHODS:
-      raise ValueError(f"{n['top_n']} must be one of {', '.join(TOP_N_METHODS)}, got "
-                       f"{self.top_n!r}.")
-    if not (isinstance(self.top_n_recall, (int, float)) and 0.0 < self.top_n_recall <= 1.0):
-      raise ValueError(f"{n['top_n_recall']} must be in (0, 1], got {self.top_n_recall!r}.")
-    if self.num_hard == 0 and (self.num_mix or self.num_query_mix):
-      raise ValueError(f"{n['num_mix']} (s) and {n['num_query_mix']} (s') need {n['num_hard']} "
-                       "(N) > 0 to have hard negatives to mix; set N > 0 or s = s' = 0.")
-    return self
+# MoCHi(N, s, s') is the branch `config.TrainConfig.moco.objective.mochi` (fields documented
+# there, checked when built).
+MochiConfig = config_lib.MochiConfig
 
 
 class Synthesis(NamedTuple):

@@ -28,14 +28,13 @@ queue's ids, labels and pointer are int32, and the key views cross the replicas 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
 from tfmochi import augment
+from tfmochi import config as config_lib
 from tfmochi import distribute
 from tfmochi import mixing
 from tfmochi import models
@@ -44,72 +43,11 @@ from tfmochi import objective as objective_lib
 from tfmochi import optimizer as optimizer_lib
 from tfmochi import queue as queue_lib
 
-BN_MODES = ("shuffle", "split", "sync", "none")
-MOMENTUM_SCHEDULES = ("constant", "cosine")
-
-
-@dataclasses.dataclass(frozen=True)
-class MoCoConfig:
-  """The MoCo side of the method (the loss side is `objective`).
-
-  Attributes:
-    queue_size: K.
-    embedding_dim: D.
-    momentum: m (0.999 for MoCo v2; 0.99 for small data sets).
-    momentum_schedule: "constant" or "cosine" (m rises to 1 over `total_steps`, BYOL-style).
-    total_steps: the length of the run (for the cosine momentum).
-    bn_mode: how the key encoder avoids BN "cheating": "shuffle" (MoCo's shuffle BN: the key batch
-      is permuted across replicas before f_k and un-permuted after), "split" (single device: the
-      key batch is permuted before a split-BN encoder, as the MoCo CIFAR demo), "sync" (synchronized
-      BN, no shuffle needed) or "none" (plain per-replica BN, no shuffle: the baseline that cheats).
-    weight_decay: coupled L2 coefficient (MoCo: 1e-4 on all parameters).
-    mochi_warmup_steps: steps before MoCHi starts synthesising (the paper: 10/15 epochs).
-    seed: the run seed behind every stateless draw.
-    device_augment: a recipe of `augment.PHOTOMETRIC` whose photometric ops the step runs on the
-      uint8 views (--device_augment), or None: the views arrive finished.
-    objective: the loss side (`objective.ObjectiveConfig`).
-  """
-  queue_size: int = 65536
-  embedding_dim: int = 128
-  momentum: float = 0.999
-  momentum_schedule: str = "constant"
-  total_steps: int = 1
-  bn_mode: str = "shuffle"
-  weight_decay: float = 1e-4
-  mochi_warmup_steps: int = 0
-  seed: int = 0
-  device_augment: str | None = None
-  objective: objective_lib.ObjectiveConfig = dataclasses.field(
-      default_factory=objective_lib.ObjectiveConfig)
-
-  # How validation errors call each field; `validate(names=...)` overrides them
-  # (`config.TrainConfig.validate` passes the flags).
-  NAMES: ClassVar[dict] = {"queue_size": "queue_size", "momentum": "moco_momentum",
-                           "momentum_schedule": "momentum_schedule", "bn_mode": "bn_mode",
-                           "weight_decay": "weight_decay", "mochi_warmup_steps": "mochi warm-up"}
-
-  def validate(self, global_batch_size: int,
-               names: Mapping[str, str] | None = None) -> "MoCoConfig":
-    """Raises ValueError naming the argument and its allowed range; returns self.
-
-    `names` (field -> name) is how the messages call the fields of this config, its
-    `objective` and its `objective.mochi` (e.g. their flags).
-    """
-    n = {**self.NAMES, **(names or {})}
-    queue_lib.check_queue_size(self.queue_size, global_batch_size, name=n["queue_size"])
-    momentum_lib.check_momentum(self.momentum, name=n["momentum"])
-    if self.momentum_schedule not in MOMENTUM_SCHEDULES:
-      raise ValueError(f"{n['momentum_schedule']} must be one of "
-                       f"{', '.join(MOMENTUM_SCHEDULES)}, got {self.momentum_schedule!r}.")
-    if self.bn_mode not in BN_MODES:
-      raise ValueError(f"{n['bn_mode']} must be one of {', '.join(BN_MODES)}, got "
-                       f"{self.bn_mode!r}.")
-    if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-      raise ValueError(f"{n['weight_decay']} must be >= 0, got {self.weight_decay!r}.")
-    if self.mochi_warmup_steps < 0:
-      raise ValueError(f"{n['mochi_warmup_steps']} must be >= 0, got {self.mochi_warmup_steps}.")
-    self.objective.validate(self.queue_size, names=names)
-    return self
+# The config MoCo takes is the branch of the training config (`config.TrainConfig.moco`), checked
+# field by field when it is built; its fields are documented there.
+MoCoConfig = config_lib.MoCoConfig
+BN_MODES = config_lib.BN_MODES
+MOMENTUM_SCHEDULES = config_lib.MOMENTUM_SCHEDULES
 
 
 class MoCo(tf.Module):
@@ -119,9 +57,9 @@ class MoCo(tf.Module):
     query_encoder: a built Keras model mapping views [b, H, W, 3] to embeddings [b, D].
     key_encoder: the same architecture (built); its weights are overwritten with the query
       encoder's and it is updated by momentum only.
-    config: the MoCo configuration.
-    global_batch_size: the global batch size (all replicas), for the K % batch check and the
-      loss scaling.
+    config: the MoCo configuration (`config.TrainConfig.moco`, its run fields set).
+    global_batch_size: the global batch size (all replicas), for the loss scaling; K must be a
+      multiple of it (checked here: it is this argument's constraint, not the config's).
   """
 
   def __init__(self, query_encoder: keras.Model, key_encoder: keras.Model, config: MoCoConfig,

@@ -11,9 +11,9 @@ This is one MoCo/MoCHi step minus the encoders, as a pure function of tensors
   loss over [l_pos | l_neg | l_mix] (`tfmochi.losses`: InfoNCE, debiased, hard, or SupCon), proxy
   accuracy over the same row
 
-From a flag to the loss: `--temperature` is `config.TrainConfig.temperature`, which
-`TrainConfig.objective_config()` puts into `ObjectiveConfig.temperature`, which
-`contrastive_objective` hands to `losses.contrastive_loss` (or `losses.supcon_from_logits`).
+From a flag to the loss: `--temperature` is `TrainConfig.moco.objective.temperature`; `MoCo`
+passes its `config.objective` here, and `contrastive_objective` hands `config.temperature` to
+`losses.contrastive_loss` (or `losses.supcon_from_logits`).
 
 Researchers can call `contrastive_objective` directly with their own encoders; `MoCo.train_step`
 calls it inside `strategy.run`. It never reads or writes variables (the queue comes in as
@@ -22,81 +22,19 @@ tensors), so it is safe under any tf.distribute strategy and under XLA.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import tensorflow as tf
 
+from tfmochi import config as config_lib
 from tfmochi import losses as losses_lib
 from tfmochi import mixing
 from tfmochi import queue as queue_lib
 
-LABEL_MODES = ("none", "oracle", "supcon")
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-  """Everything that defines the contrastive objective (one field per flag of the loss family).
-
-  Attributes:
-    temperature: T (`--temperature`).
-    loss: "infonce" | "debiased" | "hard".
-    tau_plus: τ+ of the debiased and hard losses.
-    hard_beta: β of the hard loss.
-    drop_hardest: Cai et al.: remove the hardest p% of the queue negatives per query (or None).
-    keep_hardest: Cai et al.: keep only the hardest p% of the queue negatives per query (or None).
-    mochi: MoCHi(N, s, s') (N = 0 disables it).
-    mask_duplicates: remove queue entries whose sample id equals the query's (-1 never matches).
-    label_mode: "none" (self-supervised), "oracle" (remove same-class queue entries, and so the
-      synthetic points built from them) or "supcon" (same-class entries of the queue become
-      positives; SupCon's L_out averaged over the positives). Unknown labels (-1) never match.
-  """
-  temperature: float = 0.2
-  loss: str = "infonce"
-  tau_plus: float = 0.1
-  hard_beta: float = 1.0
-  drop_hardest: float | None = None
-  keep_hardest: float | None = None
-  mochi: mixing.MochiConfig = dataclasses.field(
-      default_factory=lambda: mixing.MochiConfig(0, 0, 0))
-  mask_duplicates: bool = False
-  label_mode: str = "none"
-
-  # How validation errors call each field; `validate(names=...)` overrides them
-  # (`config.TrainConfig.validate` passes the flags).
-  NAMES: ClassVar[dict] = {f: f for f in ("temperature", "loss", "tau_plus", "hard_beta",
-                                          "drop_hardest", "keep_hardest", "label_mode")}
-
-  def validate(self, queue_size: int | None = None,
-               names: Mapping[str, str] | None = None) -> "ObjectiveConfig":
-    """Raises ValueError naming the argument and its allowed range; returns self.
-
-    Args:
-      queue_size: K, when known (MoCHi's N must not exceed it).
-      names: how the messages call a field (field -> name; e.g. its flag), for this config and
-        its `mochi`.
-    """
-    n = {**self.NAMES, **(names or {})}
-    losses_lib.check_temperature(self.temperature, name=n["temperature"])
-    losses_lib.check_loss_name(self.loss, name=n["loss"])
-    losses_lib.check_tau_plus(self.tau_plus, name=n["tau_plus"])
-    losses_lib.check_hard_beta(self.hard_beta, name=n["hard_beta"])
-    if self.drop_hardest is not None and self.keep_hardest is not None:
-      raise ValueError(f"{n['drop_hardest']} and {n['keep_hardest']} are exclusive: give at most "
-                       "one.")
-    if self.drop_hardest is not None:
-      losses_lib.check_percent(n["drop_hardest"], self.drop_hardest)
-    if self.keep_hardest is not None:
-      losses_lib.check_percent(n["keep_hardest"], self.keep_hardest)
-    if self.label_mode not in LABEL_MODES:
-      raise ValueError(f"{n['label_mode']} must be one of {', '.join(LABEL_MODES)}; got "
-                       f"{self.label_mode!r}.")
-    if self.label_mode == "supcon" and self.loss != "infonce":
-      raise ValueError(f"{n['label_mode']}=supcon replaces the loss by SupCon; use "
-                       f"{n['loss']}=infonce with it.")
-    self.mochi.validate(queue_size, names=names)
-    return self
+# The objective's config is the branch `config.TrainConfig.moco.objective` (fields documented
+# there, checked when built): T, the loss family, the masks and MoCHi's `MochiConfig`.
+ObjectiveConfig = config_lib.ObjectiveConfig
+LABEL_MODES = config_lib.LABEL_MODES
 
 
 class ObjectiveOutput(NamedTuple):

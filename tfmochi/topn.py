@@ -20,8 +20,10 @@ import math
 
 import tensorflow as tf
 
+from tfmochi import config as config_lib
+
 # `--mochi_topn` (MochiConfig.top_n): "exact" is "auto" outside XLA and "top_k" inside it.
-METHODS = ("exact", "approx")
+METHODS = config_lib.TOP_N_METHODS
 
 
 def hardest_indices(l_neg: tf.Tensor, num_hard: int, method: str = "auto",

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import sys
 
+from absl import app
+from absl import flags
+from absl import logging
+
 from tfmochi import cli
-
-cli.quiet_tensorflow_startup()  # before TensorFlow's first import (tfmochi.config imports it)
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-
-from tfmochi import config as config_lib  # noqa: E402
+from tfmochi import config as config_lib  # no TensorFlow: --help and flag errors answer at once
 
 FLAGS = flags.FLAGS
 
@@ -37,23 +34,31 @@ def train_from_flags(flag_values: flags.FlagValues) -> int:
   with `config.define_flags(flag_values)`), so the error cases need no process of their own.
   """
   logging.set_verbosity(logging.WARNING)  # progress goes to stdout; keep INFO chatter out
+  try:
+    config = config_lib.from_flags(flag_values)  # before TensorFlow loads: errors come at once
+  except config_lib.ConfigError as e:
+    return _error(e)
+  # The flags are valid: now TensorFlow loads, its start-up logs filtered in a command's process.
+  cli.quiet_tensorflow_startup()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel("ERROR")
-  # (tfmochi.config already imports TensorFlow through the method configs it validates with, so
-  # even --help pays for importing TensorFlow; these imports add the data and trainer code.)
   from tfmochi import rundir  # pylint: disable=g-import-not-at-top
   from tfmochi import data  # pylint: disable=g-import-not-at-top
   from tfmochi import trainer  # pylint: disable=g-import-not-at-top
 
   try:
-    config = config_lib.from_flags(flag_values)
     summary = trainer.train(config)
   except (config_lib.ConfigError, data.DataError, rundir.CheckpointError,
           trainer.TrainingError) as e:
-    logging.flush()
-    print(f"\ntfmochi.train: error: {e}", file=sys.stderr, flush=True)
-    return 2
+    return _error(e)
   return 0 if summary else 1
+
+
+def _error(e: Exception) -> int:
+  """One `tfmochi.train: error: ...` line on stderr; the exit status 2."""
+  logging.flush()
+  print(f"\ntfmochi.train: error: {e}", file=sys.stderr, flush=True)
+  return 2
 
 
 def run():

@@ -125,16 +125,17 @@ class Trainer:
                                       seed=cfg.held_out_seed,
                                       validate="decode" if cfg.validate_images else "none",
                                       tfrecord_label_offset=cfg.tfrecord_label_offset)
-    if cfg.label_mode != "none" and not self.train_source.has_labels:
+    label_mode = cfg.moco.objective.label_mode
+    if label_mode != "none" and not self.train_source.has_labels:
       raise config_lib.ConfigError(
-          f"--label_mode={cfg.label_mode} needs labels, and the data set {cfg.dataset!r} has none. "
+          f"--label_mode={label_mode} needs labels, and the data set {cfg.dataset!r} has none. "
           "Use --label_mode=none, or a labelled data set.")
     self._set_up_devices()
     self.run_dir = rundir.RunDir(cfg.model_dir)
     _check_model_dir(cfg, self.run_dir)
     self._plan_steps()
-    moco_config = cfg.moco_config(self.steps_per_epoch, self.total_steps,
-                                  device_augment=self.device_augment)
+    moco_config = cfg.moco_for_run(self.steps_per_epoch, self.total_steps,
+                                   device_augment=self.device_augment)
     # Built in the strategy's scope, before any tf.function traces.
     self.state = build.build_train_state(cfg, self.strategy, moco_config, self.lr_schedule,
                                          self.fast_grad)
@@ -176,11 +177,11 @@ class Trainer:
           f"--batch_size {cfg.batch_size} (global) must be divisible by the {self.num_replicas} "
           "replicas.")
     per_replica = cfg.batch_size // self.num_replicas
-    if cfg.bn_mode == "split" and per_replica % cfg.bn_splits:
+    if cfg.moco.bn_mode == "split" and per_replica % cfg.bn_splits:
       raise config_lib.ConfigError(
           f"--bn_mode=split needs the per-replica batch ({per_replica}) divisible by --bn_splits "
           f"({cfg.bn_splits}).")
-    if cfg.bn_mode == "shuffle" and self.num_replicas == 1:
+    if cfg.moco.bn_mode == "shuffle" and self.num_replicas == 1:
       logging.warning("--bn_mode=shuffle on a single device cannot shuffle BN statistics between "
                       "devices; use --bn_mode=split (MoCo's single-GPU recipe) or sync.")
     self.chief = distribute.is_chief(self.strategy)
@@ -358,7 +359,7 @@ class Trainer:
       self._metrics = self.run_dir.metrics_log(start_step)
       self.checkpointing.metrics = self._metrics
       # The flags as given, plus what "auto" resolved to on this machine.
-      self.run_dir.write(runfiles.CONFIG_FILE, dict(dataclasses.asdict(cfg), resolved={
+      self.run_dir.write(runfiles.CONFIG_FILE, dict(cfg.to_dict(), resolved={
           "jit_compile": self.jit_compile, "fast_grad": self.fast_grad,
           "float32_matmuls": self.float32_matmuls, "device_augment": self.device_augment}))
     progress = hooks_lib.ProgressHook(self.total_steps, start_step, cfg.verbose and self.chief,

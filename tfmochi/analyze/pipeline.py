@@ -60,8 +60,8 @@ def mochi_for_analysis(config, queue_size: int) -> tuple[mixing.MochiConfig, str
   N is capped at K (the analysis queue may be smaller than the run's). Returns (config, a note
   saying which it is).
   """
-  mochi = mixing.MochiConfig(config.mochi_num_hard, config.mochi_num_mix,
-                             config.mochi_num_query_mix, config.mochi_beta_max)
+  run = config.moco.objective.mochi
+  mochi = mixing.MochiConfig(run.num_hard, run.num_mix, run.num_query_mix, run.beta_max)
   note = "(the run's)"
   if not mochi.enabled:
     mochi = mixing.MochiConfig(max(1, min(1024, queue_size // 8)), 1024, 512)
@@ -239,7 +239,7 @@ def analyze_run(model_dir: str, output_dir: str, *, checkpoint_path: str | None 
   query_encoder, key_encoder, key_source, config, step, path = _encoders(model_dir,
                                                                          checkpoint_path)
   seed = config.seed if seed is None else seed
-  layout = _Layout.plan(source, queue_size or config.queue_size, num_queries)
+  layout = _Layout.plan(source, queue_size or config.moco.queue_size, num_queries)
   say(f"Embedding {layout.describe(source)} with the checkpoint of step {step}...")
   emb = _embed(query_encoder, key_encoder, source, total=layout.total,
                query_range=layout.query_range, image_size=config.image_size,

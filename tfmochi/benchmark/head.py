@@ -72,7 +72,7 @@ def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   """
   from tfmochi import mixing  # pylint: disable=g-import-not-at-top
 
-  objective_config = config.objective_config()
+  objective_config = config.moco.objective
   mochi = objective_config.mochi
   if not mochi.enabled:
     n, s, s2 = PAPER_MOCHI

@@ -40,7 +40,7 @@ def make_train_step_fn(config: config_lib.TrainConfig, strategy, batch: dict,
   if jit_compile is None:
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
   # MoCHi synthesises from the first step (its warm-up would only mask the same computation).
-  moco_config = config.moco_config(steps_per_epoch=1000, total_steps=1_000_000)
+  moco_config = config.moco_for_run(steps_per_epoch=1000, total_steps=1_000_000)
   moco_config = dataclasses.replace(moco_config, mochi_warmup_steps=0)
   state = build.build_train_state(config, strategy, moco_config, 0.03, fast_grad)
   step = state.step
@@ -92,7 +92,7 @@ def bench_step(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
   strategy = distribute.make_strategy(config.strategy, tpu=config.tpu,
                                       cpu_replicas=config.cpu_replicas)
   batch = synthetic_batch(config.batch_size, config.image_size, config.seed)
-  mochi_on = config.objective_config().mochi.enabled
+  mochi_on = config.moco.objective.mochi.enabled
   variants = {}
   moco_config = dataclasses.replace(config, mochi_num_hard=0, mochi_num_mix=0,
                                     mochi_num_query_mix=0)
