@@ -7,6 +7,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import testdata  # tests/testdata.py
+
 from tfmochi import build
 from tfmochi import config as config_lib
 from tfmochi import distribute
@@ -84,6 +86,7 @@ class Float32MatmulsTest(tf.test.TestCase):
       build.float32_matmuls(True, "float32", "TPU")
       warning.assert_not_called()
 
+  @testdata.needs_host_xla
   def test_tf32_off_compiles_the_logits_at_highest_precision(self):
     """The objective's q·Qᵀ as XLA compiles it (a TPU compiles the step with the same lowering):
     off, every float32 dot carries operand_precision=highest; on, the default precision."""

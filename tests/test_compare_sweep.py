@@ -74,7 +74,7 @@ class SweepTest(absltest.TestCase):
       f.write("\n".join([f"--flagfile={REPO}/configs/digits.flags", *_TINY]) + "\n")
     variants_file = os.path.join(tmp, "variants")
     with open(variants_file, "w") as f:
-      f.write("moco_v2\nbroken: --queue_size=7  # not a multiple of the batch: fails\n")
+      f.write("moco_v2\nbroken: --queue_size=7  # K = 7 < N: fails\n")
     out = os.path.join(tmp, "out")
     runs = os.path.join(out, "runs")
     first, second = (os.path.join(runs, "moco_v2", f"seed{s}") for s in (0, 1))
@@ -109,7 +109,7 @@ class SweepTest(absltest.TestCase):
     results = json.load(open(os.path.join(out, "results.json")))
     status = {(r["variant"], r["seed"]): r for r in results["runs"]}
     self.assertEqual(status[("broken", 0)]["status"], "failed")
-    self.assertIn("queue_size", status[("broken", 1)]["error"])
+    self.assertIn("--mochi_num_hard (N) must be in [0, K]", status[("broken", 1)]["error"])
     self.assertIn("broken", results["failed_variants"])
     self._check_table(results, [status[("moco_v2", s)] for s in (0, 1)], out)
 

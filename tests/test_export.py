@@ -28,6 +28,7 @@ import pytest
 import tensorflow as tf
 
 import cli_harness as harness  # tests/cli_harness.py (tests/ is on sys.path under pytest)
+import testdata  # tests/testdata.py
 from tfmochi import checkpoints
 from tfmochi import config as config_lib
 from tfmochi import distribute
@@ -359,8 +360,8 @@ class RoundTripTest(tf.test.TestCase):
     self.assertGreater(reloaded["tfsm/changed"], 0)
 
   def test_hub_keras_layer_finetunes(self):
-    pytest.importorskip("tensorflow_hub")
-    pytest.importorskip("tf_keras")
+    testdata.optional_module("tensorflow_hub", "tensorflow-hub")
+    testdata.optional_module("tf_keras", "tf-keras")
     reloaded = self._reloaded_ok("hub_keras_layer")
     self.assertAllClose(reloaded["hub_keras_layer/1x32x32"],
                         _reference(_images(1, 32, 32))["pooled"], atol=_ATOL)
@@ -376,7 +377,7 @@ class RoundTripTest(tf.test.TestCase):
         self.assertAllClose(reloaded[f"keras/{b}x{h}x{w}/{name}"], expected[name], atol=_ATOL)
 
   def test_keras_hub_preset(self):
-    pytest.importorskip("keras_hub")
+    testdata.optional_module("keras_hub", "keras-hub")
     reloaded = self._reloaded_ok("keras_hub")
     for b, h, w in _CASES:
       expected = _reference(_images(b, h, w))
@@ -475,13 +476,13 @@ class KerasHubTest(tf.test.TestCase):
       self.assertAllEqual(hub_backbone(x, training=False), ours["C5"])
 
   def test_to_keras_hub_is_exact_resnet18(self):
-    pytest.importorskip("keras_hub")
+    testdata.optional_module("keras_hub", "keras-hub")
     hub_backbone = export.to_keras_hub(_backbone())
     self.assertEqual(hub_backbone.block_type, "basic_block")
     self._assert_same_features(_backbone(), hub_backbone, [(1, 32, 32, 3), (2, 65, 77, 3)])
 
   def test_to_keras_hub_is_exact_resnet50(self):
-    pytest.importorskip("keras_hub")
+    testdata.optional_module("keras_hub", "keras-hub")
     backbone = models.build_backbone("resnet50")
     _randomise(backbone, 1)
     hub_backbone = export.to_keras_hub(backbone)
@@ -490,12 +491,12 @@ class KerasHubTest(tf.test.TestCase):
     self._assert_same_features(backbone, hub_backbone, [(1, 33, 31, 3)])
 
   def test_small_stem_has_no_keras_hub_equivalent(self):
-    pytest.importorskip("keras_hub")
+    testdata.optional_module("keras_hub", "keras-hub")
     with self.assertRaisesRegex(ValueError, "small_stem"):
       export.to_keras_hub(models.build_backbone("resnet18", small_stem=True))
 
   def test_retinanet_trains_one_step_on_exported_backbone(self):
-    keras_hub = pytest.importorskip("keras_hub")
+    keras_hub = testdata.optional_module("keras_hub", "keras-hub")
     preset = os.path.join(_exports()["keras"], export.KERAS_HUB_DIR)
     encoder = keras_hub.models.ResNetBackbone.from_preset(preset)
     backbone = keras_hub.models.RetinaNetBackbone(image_encoder=encoder, min_level=3,
@@ -546,8 +547,8 @@ class SmallArchTest(tf.test.TestCase):
       self.assertIn("not written", json.load(f)["keras_hub"])  # no keras-hub ResNet this small
 
   def test_hub_keras_layer_of_a_tiny_run(self):
-    pytest.importorskip("tensorflow_hub")
-    pytest.importorskip("tf_keras")
+    testdata.optional_module("tensorflow_hub", "tensorflow-hub")
+    testdata.optional_module("tf_keras", "tf-keras")
     model_dir = _make_run(os.path.join(self.create_tempdir().full_path, "tiny"), "resnet10_tiny")
     hub_dir, _ = export.export_run(model_dir, fmt="hub")
     script = textwrap.dedent("""

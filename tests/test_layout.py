@@ -4,8 +4,11 @@
   the training loop, the reports and the CLIs used to hide several jobs at once.
 * The library, configs and docs name only tfmochi's own documents: facts the code relies on are
   written in docs/ or in the docstring, never in a file outside the project.
+* docs/TPU.md installs tfmochi with --no-deps beside tensorflow-tpu, then its dependencies by hand:
+  those lines name every requirement of setup.cfg but TensorFlow.
 """
 import ast
+import configparser
 import pathlib
 import re
 
@@ -49,3 +52,19 @@ def test_only_tfmochi_documents_are_cited(folder):
         if OUTSIDE_DOCUMENTS.search(line):
           cited.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
   assert not cited, "documents outside tfmochi cited:\n" + "\n".join(cited)
+
+
+def _requirement_names(text: str) -> set[str]:
+  return {re.split(r"[<>=~! ]", r.strip(), maxsplit=1)[0].lower()
+          for r in text.splitlines() if r.strip() and not r.strip().startswith("#")}
+
+
+def test_the_tpu_guide_installs_every_dependency_but_tensorflow():
+  setup = configparser.ConfigParser()
+  setup.read(ROOT / "setup.cfg")
+  wanted = _requirement_names(setup["options"]["install_requires"]) - {"tensorflow"}
+  guide = (ROOT / "docs" / "TPU.md").read_text().replace("\\\n", " ")
+  lines = [line for line in guide.splitlines() if "pip install" in line and '"keras>=' in line]
+  assert len(lines) >= 2, "docs/TPU.md: the dependency lines of section 4 and the Spot loop"
+  for line in lines:
+    assert _requirement_names("\n".join(re.findall(r'"([^"]+)"', line))) == wanted, line

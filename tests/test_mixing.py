@@ -144,7 +144,7 @@ class SynthesizeTest(tf.test.TestCase, parameterized.TestCase):
                             enabled=tf.constant(False))
     self.assertTrue(np.all(np.isfinite(on.logits)))
     self.assertTrue(np.all(np.isneginf(off.logits)))
-    fn = mixing._compiled(5, 16, 8, 0.5, None, False, True)
+    fn = mixing._compiled(5, 16, 8, 0.5, None, False, topn.host_xla_available())
     self.assertEqual(fn.experimental_get_tracing_count(), 1)
 
   def test_absent_sources_give_absent_synthetics(self):

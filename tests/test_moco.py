@@ -10,12 +10,15 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+import testdata  # tests/testdata.py
+
 from tfmochi import augment
 from tfmochi import distribute
 from tfmochi import objective as objective_lib
 from tfmochi import mixing
 from tfmochi import moco as moco_lib
 from tfmochi import optimizer as optimizer_lib
+from tfmochi import topn
 
 GLOBAL_BATCH = 4
 
@@ -148,6 +151,8 @@ class MoCoStepTest(tf.test.TestCase, parameterized.TestCase):
     bit for bit those of the views normalised first and gathered as float32 (the earlier path;
     normalised in the same function, so by the same kernels), across 2 replicas and in the
     XLA-compiled encoder with split BN (one device)."""
+    if compiled and not topn.host_xla_available():
+      self.skipTest("this TensorFlow build has no XLA for the CPU (tensorflow-tpu's wheel)")
     bn = "split" if compiled else "standard"  # the encoders' BN; MoCo's: split or shuffle
     config = _jit_config(bn_mode="split" if compiled else "shuffle", mochi=False)
     views = np.random.default_rng(0).integers(0, 256, (_JIT_BATCH, 8, 8, 3), dtype=np.uint8)
@@ -540,6 +545,7 @@ ENTRY %main (p: s64[8], f: f32[8]) -> f32[] {
     self.assertEmpty(_wide_integer_ops(hlo.replace("s64", "s32")))
 
 
+@testdata.needs_host_xla
 class JitStepTest(tf.test.TestCase, parameterized.TestCase):
   """The XLA-compiled replica step equals the plain one.
 

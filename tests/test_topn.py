@@ -5,6 +5,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+import testdata  # tests/testdata.py
+
 from tfmochi import topn
 
 
@@ -75,10 +77,13 @@ class ChunkedTopNTest(tf.test.TestCase, parameterized.TestCase):
       topn.hardest_indices(x, 4, method="chunked")  # K = 16 < 8·4
     self.assertAllEqual(topn.hardest_indices(x, 4), [[0, 1, 2, 3]] * 2)  # auto -> top_k
     # Inside an XLA-compiled function "auto" keeps to top_k (tf.where has no static shape there).
+    if not topn.host_xla_available():
+      return  # tensorflow-tpu's wheel: no XLA for the CPU to compile with
     y = np.random.default_rng(3).normal(size=(2, 40)).astype(np.float32)
     in_xla = tf.function(lambda y: topn.hardest_indices(y, 5), jit_compile=True)
     self.assertAllEqual(in_xla(y), _reference_top_n(y, 5))
 
+  @testdata.needs_host_xla
   def test_approx_top_n_recall_on_cpu(self):
     """--mochi_topn=approx: tf.math.approx_max_k's set against the exact one. On a CPU both its
     TensorFlow kernel and XLA:CPU return the exact top-N (recall 1 whatever the target); a TPU

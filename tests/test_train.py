@@ -154,6 +154,7 @@ class _TerminateAt(hooks.Hook):
       os.kill(os.getpid(), signal.SIGTERM)
 
 
+@testdata.needs_host_xla
 class TPUStandInTest(tf.test.TestCase):
   """configs/tpu.flags, XLA-compiled replica step, ImageNet TFRecords, model_dir in ram://."""
 

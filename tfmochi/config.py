@@ -104,8 +104,11 @@ def _percent_or_none(v) -> bool:
 
 
 def flag_label(config_type: type, name: str) -> str:
-  """How messages call field `name` of `config_type`: its first flag name, and its symbol."""
+  """How messages call field `name` of `config_type`: its first flag name, and its symbol (a
+  `run` field, which is no flag, by its name)."""
   field = config_type.__dataclass_fields__[name]
+  if field.metadata.get("run"):
+    return name
   flag = (field.metadata.get("aliases") or (f"{config_type.PATH}{name}",))[0]
   symbol = field.metadata.get("symbol")
   return f"--{flag} ({symbol})" if symbol else f"--{flag}"
@@ -397,7 +400,7 @@ class TrainConfig:
   initial_loss_scale: float = setting(32768.0,
       'float16 only: the first dynamic loss scale (halved at each overflow, doubled after 2000 '
       'good steps; overflow steps are skipped and counted as loss_scale_skipped_steps).')
-  # TensorFlow's default was kept
+  # absent: TensorFlow's default (TensorFloat-32 on) was kept
   tf32: bool = setting(False,
       'Faster, less precise float32 matmuls and convolutions: TensorFloat-32 on Ampere and '
       "later GPUs (10-bit mantissa inputs), one bfloat16 pass on a TPU (7-bit; XLA's DEFAULT "

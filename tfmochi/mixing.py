@@ -256,7 +256,8 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
     return_features: also build the explicit h, h' features ([B, s + s', D]).
     jit_compile: compile with XLA (True), never (False), or call the plain Python function
       (None). Inside a function XLA already compiles (`--jit_compile`, TPU) the plain function
-      is always used: it becomes part of that computation.
+      is always used: it becomes part of that computation. In a TensorFlow build without XLA
+      for the CPU (tensorflow-tpu's wheel) True means a plain tf.function on the host.
 
   Returns:
     A `Synthesis` (logits [B, s + s'] plus the indices and coefficients that were drawn).
@@ -277,7 +278,8 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
                        config.num_mix, config.num_query_mix, float(config.beta_max), global_rows,
                        return_features)
   fn = _compiled(config.num_hard, config.num_mix, config.num_query_mix, float(config.beta_max),
-                 global_rows, bool(return_features), bool(jit_compile))
+                 global_rows, bool(return_features),
+                 bool(jit_compile) and topn.host_xla_available())
   return fn(q, queue, l_neg, seed, enabled, row_offset, hard)._replace(hard_indices=hard)
 
 

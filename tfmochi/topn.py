@@ -116,6 +116,25 @@ def _cpu_only_host() -> bool:
   return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
+@functools.cache
+def host_xla_available() -> bool:
+  """True when this TensorFlow build can compile with XLA for the host CPU.
+
+  tensorflow-tpu's wheel has no XLA:CPU backend: a jit_compile=True function placed on the CPU
+  fails there with "could not find registered transfer manager for platform Host". The helpers
+  that compile their own pieces (the chunked top-N, the MoCHi synthesis) run as plain
+  tf.functions in such a build, so that the objective also runs on a TPU VM's host CPU
+  (analysis, evaluation, tests); on the TPU itself they are inside the step's XLA program anyway.
+  """
+  with tf.init_scope(), tf.device("/CPU:0"):  # eager, even when asked while tracing
+    try:
+      tf.function(lambda x: x + 1, jit_compile=True)(tf.constant(1.0))
+    except (tf.errors.NotFoundError, tf.errors.UnimplementedError, tf.errors.InternalError,
+            tf.errors.InvalidArgumentError):
+      return False
+  return True
+
+
 def inside_xla() -> bool:
   """True while tracing code that XLA will compile (a jit_compile=True function, TPU), where the
   dynamic shapes of tf.where are not allowed."""
@@ -210,8 +229,8 @@ def _chunked_stages(k: int, n: int, c: int, slack: int, cap: int):
     chunk = tf.gather(tf.reshape(chunk_ids, [-1]), tf.range(b)[:, None] * m + pos // c)
     return chunk * c + pos % c
 
-  compile_ = functools.partial(tf.function, jit_compile=True, reduce_retracing=True,
-                               autograph=False)
+  compile_ = functools.partial(tf.function, jit_compile=host_xla_available(),
+                               reduce_retracing=True, autograph=False)
   return tuple(compile_(f) for f in (select_chunks, candidates, exact, indices))
 
 

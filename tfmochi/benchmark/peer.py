@@ -174,7 +174,7 @@ def check_config(config) -> None:
       "--loss=infonce": config.loss != "infonce",
       "--nomask_duplicates": config.mask_duplicates,
       "MoCHi off (--mochi_num_hard=0 --mochi_num_mix=0 --mochi_num_query_mix=0)":
-          config.objective_config().mochi.enabled,
+          config.moco.objective.mochi.enabled,
       "--mixed_precision=float32": config.mixed_precision != "float32",
       "--queue_size a multiple of --batch_size": config.queue_size % config.batch_size != 0,
   }
