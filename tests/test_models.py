@@ -287,7 +287,12 @@ class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
     plain = models.build_backbone("resnet18", small_stem=True, fast_grad=False)
     self.assertIsInstance(fast.get_layer("layer4.1.conv2"), models.Conv2D)
     self.assertIs(type(plain.get_layer("layer4.1.conv2")), keras.layers.Conv2D)
-    self.assertEqual([w.shape for w in fast.weights], [w.shape for w in plain.weights])
+    # Standard BN trains with the fused kernel alongside (FusedBatchNormTest); sync BN stays Keras's.
+    self.assertIsInstance(fast.get_layer("layer4.1.bn2"), models.FusedBatchNorm)
+    self.assertIs(type(plain.get_layer("layer4.1.bn2")), keras.layers.BatchNormalization)
+    self.assertEqual([w.path for w in fast.weights], [w.path for w in plain.weights])
+    sync = models.build_backbone("resnet18", small_stem=True, bn_mode="sync")
+    self.assertIs(type(sync.get_layer("bn1")), keras.layers.BatchNormalization)
 
 
 class SplitBatchNormTest(tf.test.TestCase):
@@ -386,6 +391,68 @@ class SplitBatchNormTest(tf.test.TestCase):
     self.assertNotAllClose(backbone.get_layer("bn1").moving_mean, np.zeros(64))
     with self.assertRaisesRegex(ValueError, "divisible"):
       backbone(np.zeros((6, 8, 8, 3), np.float32), training=True)
+
+
+class FusedBatchNormTest(tf.test.TestCase, parameterized.TestCase):
+
+  def tearDown(self):
+    keras.mixed_precision.set_global_policy("float32")
+    super().tearDown()
+
+  def _pair(self, x):
+    """A FusedBatchNorm and a Keras BN with the same random gamma, beta and moving statistics."""
+    rng = np.random.default_rng(5)
+    c = x.shape[-1]
+    weights = [rng.uniform(0.5, 1.5, c), rng.normal(size=c), rng.normal(size=c),
+               rng.uniform(0.5, 1.5, c)]
+    layers = []
+    for cls in (models.FusedBatchNorm, keras.layers.BatchNormalization):
+      layer = cls(momentum=0.9, epsilon=1e-5)
+      layer.build(x.shape)
+      layer.set_weights(weights)
+      layers.append(layer)
+    return layers
+
+  def _train_call(self, layer, x, compiled):
+    def fn(x):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2 * tf.range(1.0, 1.0 + y.shape[-1]))
+      return [y] + tape.gradient(loss, [x] + layer.trainable_weights)
+    return (tf.function(fn) if compiled else fn)(x)
+
+  @parameterized.parameters(False, True)
+  def test_training_equals_keras_bn(self, compiled):
+    x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, size=(6, 5, 4, 3)), tf.float32)
+    fused, plain = self._pair(x)
+    got, want = self._train_call(fused, x, compiled), self._train_call(plain, x, compiled)
+    for g, w in zip(got, want):  # outputs, d/dx, d/dgamma, d/dbeta
+      self.assertAllClose(g, w, atol=1e-4, rtol=1e-4)
+    # The moving variance follows the biased batch variance, as Keras's: 0.9·v + 0.1·var.
+    self.assertAllClose(fused.moving_mean, plain.moving_mean, atol=1e-6)
+    self.assertAllClose(fused.moving_variance, plain.moving_variance, atol=1e-6)
+
+  def test_inference_and_other_ranks_take_keras_path(self):
+    x = tf.constant(np.random.default_rng(1).normal(size=(4, 3, 3, 2)), tf.float32)
+    fused, plain = self._pair(x)
+    self.assertAllClose(fused(x, training=False), plain(x, training=False))
+    flat = tf.constant(np.random.default_rng(2).normal(size=(8, 2)), tf.float32)
+    fused, plain = self._pair(flat)
+    self.assertAllClose(fused(flat, training=True), plain(flat, training=True), atol=1e-5)
+    self.assertAllClose(fused.moving_variance, plain.moving_variance)
+
+  def test_bfloat16_keeps_the_dtype_with_float32_statistics(self):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    x = tf.cast(np.random.default_rng(3).normal(100.0, 1.0, size=(4, 3, 3, 2)), tf.bfloat16)
+    fused, plain = self._pair(x)
+    y, y_plain = fused(x, training=True), plain(x, training=True)
+    self.assertEqual(y.dtype, tf.bfloat16)
+    self.assertEqual(fused.moving_mean.dtype, "float32")
+    # float32 statistics of bfloat16 inputs: far tighter than bfloat16's ~0.4 step around 100.
+    self.assertAllClose(fused.moving_mean, plain.moving_mean, atol=1e-4)
+    self.assertAllClose(fused.moving_variance, plain.moving_variance, rtol=1e-3)
+    self.assertAllClose(tf.cast(y, tf.float32), tf.cast(y_plain, tf.float32), atol=0.05)
 
 
 class SyncBatchNormTest(tf.test.TestCase):

@@ -383,9 +383,9 @@ class TrainConfig:
       'but unmeasured here; on CPUs only one device (XLA cannot reach variables of several '
       'logical CPUs).')
   fast_grad: str = setting("auto",
-      "tfmochi's Conv2D with faster exact input gradients for TensorFlow's CPU kernels: auto "
-      '(on only when no GPU/TPU is visible), true or false. Same weights and checkpoints either '
-      'way; exports always use plain Keras layers.')
+      "tfmochi's CPU kernels: Conv2D with faster exact input gradients and BatchNormalization "
+      "trained by TensorFlow's fused kernel. auto (on only when no GPU/TPU is visible), true or "
+      'false. Same weights and checkpoints either way; exports always use plain Keras layers.')
   # Runs before this flag finished every view on the host.
   device_augment: str = setting("auto",
       "Run the views' photometric ops (colour jitter in its random op order, grayscale, "

@@ -175,7 +175,46 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
     return {**super().get_config(), "num_splits": self.num_splits}
 
 
-def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, **options):
+class FusedBatchNorm(keras.layers.BatchNormalization):
+  """`keras.layers.BatchNormalization` that trains with TensorFlow's fused kernel.
+
+  Keras 3 builds training-mode BN from moments and element-wise ops (with float32 up-casts under
+  mixed precision); on a CPU its forward and backward cost several times those of the fused
+  kernel (FusedBatchNormV3, oneDNN's on x86), which also keeps bfloat16/float16 activations in
+  their dtype with float32 statistics. Same variables, outputs and gradients up to float
+  rounding, and the same moving statistics: the kernel returns the unbiased batch variance,
+  rescaled here by (n - 1) / n to the biased one Keras averages. Inference, masks, renorm,
+  synchronized BN and inputs other than [B, H, W, C] take Keras's own path. The backbone uses it
+  with `fast_grad` (tfmochi's CPU kernels); exports rebuild with plain Keras BN.
+  """
+
+  def call(self, inputs, training=None, mask=None):
+    fused = (training is True and self.trainable and mask is None and not self.renorm
+             and not self.synchronized and len(inputs.shape) == 4 and self.axis in (-1, 3))
+    if not fused:
+      return super().call(inputs, training=training, mask=mask)
+    x = tf.convert_to_tensor(inputs)
+    if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
+      x = tf.cast(x, tf.float32)
+    channels = x.shape[-1]
+    scale = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels])
+    offset = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels])
+    empty = tf.constant([], tf.float32)
+    # The raw op: tf.compat.v1.nn.fused_batch_norm would raise epsilon to cuDNN's 1.001e-5.
+    y, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=self.epsilon,
+        exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    shape = tf.shape(x)
+    n = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
+    variance = unbiased * ((n - 1.0) / tf.maximum(n, 1.0))
+    self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+    self.moving_variance.assign(
+        self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+    return tf.cast(y, self.compute_dtype)
+
+
+def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, fused: bool = False,
+                    **options):
   """One BN layer (epsilon 1e-5, momentum 0.9) for `bn_mode` in BN_MODES.
 
   * "standard": `BatchNormalization`, per-replica batch statistics. Under a tf.distribute
@@ -186,11 +225,13 @@ def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, **
     global and identical on every replica. Outside a replica context it is standard BN.
   * "split": `SplitBatchNorm(num_splits=bn_splits)`, per-group statistics on one device.
 
-  `options` go to the layer as they are (the projection head passes dtype, center, scale).
+  `fused` trains "standard" BN with TensorFlow's fused kernel (`FusedBatchNorm`: the same
+  layer, faster on CPUs). `options` go to the layer as they are (the projection head passes
+  dtype, center, scale).
   """
   kwargs = dict(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name, **options)
   if bn_mode == "standard":
-    return keras.layers.BatchNormalization(**kwargs)
+    return (FusedBatchNorm if fused else keras.layers.BatchNormalization)(**kwargs)
   if bn_mode == "sync":
     return keras.layers.BatchNormalization(synchronized=True, **kwargs)
   if bn_mode == "split":
@@ -388,7 +429,8 @@ def build_backbone(arch: str, *, small_stem: bool = False, bn_mode: str = "stand
     bn_splits: number of groups for bn_mode="split".
     name: model name.
     fast_grad: use `Conv2D` (same outputs and weights, a faster exact input gradient on CPUs)
-      instead of `keras.layers.Conv2D`; exports pass False so that they need no custom objects.
+      instead of `keras.layers.Conv2D`, and `FusedBatchNorm` for standard BN; exports pass
+      False so that they need no custom objects.
 
   Returns:
     A functional model mapping normalised images `[B, H, W, 3]` (float, H and W may differ
@@ -404,7 +446,7 @@ def build_backbone(arch: str, *, small_stem: bool = False, bn_mode: str = "stand
     raise ValueError(f"Unknown bn_mode {bn_mode!r}; choose one of {list(BN_MODES)}.")
 
   def bn(layer_name):
-    return make_batch_norm(layer_name, bn_mode, bn_splits)
+    return make_batch_norm(layer_name, bn_mode, bn_splits, fused=fast_grad)
 
   def conv(x, filters, kernel, stride, layer_name):
     return _conv(x, filters, kernel, stride, layer_name, fast_grad=fast_grad)

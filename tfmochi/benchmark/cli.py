@@ -41,7 +41,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("compare_moco", True, "--what=step with MoCHi on: also time the same step "
                     "without MoCHi, interleaved, and report the ratio.", flag_values=flag_values)
   flags.DEFINE_bool("compare_keras_conv", False, "--what=step: also time the first variant with "
-                    "plain keras Conv2D layers (without tfmochi's fast input gradients).",
+                    "plain keras Conv2D and BatchNormalization layers (--fast_grad=false).",
                     flag_values=flag_values)
   flags.DEFINE_bool("compare_jit", False, "--what=step: also time the first variant with the "
                     "replica step compiled by XLA (--jit_compile=true), interleaved.",
