@@ -1,4 +1,4 @@
-"""`python -m tfmochi.benchmark --what=step|head|input|peer|versus`: speed and memory of tfmochi.
+"""`python -m tfmochi.benchmark --what=step|head|encoder|input|peer|versus`: speed and memory of tfmochi.
 
 Each run prints ONE JSON line on stdout (and appends it to `--output` if given):
 
@@ -13,6 +13,9 @@ Each run prints ONE JSON line on stdout (and appends it to `--output` if given):
                 trainer does. With MoCHi on and `--compare_moco`, the same step without MoCHi is
                 timed in the same process, interleaved; `--compare_jit` adds the step compiled
                 by XLA (`--jit_compile=true`).
+  --what=encoder  one encoder of the flags' architecture on random images, training-mode BN: its
+                forward and its forward + backward, interleaved (where a step's time goes);
+                `--compare_keras_conv` adds both with plain Keras layers.
   --what=input  the MoCo v2 augmentation pipeline (`data.pretrain_dataset`) on an in-memory source
                 of random `--source_size`² uint8 images, on `--source_images` real 500x375 JPEG
                 photos in TFRecords (`--input_source=jpeg`: decoding included, fused with the

@@ -10,13 +10,14 @@ from absl import app
 from absl import flags
 
 from tfmochi import config as config_lib
+from tfmochi.benchmark import encoder
 from tfmochi.benchmark import head
 from tfmochi.benchmark import input_pipeline
 from tfmochi.benchmark import machine
 from tfmochi.benchmark import step
 from tfmochi.benchmark import versus
 
-WHATS = ("step", "head", "input", "peer", "versus")
+WHATS = ("step", "head", "encoder", "input", "peer", "versus")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -25,7 +26,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if "what" in flag_values:
     return
   flags.DEFINE_enum("what", "head", WHATS, "What to time: step (full training step), head "
-                    "(contrastive head, MoCo vs MoCHi), input (augmentation pipeline), peer "
+                    "(contrastive head, MoCo vs MoCHi), encoder (one encoder's forward, and "
+                    "forward + backward), input (augmentation pipeline), peer "
                     "(MoCo v2's step in PyTorch; the bench extra) or versus (tfmochi's MoCo v2 "
                     "step and the peer, one process each, alternating --rounds times).",
                     flag_values=flag_values)
@@ -41,7 +43,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("compare_moco", True, "--what=step with MoCHi on: also time the same step "
                     "without MoCHi, interleaved, and report the ratio.", flag_values=flag_values)
   flags.DEFINE_bool("compare_keras_conv", False, "--what=step: also time the first variant with "
-                    "plain keras Conv2D and BatchNormalization layers (--fast_grad=false).",
+                    "plain keras Conv2D and BatchNormalization layers (--fast_grad=false); "
+                    "--what=encoder: also the encoder with them.",
                     flag_values=flag_values)
   flags.DEFINE_bool("compare_jit", False, "--what=step: also time the first variant with the "
                     "replica step compiled by XLA (--jit_compile=true), interleaved.",
@@ -91,6 +94,9 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
     out = peer.bench_peer(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call)
   elif what == "head":
     out = head.bench_head(config, warmup=warmup, timed=timed, compare_topn=compare_topn)
+  elif what == "encoder":
+    out = encoder.bench_encoder(config, warmup=warmup, timed=timed,
+                                compare_keras_conv=compare_keras_conv)
   elif what == "step":
     out = step.bench_step(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call,
                      compare_moco=compare_moco, compare_keras_conv=compare_keras_conv,
