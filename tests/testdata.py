@@ -16,9 +16,7 @@ import tensorflow as tf
 from tfmochi import data
 from tfmochi import topn
 
-# tensorflow-tpu's wheel has no XLA backend for the CPU. The tests that compile on the CPU on
-# purpose (the TPU stand-in, XLA against TensorFlow's kernels, optimized-HLO checks) need the CPU
-# wheel of the same TensorFlow version; everything else also runs on the TPU wheel.
+
 def optional_module(module: str, distribution: str):
   """`module` from an optional extra: the test is skipped when `distribution` is not installed and
   fails when it is installed but does not import (a broken extra must not pass as a skip)."""
@@ -29,6 +27,9 @@ def optional_module(module: str, distribution: str):
   return importlib.import_module(module)
 
 
+# tensorflow-tpu's wheel has no XLA backend for the CPU. The tests that compile on the CPU on
+# purpose (the TPU stand-in, XLA against TensorFlow's kernels, optimized-HLO checks) need the CPU
+# wheel of the same TensorFlow version; everything else also runs on the TPU wheel.
 needs_host_xla = pytest.mark.skipif(
     not topn.host_xla_available(),
     reason="this TensorFlow build has no XLA for the CPU (tensorflow-tpu's wheel)")

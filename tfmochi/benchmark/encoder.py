@@ -22,10 +22,7 @@ from tfmochi.benchmark import timing
 def make_encoder_fns(config: config_lib.TrainConfig, images: tf.Tensor,
                      fast_grad: bool) -> dict:
   """{"forward", "forward_backward"} callables of a fresh encoder on `images` [B, S, S, 3]."""
-  encoder = models.build_encoder(
-      config.arch, embedding_dim=config.embedding_dim, mlp=config.mlp_head,
-      small_stem=config.small_stem, bn_mode=build.encoder_bn_mode(config.bn_mode),
-      bn_splits=config.bn_splits, head_bn=config.head_bn, fast_grad=fast_grad)
+  encoder = build.build_run_encoder(config, "encoder", fast_grad=fast_grad)
 
   @tf.function
   def forward(x):
