@@ -99,9 +99,28 @@ class KnnTest(tf.test.TestCase):
     queries, labels = views(test, 5)
     self.assertAllClose(result["raw_pixels_top1"],
                         numpy_knn_top1(bank, bank_labels, queries, labels, 3, 5, 0.1))
+    # The stored 8 px images are the eval views' size: no second baseline.
+    self.assertNotIn("raw_pixels_stored_top1", result)
     # Raw pixels by default only for small eval views (<= 32 px).
     self.assertEqual([evaluate.raw_pixels_meaningful(s) for s in (8, 32, 33, 224)],
                      [True, True, False, False])
+
+  def test_stored_pixels_baseline_when_the_views_resize(self):
+    """Eval views at 16 px of 8 px images: the same kNN on the stored uint8 pixels as well."""
+    x, y = fx.noise_images(num_per_class=[20, 20], seed=5, size=8)
+    xt, yt = fx.noise_images(num_per_class=[6, 6], seed=6, size=8)
+    train = data_lib.from_numpy(x, y, name="noise")
+    test = data_lib.from_numpy(xt, yt, name="noise", split="test", ids=np.arange(12) + 100)
+    result = evaluate.knn_eval(fx.mean_colour_backbone(), train, test, image_size=16, k=3, t=0.1,
+                               batch_size=64)
+    self.assertEqual(result["raw_pixels_stored_size"], 8)
+    self.assertAllClose(result["raw_pixels_stored_top1"],
+                        numpy_knn_top1(x.reshape(40, -1).astype(np.float64), y,
+                                       xt.reshape(12, -1).astype(np.float64), yt, 2, 3, 0.1))
+    self.assertIn("stored 8 px pixels", evaluate.baselines_text(result))
+    pixels, labels, side = evaluate.stored_pixels(test)
+    self.assertEqual((pixels.shape, side), ((12, 8 * 8 * 3), 8))
+    self.assertAllEqual(labels, yt)
 
 
 if __name__ == "__main__":

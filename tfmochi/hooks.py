@@ -510,14 +510,25 @@ class KnnMonitorHook(Hook):
 
   @property
   def raw_pixels_top1(self) -> float | None:
-    return next((r["raw_pixels_top1"] for r in (self.random, self.result)
-                 if r and "raw_pixels_top1" in r), None)
+    return self._baseline("raw_pixels_top1")
+
+  @property
+  def raw_pixels_stored(self) -> dict:
+    """{"raw_pixels_stored_top1", "raw_pixels_stored_size"} of the stored pixels, or {}."""
+    top1 = self._baseline("raw_pixels_stored_top1")
+    if top1 is None:
+      return {}
+    return {"raw_pixels_stored_top1": top1,
+            "raw_pixels_stored_size": self._baseline("raw_pixels_stored_size")}
+
+  def _baseline(self, key: str):
+    return next((r[key] for r in (self.random, self.result) if r and key in r), None)
 
   def report(self) -> None:
     """The final result with its baselines, on the console."""
     if not (self.verbose and self.result):
       return
     baselines = dict(self.result, random_init_top1=self.random["top1"] if self.random else None,
-                     raw_pixels_top1=self.raw_pixels_top1)
+                     raw_pixels_top1=self.raw_pixels_top1, **self.raw_pixels_stored)
     print(f"Final kNN top-1 on the held-out split: {self.result['top1']:.2f}%"
           f"{eval_lib.baselines_text(baselines, knn_details(self.result))}", flush=True)

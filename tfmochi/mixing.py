@@ -262,17 +262,14 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
   Returns:
     A `Synthesis` (logits [B, s + s'] plus the indices and coefficients that were drawn).
   """
-  if not config.enabled:
-    raise ValueError("synthesize() needs an enabled MochiConfig (N > 0 and s + s' > 0).")
-  k = queue.shape[0]
-  config.validate(queue_size=k)
+  _check(config, queue)
   enabled = tf.convert_to_tensor(enabled, tf.bool)
   row_offset = tf.convert_to_tensor(row_offset, tf.int32)
   # Inside a function that XLA already compiles (--jit_compile, TPU) the plain function joins that
   # computation: a nested jit_compile function there is compiled with its arguments as
   # compile-time constants, i.e. recompiled at every step.
   plain = jit_compile is None or topn.inside_xla()
-  hard = _hard_indices(l_neg, config, inside_xla=plain)
+  hard = hardest_indices(l_neg, config, inside_xla=plain)
   if plain:
     return _synthesize(q, queue, l_neg, seed, enabled, row_offset, hard, config.num_hard,
                        config.num_mix, config.num_query_mix, float(config.beta_max), global_rows,
@@ -283,8 +280,34 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
   return fn(q, queue, l_neg, seed, enabled, row_offset, hard)._replace(hard_indices=hard)
 
 
-def _hard_indices(l_neg: tf.Tensor, config: MochiConfig, inside_xla: bool) -> tf.Tensor:
-  """Each query's top-N, [B, K] -> [B, N], by the method `config.top_n` asks for.
+def synthesize_from_hardest(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, hard: tf.Tensor,
+                            seed: tf.Tensor, config: MochiConfig, *,
+                            enabled: bool | tf.Tensor = True, row_offset: int | tf.Tensor = 0,
+                            global_rows: int | None = None,
+                            return_features: bool = False) -> Synthesis:
+  """`synthesize` from each query's top-N found by the caller, as plain ops.
+
+  For callers that compile a larger function themselves (`objective.contrastive_objective`
+  compiles the synthesis together with the loss): `hard` [B, N] int32 is
+  `hardest_indices(l_neg, config, ...)`; the other arguments and the result are `synthesize`'s.
+  """
+  _check(config, queue)
+  return _synthesize(q, queue, l_neg, seed, tf.convert_to_tensor(enabled, tf.bool),
+                     tf.convert_to_tensor(row_offset, tf.int32), hard, config.num_hard,
+                     config.num_mix, config.num_query_mix, float(config.beta_max), global_rows,
+                     return_features)
+
+
+def _check(config: MochiConfig, queue: tf.Tensor) -> None:
+  if not config.enabled:
+    raise ValueError("synthesize() needs an enabled MochiConfig (N > 0 and s + s' > 0).")
+  config.validate(queue_size=queue.shape[0])
+
+
+def hardest_indices(l_neg: tf.Tensor, config: MochiConfig, inside_xla: bool) -> tf.Tensor:
+  """Each query's top-N, [B, K] -> [B, N] int32, by the method `config.top_n` asks for.
+
+  `inside_xla`: True where the caller's code is compiled by XLA (only TopK can run there).
 
   Outside XLA the top-N runs before the compiled synthesis: on a CPU host "auto" takes the exact
   chunked selection, several times faster than a TopK kernel (elsewhere TF's top_k, identical

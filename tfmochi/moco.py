@@ -274,7 +274,7 @@ class MoCo(tf.Module):
         "acc5": tf.reduce_sum(out.accuracy[5]) / gb,
         "acc1_queue": tf.reduce_sum(out.accuracy_queue[1]) / gb,
         # Hardness of the negatives: the hardest queue negative per query, averaged.
-        "hardest_negative": tf.reduce_sum(_row_max(out.l_neg[:, :self.config.queue_size])) / gb,
+        "hardest_negative": tf.reduce_sum(_row_max(out.l_neg_queue)) / gb,
         "removed_same_class": tf.reduce_sum(out.removed_same_class) / gb,
         # Global decisions (the same on every replica): 1.0 after the SUM over replicas.
         "finite": tf.cast(finite, tf.float32) / num_replicas,

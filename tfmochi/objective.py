@@ -17,11 +17,15 @@ passes its `config.objective` here, and `contrastive_objective` hands `config.te
 
 Researchers can call `contrastive_objective` directly with their own encoders; `MoCo.train_step`
 calls it inside `strategy.run`. It never reads or writes variables (the queue comes in as
-tensors), so it is safe under any tf.distribute strategy and under XLA.
+tensors), so it is safe under any tf.distribute strategy and under XLA. By default it compiles
+itself with XLA in two pieces around MoCHi's top-N and returns the loss with q's gradient
+computed alongside it (`_parts`; docs/DESIGN.md, "The objective under XLA").
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -30,11 +34,14 @@ from tfmochi import config as config_lib
 from tfmochi import losses as losses_lib
 from tfmochi import mixing
 from tfmochi import queue as queue_lib
+from tfmochi import topn
 
 # The objective's config is the branch `config.TrainConfig.moco.objective` (fields documented
 # there, checked when built): T, the loss family, the masks and MoCHi's `MochiConfig`.
 ObjectiveConfig = config_lib.ObjectiveConfig
 LABEL_MODES = config_lib.LABEL_MODES
+# The k of the logged proxy accuracy Acc@k (MoCo logs Acc@1 and Acc@5).
+_TOPK = (1, 5)
 
 
 class ObjectiveOutput(NamedTuple):
@@ -50,6 +57,7 @@ class ObjectiveOutput(NamedTuple):
     synthesis: the `mixing.Synthesis` (None without MoCHi).
     accuracy_queue: {1: [B], 5: [B]} the same against the (masked) queue entries only: how well
       the query finds its key among real images, whatever MoCHi adds.
+    l_neg_queue: [B, K] the queue's part of l_neg (masks applied), without the synthetic logits.
   """
   loss: tf.Tensor
   l_pos: tf.Tensor
@@ -58,6 +66,7 @@ class ObjectiveOutput(NamedTuple):
   removed_same_class: tf.Tensor
   synthesis: mixing.Synthesis | None
   accuracy_queue: dict | None = None
+  l_neg_queue: tf.Tensor | None = None
 
 
 class _Masks(NamedTuple):
@@ -128,6 +137,97 @@ def _loss(l_pos: tf.Tensor, negatives: tf.Tensor, queue_positives: tf.Tensor | N
   return losses_lib.supcon_from_logits(logits, positive_mask, config.temperature)
 
 
+def _front(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, query_ids, queue_ids, query_labels,
+           queue_labels, *, config: ObjectiveConfig):
+  """l_pos [B], the masked queue logits l_neg [B, K], SupCon's positives [B, K] (or None) and
+  removed_same_class [B]: everything before MoCHi's top-N."""
+  q = tf.cast(q, tf.float32)
+  k = tf.stop_gradient(tf.cast(k, tf.float32))
+  queue = tf.stop_gradient(tf.cast(queue, tf.float32))
+  l_pos = tf.reduce_sum(q * k, axis=-1)  # [B]
+  l_neg = tf.matmul(q, queue, transpose_b=True)  # [B, K]
+  masks = queue_masks(l_neg, config, query_ids=query_ids, queue_ids=queue_ids,
+                      query_labels=query_labels, queue_labels=queue_labels)
+  return l_pos, losses_lib.apply_mask(l_neg, masks.remove), masks.positives, \
+      masks.removed_same_class
+
+
+def _count_above(values: tf.Tensor, l_pos: tf.Tensor) -> tf.Tensor:
+  """[B, M], [B] -> [B] int32: how many entries of each row score strictly above its positive."""
+  return tf.reduce_sum(tf.cast(values > l_pos[:, None], tf.int32), axis=-1)
+
+
+def _tail(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, l_pos: tf.Tensor, l_neg: tf.Tensor,
+          positives, hard, seed, enabled, row_offset, *, config: ObjectiveConfig,
+          global_rows: int | None, return_features: bool, with_jacobian: bool):
+  """MoCHi's synthesis, the loss and the proxy ranks, from the front's logits and the top-N.
+
+  Returns (loss [B], the synthesis' tensors or None, rank over the queue [B], rank over the
+  synthetic negatives [B], J [B, D] or None); the ranks give Acc@k without a second pass over
+  [B, K + s + s']. With `with_jacobian`, J = ∂(Σ_b loss_b)/∂q through l_pos = q·k, l_neg = q·Qᵀ
+  and MoCHi's direct use of q: row b of the loss depends on q_b alone, so row b of J is
+  ∂loss_b/∂q_b and the gradient for any upstream dy [B] is dy[:, None]·J.
+  """
+  q = tf.cast(q, tf.float32)
+  tape = (tf.GradientTape(watch_accessed_variables=False) if with_jacobian
+          else contextlib.nullcontext())
+  with tape:
+    if with_jacobian:
+      tape.watch([q, l_pos, l_neg])
+    syn = None
+    negatives = l_neg
+    rank_syn = tf.zeros_like(l_pos, tf.int32)
+    if config.mochi.enabled:
+      mix_source = l_neg if positives is None else losses_lib.apply_mask(l_neg, positives)
+      syn = mixing.synthesize_from_hardest(q, queue, mix_source, hard, seed, config.mochi,
+                                           enabled=enabled, row_offset=row_offset,
+                                           global_rows=global_rows,
+                                           return_features=return_features)
+      syn = syn._replace(hard_indices=None)  # the caller has it; an output would be a copy
+      negatives = tf.concat([l_neg, syn.logits], axis=1)  # [B, K + s + s']
+      rank_syn = _count_above(syn.logits, l_pos)
+    loss = _loss(l_pos, negatives, positives, config)
+    total = tf.reduce_sum(loss)
+  jacobian = None
+  if with_jacobian:
+    g_q, g_pos, g_neg = tape.gradient(total, [q, l_pos, l_neg],
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    k = tf.stop_gradient(tf.cast(k, tf.float32))
+    queue = tf.stop_gradient(tf.cast(queue, tf.float32))
+    jacobian = g_q + g_pos[:, None] * k + tf.matmul(g_neg, queue)  # [B, D]
+  return loss, syn, _count_above(l_neg, l_pos), rank_syn, jacobian
+
+
+@tf.custom_gradient
+def _with_gradient(q: tf.Tensor, loss: tf.Tensor, jacobian: tf.Tensor):
+  """loss [B] (a constant) made to carry the gradient dy[:, None]·J [B, D] to q [B, D]."""
+  def grad(dy):
+    return dy[:, None] * jacobian, None, None
+  return tf.identity(loss), grad
+
+
+@functools.lru_cache(maxsize=None)
+def _parts(config: ObjectiveConfig, global_rows: int | None, return_features: bool,
+           compiled: bool):
+  """(front, tail) for one objective: plain Python functions, or tf.functions compiled by XLA.
+
+  Compiled, each part is one XLA computation, and the tail computes q's gradient together with
+  the loss (`_tail`'s J): the log-sum-exp, its gradient, the masks and the proxy ranks fuse into
+  a few passes over [B, K], instead of one kernel and one [B, K] buffer per operation, and no
+  [B, K] activation is kept for a backward pass (the gradient of a compiled tf.function called
+  from plain TensorFlow is not compiled with it). The top-N between the two stays outside: on a
+  CPU the chunked exact selection of `tfmochi.topn` is several times faster than XLA's TopK.
+  """
+  front = functools.partial(_front, config=config)
+  tail = functools.partial(_tail, config=config, global_rows=global_rows,
+                           return_features=return_features, with_jacobian=compiled)
+  if not compiled:
+    return front, tail
+  compile_ = functools.partial(tf.function, jit_compile=True, reduce_retracing=True,
+                               autograph=False)
+  return compile_(front), compile_(tail)
+
+
 def contrastive_objective(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, config: ObjectiveConfig,
                           *, seed: tf.Tensor | None = None,
                           mochi_enabled: bool | tf.Tensor = True,
@@ -151,37 +251,50 @@ def contrastive_objective(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, config: 
     row_offset, global_rows: this replica's place in the global batch, so MoCHi draws the same
       synthetic negatives whatever the number of replicas (see `mixing.synthesize`).
     return_features: ask MoCHi for the explicit synthetic features (analysis).
-    jit_compile: passed to `mixing.synthesize`.
+    jit_compile: True compiles the objective with XLA in two pieces around MoCHi's top-N (the
+      logits and masks; the synthesis, loss, accuracy and q's gradient, computed with the loss:
+      only `loss` then carries a gradient, to q, and the other outputs are constants), False or
+      None runs it as plain TensorFlow ops (every output differentiable; the choice for a caller
+      that does not differentiate the loss, which would pay for the gradient). Inside a function
+      XLA already compiles (`--jit_compile`, TPU) the plain ops are used: they become part of
+      that computation. In a TensorFlow build without XLA for
+      the CPU (tensorflow-tpu's wheel) True means plain ops on the host.
 
   Returns:
     An `ObjectiveOutput`.
   """
-  q = tf.cast(q, tf.float32)
-  k = tf.stop_gradient(tf.cast(k, tf.float32))
-  queue = tf.stop_gradient(tf.cast(queue, tf.float32))
-  l_pos = tf.reduce_sum(q * k, axis=-1)  # [B]
-  l_neg = tf.matmul(q, queue, transpose_b=True)  # [B, K]
-  masks = queue_masks(l_neg, config, query_ids=query_ids, queue_ids=queue_ids,
-                      query_labels=query_labels, queue_labels=queue_labels)
-  l_neg = losses_lib.apply_mask(l_neg, masks.remove)
-
-  synthesis = None
-  negatives = l_neg
-  if config.mochi.enabled:
+  mochi = config.mochi
+  if mochi.enabled:
     if seed is None:
       raise ValueError("MoCHi needs a seed ([2] int tensor).")
+    mochi.validate(queue_size=queue.shape[0])
+  plain = jit_compile is None or topn.inside_xla()
+  compiled = not plain and bool(jit_compile) and topn.host_xla_available()
+  front, tail = _parts(config, global_rows, bool(return_features), compiled)
+  q = tf.cast(q, tf.float32)
+  # Compiled, the tail returns q's gradient itself: the logits enter it as constants.
+  q_front = tf.stop_gradient(q) if compiled else q
+  l_pos, l_neg, positives, removed_same_class = front(q_front, k, queue, query_ids, queue_ids,
+                                                      query_labels, queue_labels)
+  hard = None
+  if mochi.enabled:
     # SupCon's positives must not be mixed as "hard negatives".
-    mix_source = l_neg if masks.positives is None else losses_lib.apply_mask(l_neg,
-                                                                              masks.positives)
-    synthesis = mixing.synthesize(q, queue, mix_source, seed, config.mochi,
-                                  enabled=mochi_enabled, row_offset=row_offset,
-                                  global_rows=global_rows, return_features=return_features,
-                                  jit_compile=jit_compile)
-    negatives = tf.concat([l_neg, synthesis.logits], axis=1)  # [B, K + s + s']
-
-  accuracy = losses_lib.proxy_accuracy(l_pos, negatives)
-  accuracy_queue = losses_lib.proxy_accuracy(l_pos, l_neg) if synthesis is not None else accuracy
-  return ObjectiveOutput(loss=_loss(l_pos, negatives, masks.positives, config), l_pos=l_pos,
-                         l_neg=negatives, accuracy=accuracy,
-                         removed_same_class=masks.removed_same_class, synthesis=synthesis,
-                         accuracy_queue=accuracy_queue)
+    mix_source = l_neg if positives is None else losses_lib.apply_mask(l_neg, positives)
+    hard = mixing.hardest_indices(mix_source, mochi, inside_xla=plain)
+    seed = tf.convert_to_tensor(seed)
+  loss, syn, rank_queue, rank_syn, jacobian = tail(
+      q_front, k, queue, l_pos, l_neg, positives, hard, seed,
+      tf.convert_to_tensor(mochi_enabled, tf.bool), tf.convert_to_tensor(row_offset, tf.int32))
+  if compiled:
+    loss = _with_gradient(q, loss, jacobian)
+  negatives = l_neg
+  if syn is not None:
+    syn = syn._replace(hard_indices=hard)
+    negatives = tf.concat([l_neg, syn.logits], axis=1)  # [B, K + s + s']; pruned when unused
+  rank = rank_queue + rank_syn
+  accuracy = {t: tf.cast(rank < t, tf.float32) for t in _TOPK}
+  accuracy_queue = ({t: tf.cast(rank_queue < t, tf.float32) for t in _TOPK} if syn is not None
+                    else accuracy)
+  return ObjectiveOutput(loss=loss, l_pos=l_pos, l_neg=negatives, accuracy=accuracy,
+                         removed_same_class=removed_same_class, synthesis=syn,
+                         accuracy_queue=accuracy_queue, l_neg_queue=l_neg)

@@ -33,7 +33,7 @@ from tfmochi.evaluate.features import (  # noqa: E402
     pooled_feature_fn, require_labels)
 from tfmochi.evaluate.knn import (  # noqa: E402
     AUTO_K_FRACTION, AUTO_K_MAX, RAW_PIXELS_MAX_SIZE, auto_k, eval_view_pixels, knn_accuracy,
-    knn_eval, knn_predict_scores, raw_pixels_meaningful)
+    knn_eval, knn_predict_scores, raw_pixels_meaningful, stored_pixels)
 from tfmochi.evaluate.linear import (  # noqa: E402
     LINEAR_BATCH_SIZE, LINEAR_CROP_MIN_SCALE, LINEAR_EPOCHS, LINEAR_INIT_STD, LINEAR_LR,
     LINEAR_MILESTONES, LINEAR_MOMENTUM, BackboneChangedError, default_linear_settings,
