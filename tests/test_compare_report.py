@@ -75,7 +75,17 @@ class StatsTest(absltest.TestCase):
     self.assertAlmostEqual(got["half_width"], 12.706204736174698 * 0.5, places=9)  # t(1) * sd/√2
     one = stats.paired({0: 1.0}, {0: 0.0})
     self.assertEqual((one["mean"], one["half_width"], one["p"]), (1.0, None, None))
-    self.assertEqual(stats.verdict(one, "+", None), "not resolved (one seed: no interval)")
+    self.assertEqual(stats.verdict(one, "+", None), "not seen (one seed: no interval)")
+
+  def test_identical_differences_give_no_interval(self):
+    """Accuracies move in steps of one test image: equal differences over seeds must not read as
+    a zero-width interval and p = 0 (a 'resolved' difference out of two equal numbers)."""
+    got = stats.paired({0: 95.0, 1: 94.6}, {0: 95.4, 1: 95.0})
+    self.assertEqual((got["n"], got["sd"]), (2, 0.0))
+    self.assertIsNone(got["p"])
+    self.assertIsNone(got["half_width"])
+    self.assertEqual(stats.verdict(got, "+", None),
+                     "not seen (the 2 seeds' differences are all equal: no interval)")
 
   def test_holm_and_bonferroni(self):
     p = [0.01, 0.04, None, 0.03, 0.5]
@@ -109,7 +119,9 @@ class StatsTest(absltest.TestCase):
     self.assertEqual(stats.verdict(resolved_down, ">=", 0.01), "contradicted")
     self.assertEqual(stats.verdict(resolved_up, None, 0.01), "higher")
     self.assertEqual(stats.verdict(unresolved, "+", 0.6),
-                     "not resolved (the design resolves about 0.52 points)")
+                     "not seen (the design resolves about 0.52 points)")
+    self.assertEqual(stats.verdict(unresolved, None, 0.6, unit=""),
+                     "not seen (the design resolves about 0.52)")
     # Resolved alone but not after Holm: not resolved, and said so.
     self.assertIn("p < 0.05 before Holm", stats.verdict(resolved_up, "+", 0.2))
     self.assertEqual(stats.verdict({"n": 0}, "+", None), "not run (no seed of both)")
@@ -146,17 +158,20 @@ class ReportTest(absltest.TestCase):
     runs[-1]["status"] = "failed"  # keep_hardest_1 seed 4: out of its comparison
     results = _results(runs)
     rows = {(r["variant"], r["metric"]): r for r in results["paired"]}
-    self.assertLen(rows, 6)  # 3 variants x 2 metrics: one family
+    self.assertLen(rows, 12)  # 3 variants x 4 metrics, in two families
+    self.assertEqual({r["family"] for r in results["paired"]}, {"accuracy", "geometry"})
     for variant in ("mochi", "hard"):
       d = np.subtract(_KNN[variant], _KNN["moco_v2"])
-      for metric in report.PAIRED_METRICS:
+      for metric in ("knn_top1", "linear_top1"):
         self.assertAlmostEqual(rows[(variant, metric)]["mean"], d.mean(), places=9)
+    self.assertEqual(rows[("mochi", "alignment")]["verdict"], "not run (no seed of both)")
     self.assertEqual(rows[("keep_hardest_1", "knn_top1")]["n"], 4)
-    holm = stats.holm([r["p"] for r in results["paired"]])
-    self.assertEqual([r["p_holm"] for r in results["paired"]], holm)
+    accuracy = [r for r in results["paired"] if r["family"] == "accuracy"]
+    self.assertLen(accuracy, 6)
+    self.assertEqual([r["p_holm"] for r in accuracy], stats.holm([r["p"] for r in accuracy]))
     self.assertEqual(rows[("hard", "knn_top1")]["verdict"], "contradicted")
     self.assertEqual(rows[("mochi", "knn_top1")]["verdict"], "reproduces")
-    self.assertStartsWith(rows[("keep_hardest_1", "knn_top1")]["verdict"], "not resolved (")
+    self.assertStartsWith(rows[("keep_hardest_1", "knn_top1")]["verdict"], "not seen (")
     resolution = results["resolution"]["knn_top1"]
     self.assertEqual(resolution["n_test"], 1000)
     self.assertAlmostEqual(resolution["one_image"], 0.1)
@@ -164,14 +179,34 @@ class ReportTest(absltest.TestCase):
                            stats.binomial_se(np.mean(_KNN["moco_v2"]), 1000))
     sds = [rows[(v, "knn_top1")]["sd"] for v in ("mochi", "hard", "keep_hardest_1")]
     self.assertAlmostEqual(resolution["pooled_sd"], math.sqrt(np.mean(np.square(sds))))
-    self.assertEqual((resolution["n"], resolution["m"]), (5, 6))
+    self.assertEqual((resolution["n"], resolution["m"]), (5, 6))  # m: the accuracy family
+
+  def test_supcon_is_also_compared_with_the_oracle(self):
+    runs = []
+    for variant, values in (("moco_v2", [90.0, 91.0, 92.0]), ("oracle", [93.0, 93.5, 95.0]),
+                            ("supcon", [94.0, 95.0, 96.5])):
+      runs += [_run(variant, seed, value, linear=value, num_test=1000)
+               for seed, value in enumerate(values)]
+      for run, value in zip(runs[-3:], values):
+        run["metrics"]["alignment"] = value / 100.0
+    results = report.with_statistics({
+        "base_flagfile": "b", "seeds": [0, 1, 2], "notes": [], "runs": runs,
+        "variants": [{"name": n, "flags": [], "about": ""} for n in ("moco_v2", "oracle",
+                                                                     "supcon")]})
+    pair = [r for r in results["paired"] if r["reference"] == "oracle"]
+    self.assertEqual([r["metric"] for r in pair], ["knn_top1", "linear_top1", "alignment",
+                                                   "uniformity"])
+    self.assertAlmostEqual(pair[0]["mean"], np.mean([1.0, 1.5, 1.5]))
+    self.assertEqual(pair[0]["claim"], "+")
+    self.assertIsNone(pair[2]["claim"])  # alignment: no claimed direction
+    self.assertIn("| supcon | oracle | kNN top-1 | better | 3 |", report.markdown(results))
 
   def test_markdown_has_resolution_paired_table_and_new_columns(self):
     text = report.markdown(_results(_sweep_runs()))
     self.assertLess(text.index("What this design resolves"), text.index("| variant | kNN"))
     self.assertIn("training top-1 vs real queue, last 10% (%)", text)
-    self.assertIn("The table makes 6 comparisons", text)
-    self.assertIn("| mochi | kNN top-1 | better | 5 | +0.50 |", text)
+    self.assertIn("The table makes 12 comparisons in 2 families", text)
+    self.assertIn("| mochi | moco_v2 | kNN top-1 | better | 5 | +0.50 |", text)
     raw = next(line for line in text.splitlines() if line.startswith("| raw pixels |"))
     self.assertIn("55.0 ± 0.0 (5)", raw)  # the analysis' raw-pixel share, same-class column
     self.assertIn("results_runs.csv", text)
@@ -201,7 +236,7 @@ class ReportTest(absltest.TestCase):
     with open(os.path.join(out, report.RUNS_CSV_FILE)) as f:
       self.assertLen(report.read_runs_csv(f.read()), len(runs))
     with open(os.path.join(out, report.RESULTS_FILE)) as f:
-      self.assertLen(json.load(f)["paired"], 6)
+      self.assertLen(json.load(f)["paired"], 12)
     for plot in ("knn_over_steps.png", "alignment_uniformity.png"):
       self.assertGreater(os.path.getsize(os.path.join(out, plot)), 1000)
 

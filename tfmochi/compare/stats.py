@@ -4,14 +4,17 @@ design can resolve, the multiple-comparison adjustment and the words the report 
 Seed k of every variant starts from the same initial weights and reads the data in the same
 order, so the unit of comparison is the seed: d_k = variant_k - baseline_k, and the interval is
 Student's t over the seeds' differences (mean(d) ± t_{0.975, n-1} · sd(d) / sqrt(n)), not two
-independent means. Every (variant, metric) comparison of the table is one test of one family;
-Holm's step-down adjustment keeps the family-wise error at 5%, and a difference counts as
-resolved only when its Holm-adjusted p is below 5%.
+independent means. The comparisons of one family of metrics (the report's: the accuracies; the
+embedding's geometry) are tested together: Holm's step-down adjustment keeps the family-wise
+error at 5%, and a difference counts as resolved only when its Holm-adjusted p is below 5%.
 
-Words (`verdict`): "not resolved (the design resolves about X points)" where the difference is
-not resolved, X being the half-width of its 95% interval; "reproduces" where it is resolved in
-the direction the variant's paper states; "contradicted" where it is resolved against it;
-"higher"/"lower" where the paper states no direction. Needs NumPy and SciPy (a dependency of
+Words (`verdict`): "not seen (the design resolves about X points)" where the difference is not
+resolved, X being the half-width of its 95% interval; "reproduces" where it is resolved in the
+direction the variant's paper states (the interval, Holm-adjusted, excludes zero on that side);
+"contradicted" where it is resolved against it (the interval excludes every effect in the
+paper's direction); "higher"/"lower" where the paper states no direction. Seeds whose
+differences are all equal (accuracies move in steps of one test image) give no spread and no
+interval: "not seen", never a zero-width interval. Needs NumPy and SciPy (a dependency of
 scikit-learn), not TensorFlow.
 """
 
@@ -37,6 +40,10 @@ _CLAIMS = (
      "Cai et al.: the hardest negatives suffice (the easier ones are unnecessary)"),
     (re.compile(r"oracle"), "+", "removing same-class negatives helps (labels)"),
     (re.compile(r"supcon"), "+", "Khosla et al.: supervised contrastive learning helps (labels)"),
+    # Against another variant than MoCo v2 (report.EXTRA_PAIRS): the same labels used as
+    # positives (SupCon) rather than only removed (the class oracle).
+    (re.compile(r"supcon-oracle"), "+",
+     "Khosla et al.: same-class samples as positives help more than removing them"),
 )
 
 
@@ -83,6 +90,9 @@ def paired(variant_by_seed: dict, baseline_by_seed: dict, level: float = LEVEL) 
   if len(arr) < 2:
     return out
   sd = float(arr.std(ddof=1))
+  out["sd"] = sd
+  if sd == 0.0:  # identical differences: no spread to build an interval or a test from
+    return out
   se = sd / math.sqrt(len(arr))
   t = t_quantile(len(arr) - 1, level)
   out.update(sd=sd, se=se, t=t, half_width=t * se, low=out["mean"] - t * se,
@@ -144,17 +154,21 @@ def resolution(sds: list, n: int, m: int, level: float = LEVEL) -> dict:
           "detectable_80": (t_quantile(n - 1, level) + t_quantile(n - 1, 0.8, two_sided=False)) * se}
 
 
-def verdict(comparison: dict, direction: str | None, adjusted_p: float | None) -> str:
-  """The report's word for one comparison (see the module docstring)."""
+def verdict(comparison: dict, direction: str | None, adjusted_p: float | None,
+            unit: str = "points") -> str:
+  """The report's word for one comparison (see the module docstring); `unit` names the
+  metric's unit in "the design resolves about X <unit>" ("" for a unitless metric)."""
   if not comparison.get("n"):
     return "not run (no seed of both)"
+  if comparison["n"] < 2:
+    return "not seen (one seed: no interval)"
   if comparison.get("half_width") is None:
-    return "not resolved (one seed: no interval)"
+    return f"not seen (the {comparison['n']} seeds' differences are all equal: no interval)"
   resolved = adjusted_p is not None and adjusted_p < FAMILY_ALPHA
   if not resolved:
     note = "; p < 0.05 before Holm" if comparison["p"] < FAMILY_ALPHA else ""
-    return (f"not resolved (the design resolves about {comparison['half_width']:.2f} "
-            f"points{note})")
+    amount = f"{comparison['half_width']:.2f}" + (f" {unit}" if unit else "")
+    return f"not seen (the design resolves about {amount}{note})"
   higher = comparison["mean"] > 0
   if direction is None:
     return "higher" if higher else "lower"
