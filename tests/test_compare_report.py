@@ -128,6 +128,12 @@ class StatsTest(absltest.TestCase):
     self.assertEqual(stats.paper_claim("mochi_4_4_2")[0], "+")
     self.assertEqual(stats.paper_claim("drop_hardest_10")[0], ">=")
     self.assertIsNone(stats.paper_claim("keep_hardest_1")[0])
+    self.assertIsNone(stats.paper_claim("drop_hardest_1")[0])
+    self.assertIsNone(stats.paper_claim("keep_hardest_10")[0])
+    # Cai et al.: the hardest 5% are necessary, so removing them should hurt.
+    self.assertEqual(stats.paper_claim("drop_hardest_5")[0], "-")
+    self.assertEqual(stats.verdict(resolved_down, "-", 0.01), "reproduces")
+    self.assertEqual(stats.verdict(resolved_up, "-", 0.01), "contradicted")
 
 
 class ReportTest(absltest.TestCase):

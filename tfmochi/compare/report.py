@@ -365,7 +365,7 @@ def _format_p(p: float | None) -> str:
 
 
 def _claim_words(direction: str | None) -> str:
-  return {"+": "better", ">=": "not worse"}.get(direction, "-")
+  return {"+": "better", "-": "worse", ">=": "not worse"}.get(direction, "-")
 
 
 def _paired_lines(results: dict) -> list[str]:
