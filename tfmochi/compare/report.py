@@ -293,7 +293,7 @@ def design_resolution(runs: list[dict], comparisons: list[dict], summary: dict,
     entry = stats.resolution([c["sd"] for c in rows], seeds, len(family))
     mean = (summary.get(baseline, {}).get(key) or {}).get("mean")
     entry["n_test"] = n_test
-    if n_test:
+    if n_test and _UNITS.get(key) == "points":  # accuracies: counted in test images
       entry["one_image"] = 100.0 / n_test
       entry["binomial_se"] = None if mean is None else stats.binomial_se(mean, n_test)
     out[key] = entry
@@ -346,12 +346,13 @@ def _resolution_lines(results: dict) -> list[str]:
                       f"sqrt(p(1-p)/n) = {se:.2f} points" if se is not None else "") + ".")
     if entry.get("half_width") is not None:
       unit = f" {_UNITS[key]}" if _UNITS.get(key) else ""
+      f = (lambda x: f"{x:.2f}{unit}") if unit else (lambda x: f"{x:.3f}")
       lines.append(
           f"- {title}, paired over {entry['n']} seeds (sd of the differences "
-          f"{entry['pooled_sd']:.3g}{unit}, pooled over the variants): 95% interval "
-          f"± {entry['half_width']:.3g}{unit}; ± {entry['family_half_width']:.3g}{unit} "
+          f"{f(entry['pooled_sd'])}, pooled over the variants): 95% interval "
+          f"± {f(entry['half_width'])}; ± {f(entry['family_half_width'])} "
           f"simultaneous over the {entry['m']} comparisons of its family (Bonferroni); a true "
-          f"difference of {entry['detectable_80']:.3g}{unit} is found with 80% power at 5%.")
+          f"difference of {f(entry['detectable_80'])} is found with 80% power at 5%.")
   if not lines:
     return []
   return ["## What this design resolves (read before the tables)", "", *lines,
