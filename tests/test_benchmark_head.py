@@ -18,6 +18,11 @@ class HeadTest(tf.test.TestCase):
     fx.check_result(self, result, "head", ["moco", "mochi"])
     self.assertEqual(result["config"]["mochi"], [16, 1024, 512])
 
+  def test_compare_plain_adds_the_autodiff_heads(self):
+    config = config_lib.TrainConfig(**fx.TINY)
+    result = cli.run("head", config, warmup=1, timed=5, compare_plain=True)
+    fx.check_result(self, result, "head", ["moco", "mochi", "moco_plain", "mochi_plain"])
+
 
 if __name__ == "__main__":
   tf.test.main()

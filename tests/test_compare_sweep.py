@@ -175,7 +175,8 @@ class SweepTest(absltest.TestCase):
     for run in ok_runs:
       self.assertEqual(csv_runs[(run["variant"], run["seed"])]["metrics"], run["metrics"])
     broken = [row for row in results["paired"] if row["variant"] == "broken"]
-    self.assertEqual([row["n"] for row in broken], [0, 0])  # kNN and linear: failed, not run
+    # kNN, linear, alignment, uniformity: failed, not run
+    self.assertEqual([row["n"] for row in broken], [0, 0, 0, 0])
     self.assertIn("| broken | - |", table)
     self.assertIn("cache_features=True", table)
     for plot in ("knn_over_steps.png", "alignment_uniformity.png"):

@@ -251,14 +251,10 @@ def contrastive_objective(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, config: 
     row_offset, global_rows: this replica's place in the global batch, so MoCHi draws the same
       synthetic negatives whatever the number of replicas (see `mixing.synthesize`).
     return_features: ask MoCHi for the explicit synthetic features (analysis).
-    jit_compile: True compiles the objective with XLA in two pieces around MoCHi's top-N (the
-      logits and masks; the synthesis, loss, accuracy and q's gradient, computed with the loss:
-      only `loss` then carries a gradient, to q, and the other outputs are constants), False or
-      None runs it as plain TensorFlow ops (every output differentiable; the choice for a caller
-      that does not differentiate the loss, which would pay for the gradient). Inside a function
-      XLA already compiles (`--jit_compile`, TPU) the plain ops are used: they become part of
-      that computation. In a TensorFlow build without XLA for
-      the CPU (tensorflow-tpu's wheel) True means plain ops on the host.
+    jit_compile: True: two XLA computations around MoCHi's top-N, q's gradient computed with
+      the loss (only `loss` carries a gradient, to q; see `_parts`). False or None: plain ops,
+      every output differentiable (for callers that never differentiate the loss). Inside XLA
+      (`--jit_compile`, TPU), or without XLA for the CPU (tensorflow-tpu's wheel): plain ops.
 
   Returns:
     An `ObjectiveOutput`.
@@ -287,6 +283,12 @@ def contrastive_objective(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, config: 
       tf.convert_to_tensor(mochi_enabled, tf.bool), tf.convert_to_tensor(row_offset, tf.int32))
   if compiled:
     loss = _with_gradient(q, loss, jacobian)
+  return _output(loss, l_pos, l_neg, removed_same_class, syn, hard, rank_queue, rank_syn)
+
+
+def _output(loss, l_pos, l_neg, removed_same_class, syn, hard, rank_queue, rank_syn
+            ) -> ObjectiveOutput:
+  """The `ObjectiveOutput` of the tail's results: the full row of negatives and Acc@k."""
   negatives = l_neg
   if syn is not None:
     syn = syn._replace(hard_indices=hard)

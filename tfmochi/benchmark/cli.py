@@ -52,6 +52,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("compare_topn", False, "--what=head: also time the MoCHi head compiled by "
                     "XLA with the exact and the approximate top-N (--mochi_topn).",
                     flag_values=flag_values)
+  flags.DEFINE_bool("compare_plain", False, "--what=head: also time both heads as plain ops "
+                    "with autodiff (objective jit_compile=False).", flag_values=flag_values)
   flags.DEFINE_integer("steps_per_call", 1, "Steps (or input batches) per timed call.",
                        lower_bound=1, flag_values=flag_values)
   flags.DEFINE_enum("input_source", "synthetic", ("synthetic", "dataset", "jpeg"),
@@ -83,7 +85,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
         steps_per_call: int = 1, compare_moco: bool = True, compare_keras_conv: bool = False,
         source=None, input_threads: int = 0, input_fused_decode: bool = True,
-        compare_jit: bool = False, compare_topn: bool = False) -> dict:
+        compare_jit: bool = False, compare_topn: bool = False,
+        compare_plain: bool = False) -> dict:
   """Runs one benchmark and returns its JSON-able result (with the machine description)."""
   if timed < 5:
     raise ValueError(f"timed must be >= 5 (a median of fewer steps is noise), got {timed}.")
@@ -93,7 +96,8 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
     from tfmochi.benchmark import peer  # pylint: disable=g-import-not-at-top (the bench extra)
     out = peer.bench_peer(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call)
   elif what == "head":
-    out = head.bench_head(config, warmup=warmup, timed=timed, compare_topn=compare_topn)
+    out = head.bench_head(config, warmup=warmup, timed=timed, compare_topn=compare_topn,
+                          compare_plain=compare_plain)
   elif what == "encoder":
     out = encoder.bench_encoder(config, warmup=warmup, timed=timed,
                                 compare_keras_conv=compare_keras_conv)
@@ -168,7 +172,8 @@ def main(argv):
                  compare_keras_conv=flag_values.compare_keras_conv,
                  source=_source(flag_values, config), input_threads=flag_values.input_threads,
                  input_fused_decode=flag_values.input_fused_decode,
-                 compare_jit=flag_values.compare_jit, compare_topn=flag_values.compare_topn)
+                 compare_jit=flag_values.compare_jit, compare_topn=flag_values.compare_topn,
+                 compare_plain=flag_values.compare_plain)
   line = json.dumps(result, sort_keys=True)
   print(line, flush=True)
   if flag_values.output:

@@ -29,13 +29,14 @@ def head_inputs(batch_size: int, queue_size: int, dim: int, seed: int = 0) -> di
   }
 
 
-def make_objective_fn(objective_config, inputs: dict,
-                      jit_compile: bool = False) -> Callable[[], object]:
+def make_objective_fn(objective_config, inputs: dict, jit_compile: bool = False,
+                      objective_jit: bool = True) -> Callable[[], object]:
   """A zero-argument callable: one forward + backward (w.r.t. q) of `contrastive_objective`.
 
   The inputs are captured as arguments of a `tf.function` (not constants), so nothing is folded.
   `jit_compile` compiles the whole head with XLA (as `--jit_compile` or a TPU does: the top-N is
-  then XLA's TopK, or its ApproxTopK with `--mochi_topn=approx`).
+  then XLA's TopK, or its ApproxTopK with `--mochi_topn=approx`). `objective_jit=False` runs the
+  objective as plain TensorFlow ops with autodiff instead of its own compiled pieces.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfmochi import objective as objective_lib  # pylint: disable=g-import-not-at-top
@@ -46,7 +47,8 @@ def make_objective_fn(objective_config, inputs: dict,
       tape.watch(q)
       out = objective_lib.contrastive_objective(
           q, k, queue, objective_config, seed=tf.constant([1, 2], tf.int64), query_ids=query_ids,
-          queue_ids=queue_ids, query_labels=query_labels, queue_labels=queue_labels)
+          queue_ids=queue_ids, query_labels=query_labels, queue_labels=queue_labels,
+          jit_compile=objective_jit)
       loss = tf.reduce_mean(out.loss)
     return loss, tape.gradient(loss, q)
 
@@ -54,7 +56,7 @@ def make_objective_fn(objective_config, inputs: dict,
 
 
 def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
-               compare_topn: bool = False) -> dict:
+               compare_topn: bool = False, compare_plain: bool = False) -> dict:
   """Times the contrastive head for MoCo and MoCHi, interleaved, in this process.
 
   Args:
@@ -66,6 +68,8 @@ def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
     compare_topn: also time the MoCHi head compiled whole by XLA (XLA:CPU here, the TPU's
       compiler elsewhere) with the exact top-N ("mochi_xla_exact": TopK) and the approximate one
       ("mochi_xla_approx": ApproxTopK at --mochi_topn_recall).
+    compare_plain: also time both heads as plain TensorFlow ops with autodiff ("moco_plain",
+      "mochi_plain"; `contrastive_objective(jit_compile=False)`).
 
   Returns:
     The JSON-able result (see `main`).
@@ -84,6 +88,11 @@ def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
           dataclasses.replace(objective_config, mochi=mixing.MochiConfig(0, 0, 0)), inputs),
       "mochi": make_objective_fn(dataclasses.replace(objective_config, mochi=mochi), inputs),
   }
+  if compare_plain:
+    for name in ("moco", "mochi"):
+      cfg = dataclasses.replace(objective_config, mochi=mixing.MochiConfig(0, 0, 0)) \
+          if name == "moco" else dataclasses.replace(objective_config, mochi=mochi)
+      variants[f"{name}_plain"] = make_objective_fn(cfg, inputs, objective_jit=False)
   if compare_topn:
     for top_n in mixing.TOP_N_METHODS:
       variants[f"mochi_xla_{top_n}"] = make_objective_fn(

@@ -183,16 +183,25 @@ def knn_eval(model, train_source: data_lib.DataSource, test_source: data_lib.Dat
                  "num_classes": num_classes, "train_per_class": int(train_per_class),
                  "test_per_class": int(test_per_class)})
   if raw_pixels if raw_pixels is not None else raw_pixels_meaningful(image_size):
-    pixels = _raw_pixels_accuracy(train_source, test_source, bank_labels, labels, num_classes,
-                                  k=result["k"], t=t, image_size=image_size,
-                                  batch_size=batch_size)
-    result.update(raw_pixels_top1=pixels["top1"], raw_pixels_top5=pixels["top5"])
-    stored = _stored_pixels_accuracy(train_source, test_source, num_classes, k=result["k"], t=t,
-                                     image_size=image_size)
-    if stored is not None:
-      result.update(raw_pixels_stored_top1=stored["top1"], raw_pixels_stored_top5=stored["top5"],
-                    raw_pixels_stored_size=stored["size"])
+    result.update(_pixel_baselines(train_source, test_source, bank_labels, labels, num_classes,
+                                   k=result["k"], t=t, image_size=image_size,
+                                   batch_size=batch_size))
   return {**result, "seconds": float(time.time() - start)}
+
+
+def _pixel_baselines(train_source, test_source, bank_labels, labels, num_classes, *, k, t,
+                     image_size, batch_size) -> dict:
+  """raw_pixels_top1/top5 (eval views) and, where they differ, raw_pixels_stored_top1/top5/size
+  (the stored images)."""
+  pixels = _raw_pixels_accuracy(train_source, test_source, bank_labels, labels, num_classes,
+                                k=k, t=t, image_size=image_size, batch_size=batch_size)
+  out = {"raw_pixels_top1": pixels["top1"], "raw_pixels_top5": pixels["top5"]}
+  stored = _stored_pixels_accuracy(train_source, test_source, num_classes, k=k, t=t,
+                                   image_size=image_size)
+  if stored is not None:
+    out.update(raw_pixels_stored_top1=stored["top1"], raw_pixels_stored_top5=stored["top5"],
+               raw_pixels_stored_size=stored["size"])
+  return out
 
 
 def _normalised_features(model, source: data_lib.DataSource, *, image_size: int,
