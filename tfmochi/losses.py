@@ -372,5 +372,11 @@ def proxy_accuracy(l_pos: tf.Tensor, l_neg: tf.Tensor,
   Returns:
     {k: [B] float32 in {0, 1}}.
   """
-  rank = tf.reduce_sum(tf.cast(l_neg > l_pos[:, None], tf.int32), axis=-1)  # [B]
+  rank = proxy_rank(l_pos, l_neg)
   return {k: tf.cast(rank < k, tf.float32) for k in topk}
+
+
+def proxy_rank(l_pos: tf.Tensor, l_neg: tf.Tensor) -> tf.Tensor:
+  """[B], [B, M] -> [B] int32: how many negatives score strictly above each positive (the query
+  is right at k when this is below k; ranks over parts of a row add up)."""
+  return tf.reduce_sum(tf.cast(l_neg > l_pos[:, None], tf.int32), axis=-1)

@@ -152,11 +152,6 @@ def _front(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, query_ids, queue_ids, q
       masks.removed_same_class
 
 
-def _count_above(values: tf.Tensor, l_pos: tf.Tensor) -> tf.Tensor:
-  """[B, M], [B] -> [B] int32: how many entries of each row score strictly above its positive."""
-  return tf.reduce_sum(tf.cast(values > l_pos[:, None], tf.int32), axis=-1)
-
-
 def _tail(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, l_pos: tf.Tensor, l_neg: tf.Tensor,
           positives, hard, seed, enabled, row_offset, *, config: ObjectiveConfig,
           global_rows: int | None, return_features: bool, with_jacobian: bool):
@@ -185,7 +180,7 @@ def _tail(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, l_pos: tf.Tensor, l_neg:
                                            return_features=return_features)
       syn = syn._replace(hard_indices=None)  # the caller has it; an output would be a copy
       negatives = tf.concat([l_neg, syn.logits], axis=1)  # [B, K + s + s']
-      rank_syn = _count_above(syn.logits, l_pos)
+      rank_syn = losses_lib.proxy_rank(l_pos, syn.logits)
     loss = _loss(l_pos, negatives, positives, config)
     total = tf.reduce_sum(loss)
   jacobian = None
@@ -195,7 +190,7 @@ def _tail(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, l_pos: tf.Tensor, l_neg:
     k = tf.stop_gradient(tf.cast(k, tf.float32))
     queue = tf.stop_gradient(tf.cast(queue, tf.float32))
     jacobian = g_q + g_pos[:, None] * k + tf.matmul(g_neg, queue)  # [B, D]
-  return loss, syn, _count_above(l_neg, l_pos), rank_syn, jacobian
+  return loss, syn, losses_lib.proxy_rank(l_pos, l_neg), rank_syn, jacobian
 
 
 @tf.custom_gradient

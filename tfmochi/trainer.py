@@ -476,6 +476,7 @@ class Trainer:
     """summary.json: the run's end state, speed, kNN results and baselines."""
     cfg, last = self.config, self.metrics.last
     knn, random = self.knn_monitor.result, self.knn_monitor.random
+    stored = self.knn_monitor.raw_pixels_stored
     return {
         "global_step": step,
         "final_loss": float(last.get("loss", float("nan"))),
@@ -487,10 +488,8 @@ class Trainer:
         "knn_top1_random_init": random["top1"] if random else None,
         "knn_top1_raw_pixels": self.knn_monitor.raw_pixels_top1,
         # The same kNN on the data set's stored pixels when their size differs from the views'.
-        "knn_top1_raw_pixels_stored": self.knn_monitor.raw_pixels_stored.get(
-            "raw_pixels_stored_top1"),
-        "raw_pixels_stored_size": self.knn_monitor.raw_pixels_stored.get(
-            "raw_pixels_stored_size"),
+        "knn_top1_raw_pixels_stored": stored.get("raw_pixels_stored_top1"),
+        "raw_pixels_stored_size": stored.get("raw_pixels_stored_size"),
         "knn_k": knn["k"] if knn else None,
         "knn_t": cfg.knn_t,
         "knn_num_train": knn["num_train"] if knn else None,

@@ -83,16 +83,12 @@ def bench_head(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 
     mochi = mixing.MochiConfig(min(n, config.queue_size), s, s2, config.mochi_beta_max,
                                top_n=config.mochi_topn, top_n_recall=config.mochi_topn_recall)
   inputs = head_inputs(config.batch_size, config.queue_size, config.embedding_dim, config.seed)
-  variants = {
-      "moco": make_objective_fn(
-          dataclasses.replace(objective_config, mochi=mixing.MochiConfig(0, 0, 0)), inputs),
-      "mochi": make_objective_fn(dataclasses.replace(objective_config, mochi=mochi), inputs),
-  }
+  configs = {"moco": dataclasses.replace(objective_config, mochi=mixing.MochiConfig(0, 0, 0)),
+             "mochi": dataclasses.replace(objective_config, mochi=mochi)}
+  variants = {name: make_objective_fn(cfg, inputs) for name, cfg in configs.items()}
   if compare_plain:
-    for name in ("moco", "mochi"):
-      cfg = dataclasses.replace(objective_config, mochi=mixing.MochiConfig(0, 0, 0)) \
-          if name == "moco" else dataclasses.replace(objective_config, mochi=mochi)
-      variants[f"{name}_plain"] = make_objective_fn(cfg, inputs, objective_jit=False)
+    variants.update({f"{name}_plain": make_objective_fn(cfg, inputs, objective_jit=False)
+                     for name, cfg in configs.items()})
   if compare_topn:
     for top_n in mixing.TOP_N_METHODS:
       variants[f"mochi_xla_{top_n}"] = make_objective_fn(
