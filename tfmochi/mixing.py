@@ -271,9 +271,9 @@ def synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor
   plain = jit_compile is None or topn.inside_xla()
   hard = hardest_indices(l_neg, config, inside_xla=plain)
   if plain:
-    return _synthesize(q, queue, l_neg, seed, enabled, row_offset, hard, config.num_hard,
-                       config.num_mix, config.num_query_mix, float(config.beta_max), global_rows,
-                       return_features)
+    return synthesize_from_hardest(q, queue, l_neg, hard, seed, config, enabled=enabled,
+                                   row_offset=row_offset, global_rows=global_rows,
+                                   return_features=return_features)
   fn = _compiled(config.num_hard, config.num_mix, config.num_query_mix, float(config.beta_max),
                  global_rows, bool(return_features),
                  bool(jit_compile) and topn.host_xla_available())

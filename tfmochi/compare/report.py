@@ -262,7 +262,7 @@ def compare_to_baseline(runs: list[dict], variants: list[str],
     for key in keys:
       for variant, reference, claim_name in pairs:
         direction, words = stats.paper_claim(claim_name)
-        if key not in ("knn_top1", "linear_top1"):  # the papers' claims are about accuracy
+        if family != "accuracy":  # the papers' claims are about accuracy
           direction, words = None, "no claimed direction"
         family_rows.append({"variant": variant, "reference": reference, "family": family,
                             "metric": key, "claim": direction, "claim_words": words,
@@ -374,12 +374,11 @@ def _paired_lines(results: dict) -> list[str]:
   rows = results.get("paired") or []
   if not rows:
     return []
-  families = {}
-  for row in rows:
-    families[row["family"]] = families.get(row["family"], 0) + 1
-  sizes = "; ".join(f"{name}: {count} ({', '.join(_TITLES[k] for k in keys)})"
-                    for name, keys in PAIRED_FAMILIES for f, count in families.items() if f == name)
-  expected = sum(0.05 * count for count in families.values())
+  counts = {name: sum(row["family"] == name for row in rows) for name, _ in PAIRED_FAMILIES}
+  families = {name: count for name, count in counts.items() if count}
+  sizes = "; ".join(f"{name}: {families[name]} ({', '.join(_TITLES[k] for k in keys)})"
+                    for name, keys in PAIRED_FAMILIES if name in families)
+  expected = 0.05 * len(rows)
   lines = [f"## Each variant against {results.get('baseline_variant', BASELINE_VARIANT)}, "
            "seed by seed", "",
            "Variant minus reference on the same seed (same initial weights and data order), "

@@ -214,23 +214,30 @@ def _normalised_features(model, source: data_lib.DataSource, *, image_size: int,
   return tf.math.l2_normalize(feats, axis=-1).numpy(), labels
 
 
+def _stored_side(source: data_lib.DataSource) -> int | None:
+  """The stored images' side H when every image has one static H x W of at most
+  RAW_PIXELS_MAX_SIZE; None otherwise (decoded JPEG files have no static size)."""
+  shape = source.raw().map(source.decode).element_spec["image"].shape
+  if not shape.is_fully_defined() or max(shape[:2]) > RAW_PIXELS_MAX_SIZE:
+    return None
+  return int(shape[0])
+
+
 def stored_pixels(source: data_lib.DataSource, batch_size: int = 256
                   ) -> tuple[np.ndarray, np.ndarray, int] | None:
   """The images as the data set stores them, flattened: [N, H*W*C] float32 (uint8 values),
-  labels [N] and the side H; None unless every image has one static H x W of at most
-  RAW_PIXELS_MAX_SIZE (decoded JPEG files have no static size: None)."""
-  ds = source.raw().map(source.decode)
-  shape = ds.element_spec["image"].shape
-  if not shape.is_fully_defined() or max(shape[:2]) > RAW_PIXELS_MAX_SIZE:
+  labels [N] and the side H; None unless `_stored_side` finds one."""
+  side = _stored_side(source)
+  if side is None:
     return None
   pixels, labels = [], []
-  for batch in ds.batch(batch_size):
-    pixels.append(tf.reshape(tf.cast(batch["image"], tf.float32), [-1, shape.num_elements()]))
+  for batch in source.raw().map(source.decode).batch(batch_size):
+    images = tf.cast(batch["image"], tf.float32)
+    pixels.append(tf.reshape(images, [tf.shape(images)[0], -1]))
     labels.append(batch["label"].numpy())
   if not pixels:
     return None
-  return (tf.concat(pixels, axis=0).numpy(), np.concatenate(labels).astype(np.int64),
-          int(shape[0]))
+  return tf.concat(pixels, axis=0).numpy(), np.concatenate(labels).astype(np.int64), side
 
 
 def _stored_pixels_accuracy(train_source: data_lib.DataSource,
@@ -238,8 +245,10 @@ def _stored_pixels_accuracy(train_source: data_lib.DataSource,
                             t: float, image_size: int) -> dict | None:
   """The kNN of `knn_eval` on the stored pixels (`stored_pixels`) when their size differs from
   the eval view's; None otherwise. {"top1", "top5", "k", "size"}."""
+  if _stored_side(train_source) in (None, image_size):  # same pixels as the views: no second
+    return None
   train, test = stored_pixels(train_source), stored_pixels(test_source)
-  if train is None or test is None or train[2] == image_size:
+  if train is None or test is None:
     return None
   result = knn_accuracy(
       tf.math.l2_normalize(train[0], axis=-1).numpy(), train[1],
