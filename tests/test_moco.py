@@ -391,9 +391,9 @@ _JIT_BATCH = 4
 
 def _conv_encoder(seed, bn_mode="standard"):
   """A two-convolution encoder of tfmochi's own layers: `models.Conv2D` on both of its custom
-  input-gradient paths (3x3 "same", 1x1 stride 2), the run's BN kind, pooling and a dense
-  projection: the layer types of resnet10_tiny, at a fraction of its XLA compile time (about 40 s
-  per variant here, which a dozen objectives cannot afford)."""
+  paths (3x3 "same", its input gradient as a convolution; 1x1 stride 2 as a matmul), the run's
+  BN kind, pooling and a dense projection: the layer types of resnet10_tiny, at a fraction of its
+  XLA compile time (about 40 s per variant here, which a dozen objectives cannot afford)."""
   from tfmochi import models  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(seed)
   return keras.Sequential([

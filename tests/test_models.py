@@ -227,7 +227,8 @@ class BackboneTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
-  """models.Conv2D: keras Conv2D's outputs, with the input gradient computed as a convolution."""
+  """models.Conv2D: keras Conv2D's outputs and gradients, 1x1 kernels as matmuls and the input
+  gradient of stride-1 "same" ones as a convolution."""
 
   def _pair(self, kernel, stride, channels=(6, 5), padding=None):
     x = keras.Input((None, None, channels[0]))
@@ -239,10 +240,11 @@ class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
     layers[0].set_weights(layers[1].get_weights())
     return layers
 
-  @parameterized.parameters((1, 1, "same", "same"), (3, 1, "same", "same"),
-                            (7, 1, "same", "same"), (1, 2, "valid", "strided_1x1"),
-                            (1, 3, "valid", "strided_1x1"), (3, 2, "valid", None),
-                            (1, 2, "same", None))
+  @parameterized.parameters((1, 1, "same", "pointwise"), (1, 1, "valid", "pointwise"),
+                            (3, 1, "same", "same"), (7, 1, "same", "same"),
+                            (1, 2, "valid", "pointwise"), (1, 3, "valid", "pointwise"),
+                            (1, 2, "same", "pointwise"), (3, 2, "valid", None),
+                            (3, 1, "valid", None))
   def test_values_and_gradients_equal_keras_conv(self, kernel, stride, padding, path):
     fast, plain = self._pair(kernel, stride, padding=padding)
     self.assertEqual(fast._fast_grad_path(), path)
@@ -264,10 +266,11 @@ class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
       for got, ref in zip(fn(x), want):
         self.assertAllClose(got, ref, atol=1e-4, rtol=1e-4, msg=name)
 
-  def test_bfloat16_policy(self):
+  @parameterized.parameters((3, 1), (1, 1), (1, 2))
+  def test_bfloat16_policy(self, kernel, stride):
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-      fast, plain = self._pair(3, 1)
+      fast, plain = self._pair(kernel, stride)
     finally:
       keras.config.set_dtype_policy("float32")
     x = tf.cast(tf.random.stateless_normal([2, 4, 4, 6], [1, 2]), tf.bfloat16)

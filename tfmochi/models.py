@@ -279,68 +279,77 @@ def _conv_input_grad_as_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
   return conv(x, kernel)
 
 
-def _strided_1x1_input_grad_as_matmul(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
-  """`conv2d(x, kernel, stride, "VALID")` for a 1x1 kernel, with a faster exact input gradient.
+def _subsample(x: tf.Tensor, stride: int) -> tf.Tensor:
+  """x[:, ::s, ::s, :] as a reshape and a slice of whole pixels. [B, H, W, C] -> [B, H', W', C].
 
-  ResNet's projection shortcuts (`downsample.0`) are 1x1 stride-2 convolutions; TensorFlow's CPU
-  input gradient for them is many times slower than the forward on small maps (docs/BENCHMARKS.md).
-  A 1x1 stride-s convolution reads only the pixels (s·i, s·j), so its input gradient is dy·Wᵀ at
-  those pixels and zero elsewhere: one matmul and a zero interleave.
+  TensorFlow's CPU StridedSlice copies element by element: 11 ms for [32, 24, 24, 256] here,
+  against 1.5 ms for this slice of contiguous C-channel runs (docs/BENCHMARKS.md). H and W are
+  padded up to multiples of s first where they are not (the padding is never read).
+  """
+  if stride == 1:
+    return x
+  height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+  if height is None or width is None or height % stride or width % stride:
+    shape = tf.shape(x)
+    x = tf.pad(x, [[0, 0], [0, -shape[1] % stride], [0, -shape[2] % stride], [0, 0]])
+  shape = tf.shape(x)
+  rows, cols = shape[1] // stride, shape[2] // stride
+  x = tf.reshape(x, [shape[0], rows, stride, cols, stride * channels])
+  # tf.slice, not x[:, :, 0, :, :C]: StridedSlice's gradient op is as slow as its forward, Slice's
+  # (a Pad) is not.
+  x = tf.slice(x, [0, 0, 0, 0, 0], [-1, -1, 1, -1, channels])
+  return tf.reshape(x, [shape[0], rows, cols, channels])
+
+
+def _pointwise_as_matmul(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
+  """A 1x1 convolution of any stride as one matmul: [B·H'·W', Cin] x [Cin, Cout].
+
+  Why: on a CPU, TensorFlow's convolution kernels for 1x1 filters (forward, input gradient and
+  kernel gradient alike) run below the plain matmul on the same numbers, by most on the small
+  maps of a small-image ResNet, and the input gradient of the strided ones (ResNet's projection
+  shortcuts, `downsample.0`) costs 1.5-2x their forward (docs/BENCHMARKS.md has the timings).
+  A 1x1 stride-s convolution reads only the pixels (s·i, s·j) ("same" and "valid" padding agree
+  for a 1x1 kernel), so it is a strided slice and a matmul, and autodiff gives its gradients as
+  the two transposed matmuls (dy·Wᵀ scattered back by the slice's gradient, and xᵀ·dy).
 
   Args:
     x: [B, H, W, Cin].
     kernel: [1, 1, Cin, Cout].
-    stride: s >= 2 (both spatial axes).
+    stride: s >= 1 (both spatial axes).
 
   Returns:
     [B, ceil(H/s), ceil(W/s), Cout].
   """
-
-  @tf.custom_gradient
-  def conv(x, kernel):
-    y = tf.nn.conv2d(x, kernel, strides=stride, padding="VALID")
-
-    def grad(dy):
-      dsub = tf.nn.conv2d(dy, tf.transpose(kernel, [0, 1, 3, 2]), strides=1, padding="VALID")
-      b, h, w, c = tf.unstack(tf.shape(dsub))
-      dense = tf.pad(tf.reshape(dsub, [b, h, 1, w, 1, c]),
-                     [[0, 0], [0, 0], [0, stride - 1], [0, 0], [0, stride - 1], [0, 0]])
-      shape = tf.shape(x)
-      dx = tf.reshape(dense, [b, h * stride, w * stride, c])[:, :shape[1], :shape[2], :]
-      dkernel = tf.raw_ops.Conv2DBackpropFilter(
-          input=x, filter_sizes=tf.shape(kernel), out_backprop=dy,
-          strides=[1, stride, stride, 1], padding="VALID")
-      return dx, dkernel
-
-    return y, grad
-
-  return conv(x, kernel)
+  x = _subsample(x, stride)
+  shape = tf.shape(x)
+  rows = tf.reshape(x, [-1, kernel.shape[2]])
+  y = tf.matmul(rows, tf.reshape(kernel, kernel.shape[2:]))
+  return tf.reshape(y, tf.concat([shape[:3], [kernel.shape[3]]], axis=0))
 
 
 @keras.saving.register_keras_serializable(package="tfmochi")
 class Conv2D(keras.layers.Conv2D):
-  """`keras.layers.Conv2D` with faster exact input gradients on CPUs.
+  """`keras.layers.Conv2D` with faster exact kernels on CPUs.
 
-  Stride-1 "same" convolutions use `_conv_input_grad_as_conv`, 1x1 strided "valid" ones
-  `_strided_1x1_input_grad_as_matmul`; anything else is `keras.layers.Conv2D` unchanged. Forward
-  outputs, weights and the kernel gradient are those of `keras.layers.Conv2D`; only the way the
-  input gradient is computed differs (the same values up to float rounding). Exports rebuild the
+  1x1 convolutions of any stride are matmuls (`_pointwise_as_matmul`), the other stride-1 "same"
+  ones compute their input gradient as a convolution (`_conv_input_grad_as_conv`); anything else
+  is `keras.layers.Conv2D` unchanged. Outputs, weights and gradients are those of
+  `keras.layers.Conv2D` up to float rounding. Exports rebuild the
   backbone with plain `keras.layers.Conv2D` (`fast_grad=False`), so exported models need no
   tfmochi import.
   """
 
   def _fast_grad_path(self) -> str | None:
-    """"same" (stride 1, odd kernel), "strided_1x1", or None (keras' own convolution)."""
+    """"pointwise" (1x1), "same" (stride 1, odd kernel), or None (keras' own convolution)."""
     plain = (self.rank == 2 and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
              and self.data_format == "channels_last")
     if not plain:
       return None
+    if tuple(self.kernel_size) == (1, 1) and self.strides[0] == self.strides[1]:
+      return "pointwise"
     if (self.padding == "same" and tuple(self.strides) == (1, 1)
         and all(k % 2 == 1 for k in self.kernel_size)):
       return "same"
-    if (self.padding == "valid" and tuple(self.kernel_size) == (1, 1)
-        and self.strides[0] == self.strides[1] > 1):
-      return "strided_1x1"
     return None
 
   def convolution_op(self, inputs, kernel):
@@ -351,7 +360,7 @@ class Conv2D(keras.layers.Conv2D):
     kernel = tf.cast(tf.convert_to_tensor(kernel), x.dtype)
     if path == "same":
       return _conv_input_grad_as_conv(x, kernel)
-    return _strided_1x1_input_grad_as_matmul(x, kernel, int(self.strides[0]))
+    return _pointwise_as_matmul(x, kernel, int(self.strides[0]))
 
 
 def resolve_fast_grad(setting: str | bool) -> bool:

@@ -54,6 +54,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     flag_values=flag_values)
   flags.DEFINE_bool("compare_plain", False, "--what=head: also time both heads as plain ops "
                     "with autodiff (objective jit_compile=False).", flag_values=flag_values)
+  flags.DEFINE_integer("profile_calls", 0, "--what=encoder: also profile this many calls of the "
+                       "forward and of the forward + backward with TensorFlow's profiler and "
+                       "report the time per op type (0: off).", lower_bound=0,
+                       flag_values=flag_values)
   flags.DEFINE_integer("steps_per_call", 1, "Steps (or input batches) per timed call.",
                        lower_bound=1, flag_values=flag_values)
   flags.DEFINE_enum("input_source", "synthetic", ("synthetic", "dataset", "jpeg"),
@@ -86,7 +90,7 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
         steps_per_call: int = 1, compare_moco: bool = True, compare_keras_conv: bool = False,
         source=None, input_threads: int = 0, input_fused_decode: bool = True,
         compare_jit: bool = False, compare_topn: bool = False,
-        compare_plain: bool = False) -> dict:
+        compare_plain: bool = False, profile_calls: int = 0) -> dict:
   """Runs one benchmark and returns its JSON-able result (with the machine description)."""
   if timed < 5:
     raise ValueError(f"timed must be >= 5 (a median of fewer steps is noise), got {timed}.")
@@ -100,7 +104,8 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
                           compare_plain=compare_plain)
   elif what == "encoder":
     out = encoder.bench_encoder(config, warmup=warmup, timed=timed,
-                                compare_keras_conv=compare_keras_conv)
+                                compare_keras_conv=compare_keras_conv,
+                                profile_calls=profile_calls)
   elif what == "step":
     out = step.bench_step(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call,
                      compare_moco=compare_moco, compare_keras_conv=compare_keras_conv,
@@ -173,7 +178,8 @@ def main(argv):
                  source=_source(flag_values, config), input_threads=flag_values.input_threads,
                  input_fused_decode=flag_values.input_fused_decode,
                  compare_jit=flag_values.compare_jit, compare_topn=flag_values.compare_topn,
-                 compare_plain=flag_values.compare_plain)
+                 compare_plain=flag_values.compare_plain,
+                 profile_calls=flag_values.profile_calls)
   line = json.dumps(result, sort_keys=True)
   print(line, flush=True)
   if flag_values.output:

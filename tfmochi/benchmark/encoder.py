@@ -5,8 +5,9 @@ rest (head, momentum update, SGD). This times one encoder of the flags' architec
 images, training-mode BN: its forward ("forward", what the key encoder costs) and its forward with
 the gradients of every trainable variable ("forward_backward"), interleaved; with
 `--compare_keras_conv` also both with plain Keras Conv2D and BatchNormalization layers
-(`--fast_grad=false`). Images per second count the batch; the arithmetic of a ResNet is in
-docs/BENCHMARKS.md.
+(`--fast_grad=false`); with `--profile_calls=n` also the time per TensorFlow op type of n more
+calls of each of the first two, from TensorFlow's profiler (`opprofile`). Images per second count
+the batch; the arithmetic of a ResNet is in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tensorflow as tf
 from tfmochi import build
 from tfmochi import config as config_lib
 from tfmochi import models
+from tfmochi.benchmark import opprofile
 from tfmochi.benchmark import timing
 
 
@@ -40,8 +42,9 @@ def make_encoder_fns(config: config_lib.TrainConfig, images: tf.Tensor,
 
 
 def bench_encoder(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
-                  compare_keras_conv: bool = False) -> dict:
-  """Times the encoder's forward and forward + backward (see the module docstring)."""
+                  compare_keras_conv: bool = False, profile_calls: int = 0) -> dict:
+  """Times the encoder's forward and forward + backward (see the module docstring); with
+  `profile_calls` > 0 also profiles that many calls of each per op type ("op_profile")."""
   build.set_precision(config.mixed_precision, config.tf32)  # as the trainer
   images = tf.random.stateless_normal(
       [config.batch_size, config.image_size, config.image_size, 3], [config.seed, 0])
@@ -52,6 +55,9 @@ def bench_encoder(config: config_lib.TrainConfig, *, warmup: int = 3, timed: int
                      make_encoder_fns(config, images, fast_grad=False).items()})
   results = timing.run_interleaved(variants, warmup=warmup, timed=timed)
   out = {"what": "encoder", **timing.summarize(results, config.batch_size)}
+  if profile_calls:
+    out["op_profile"] = {name: opprofile.profile_op_types(variants[name], profile_calls)
+                         for name in ("forward", "forward_backward")}
   out["config"] = {k: getattr(config, k) for k in (
       "arch", "small_stem", "image_size", "batch_size", "embedding_dim", "mlp_head", "head_bn",
       "bn_mode", "bn_splits", "mixed_precision", "fast_grad")}
