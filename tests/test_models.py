@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from unittest import mock
 
 import keras
 import numpy as np
@@ -243,13 +244,49 @@ class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.parameters((1, 1, "same", "pointwise"), (1, 1, "valid", "pointwise"),
                             (3, 1, "same", "same"), (7, 1, "same", "same"),
                             (1, 2, "valid", "pointwise"), (1, 3, "valid", "pointwise"),
-                            (1, 2, "same", "pointwise"), (3, 2, "valid", None),
-                            (3, 1, "valid", None))
+                            (1, 2, "same", "pointwise"), (3, 2, "valid", "strided"),
+                            (7, 2, "valid", "strided"), (3, 1, "valid", None),
+                            (3, 2, "same", None))
   def test_values_and_gradients_equal_keras_conv(self, kernel, stride, padding, path):
     fast, plain = self._pair(kernel, stride, padding=padding)
     self.assertEqual(fast._fast_grad_path(), path)
     # Odd and even sizes: a strided conv's last rows/columns may be read or skipped.
     x = tf.constant(np.random.default_rng(kernel).normal(size=(3, 9, 8, 6)), tf.float32)
+    self._check_against_keras(fast, plain, x)
+
+  @parameterized.parameters((3, 1, (3, 5, 7, 6), True), ((3, 5), 1, (2, 4, 4, 6), True),
+                            (3, 1, (2, 8, 8, 6), True), (3, 1, (2, 9, 8, 6), False),
+                            (3, 2, (2, 9, 8, 6), True), (3, 2, (2, 8, 7, 6), True),
+                            (3, 3, (2, 11, 10, 6), True), (3, 2, (2, 19, 17, 6), False))
+  def test_small_maps_take_the_kernel_gradient_as_matmuls(self, kernel, stride, shape, small):
+    fast, plain = self._pair(kernel, stride)
+    x = tf.constant(np.random.default_rng(7).normal(size=shape), tf.float32)
+    # bfloat16's limit (8x8) on float32 numbers, which can be compared at 1e-4.
+    with mock.patch.dict(models.SMALL_MAP_PIXELS, {"float32": 64}), \
+         mock.patch.object(models, "_kernel_grad_as_matmuls",
+                           wraps=models._kernel_grad_as_matmuls) as spy:
+      self._check_against_keras(fast, plain, x)
+    self.assertEqual(spy.called, small)  # output H'·W' <= 64
+
+  @parameterized.parameters(("float32", 1, 3, True), ("float32", 1, 4, False),
+                            ("float32", 2, 8, True), ("bfloat16", 1, 8, True),
+                            ("bfloat16", 1, 9, False), ("float16", 1, 2, False))
+  def test_small_map_limit_by_dtype(self, dtype, stride, size, small):
+    x = tf.zeros([1, size, size, 2], dtype)
+    kernel = tf.zeros([3, 3, 2, 2], dtype)
+    conv = models._conv_input_grad_as_conv if stride == 1 else (
+        lambda x, kernel: models._strided_conv(x, kernel, stride))
+    with mock.patch.object(models, "_kernel_grad_as_matmuls",
+                           wraps=models._kernel_grad_as_matmuls) as spy:
+      with tf.GradientTape() as tape:
+        tape.watch(kernel)
+        y = conv(x, kernel)
+      tape.gradient(y, kernel)
+    self.assertEqual(spy.called, small)
+
+  def _check_against_keras(self, fast, plain, x):
+    """Output, input gradient and kernel gradient of `fast` equal `plain`'s: eager, tf.function
+    and XLA."""
 
     def loss_and_grads(layer, x):
       with tf.GradientTape() as tape:

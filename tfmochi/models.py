@@ -243,8 +243,91 @@ def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, fu
 # Convolution.
 
 
+# Convolutions whose output maps have at most this many pixels take their kernel gradient as one
+# matmul per kernel tap (`_kernel_grad_as_matmuls`), by compute dtype; other dtypes never. Where
+# it was measured (AMD Zen 4, docs/BENCHMARKS.md), oneDNN's bfloat16 kernel-gradient kernel ran
+# 1.1-3.8x slower than the matmuls on maps up to 8x8, its float32 one only on 3x3 maps.
+SMALL_MAP_PIXELS = {"bfloat16": 64, "float32": 9}
+
+
+def _small_map(dy: tf.Tensor) -> bool:
+  """Whether dy [B, H', W', C] has static H', W' with H'·W' <= SMALL_MAP_PIXELS[its dtype]."""
+  height, width = dy.shape[1], dy.shape[2]
+  limit = SMALL_MAP_PIXELS.get(dy.dtype.name, 0)
+  return height is not None and width is not None and height * width <= limit
+
+
+def _kernel_grad_as_matmuls(x: tf.Tensor, dy: tf.Tensor, kh: int, kw: int,
+                            stride: int = 1) -> tf.Tensor:
+  """The kernel gradient of a "VALID" convolution as kh·kw matmuls, one per kernel tap.
+
+  Tap (a, b) of the kernel reads the input pixels (a + s·i, b + s·j), so its gradient is those
+  pixels, as [B·H'·W', Cin], transposed times dy as [B·H'·W', Cout]. On small maps with many
+  channels this beats TensorFlow's CPU Conv2DBackpropFilter, by most in bfloat16: stride 1 at
+  [32, 3, 3, 512] 6.2 ms against 18.9 (float32 10.6 against 11.9), stride 2 to [32, 3, 3, 512]
+  6.0 against 22.9 (float32 12.4 against 24.4); on larger maps the shifted copies of the input
+  cost more than they win (docs/BENCHMARKS.md).
+
+  Args:
+    x: [B, H, W, Cin], already padded as the convolution pads it.
+    dy: [B, H', W', Cout] with static H', W'.
+    kh, kw: the kernel's height and width.
+    stride: s, on both spatial axes.
+
+  Returns:
+    [kh, kw, Cin, Cout].
+  """
+  channels_in, channels_out = x.shape[-1], dy.shape[-1]
+  rows, cols = stride * (dy.shape[1] - 1) + 1, stride * (dy.shape[2] - 1) + 1
+  dy_rows = tf.reshape(dy, [-1, channels_out])
+  taps = []
+  for a in range(kh):
+    for b in range(kw):
+      tap = _subsample(tf.slice(x, [0, a, b, 0], [-1, rows, cols, -1]), stride)
+      taps.append(tf.matmul(tf.reshape(tap, [-1, channels_in]), dy_rows, transpose_a=True))
+  return tf.reshape(tf.stack(taps), [kh, kw, channels_in, channels_out])
+
+
+def _strided_conv(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
+  """`conv2d(x, kernel, stride, "VALID")`, with the kernel gradient as matmuls on small maps.
+
+  ResNet's strided 3x3 convolutions (the first block of layers 2-4, padded explicitly before)
+  keep TensorFlow's forward and input gradient (an exact polyphase rewrite of the latter lost at
+  every shape, docs/BENCHMARKS.md); their kernel gradient is `_kernel_grad_as_matmuls` where the
+  output map is small (SMALL_MAP_PIXELS).
+
+  Args:
+    x: [B, H, W, Cin].
+    kernel: [kh, kw, Cin, Cout].
+    stride: s >= 2 (both spatial axes).
+
+  Returns:
+    [B, (H - kh) // s + 1, (W - kw) // s + 1, Cout].
+  """
+  strides = [1, stride, stride, 1]
+
+  @tf.custom_gradient
+  def conv(x, kernel):
+    y = tf.nn.conv2d(x, kernel, strides=stride, padding="VALID")
+
+    def grad(dy):
+      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel,
+                                          out_backprop=dy, strides=strides, padding="VALID")
+      if _small_map(dy):
+        dkernel = _kernel_grad_as_matmuls(x, dy, kernel.shape[0], kernel.shape[1], stride)
+      else:
+        dkernel = tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=strides,
+            padding="VALID")
+      return dx, dkernel
+
+    return y, grad
+
+  return conv(x, kernel)
+
+
 def _conv_input_grad_as_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-  """`conv2d(x, kernel, stride 1, "SAME")` for an odd kernel, with a faster exact input gradient.
+  """`conv2d(x, kernel, stride 1, "SAME")` for an odd kernel, with faster exact gradients.
 
   Why: TensorFlow's CPU kernel for the input gradient (Conv2DBackpropInput) is pathologically slow
   on small feature maps with many channels (ResNet's last stage at 16-96 px: 2x2 or 3x3 maps,
@@ -252,7 +335,8 @@ def _conv_input_grad_as_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
   small-image ResNet (docs/BENCHMARKS.md has the timings).
   For stride 1, symmetric ("SAME", odd kernel) padding and no dilation, that gradient *is* a
   forward convolution of the output gradient with the kernel flipped in space and transposed in
-  channels, so it is computed that way; the kernel gradient keeps TensorFlow's op.
+  channels, so it is computed that way. The kernel gradient is TensorFlow's op, or on small maps
+  (SMALL_MAP_PIXELS) one matmul per kernel tap (`_kernel_grad_as_matmuls`).
 
   Args:
     x: [B, H, W, Cin].
@@ -269,9 +353,14 @@ def _conv_input_grad_as_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     def grad(dy):
       flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])  # [k, k, Cout, Cin]
       dx = tf.nn.conv2d(dy, flipped, strides=1, padding="SAME")
-      dkernel = tf.raw_ops.Conv2DBackpropFilter(
-          input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1],
-          padding="SAME")
+      if _small_map(dy):
+        kh, kw = kernel.shape[0], kernel.shape[1]
+        padded = tf.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
+        dkernel = _kernel_grad_as_matmuls(padded, dy, kh, kw)
+      else:
+        dkernel = tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1],
+            padding="SAME")
       return dx, dkernel
 
     return y, grad
@@ -331,16 +420,17 @@ def _pointwise_as_matmul(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Ten
 class Conv2D(keras.layers.Conv2D):
   """`keras.layers.Conv2D` with faster exact kernels on CPUs.
 
-  1x1 convolutions of any stride are matmuls (`_pointwise_as_matmul`), the other stride-1 "same"
-  ones compute their input gradient as a convolution (`_conv_input_grad_as_conv`); anything else
-  is `keras.layers.Conv2D` unchanged. Outputs, weights and gradients are those of
-  `keras.layers.Conv2D` up to float rounding. Exports rebuild the
-  backbone with plain `keras.layers.Conv2D` (`fast_grad=False`), so exported models need no
-  tfmochi import.
+  1x1 convolutions of any stride are matmuls (`_pointwise_as_matmul`); the other stride-1 "same"
+  ones compute their input gradient as a convolution (`_conv_input_grad_as_conv`), and they and
+  the strided "valid" ones (`_strided_conv`) their kernel gradient as matmuls on small maps;
+  anything else is `keras.layers.Conv2D` unchanged. Outputs, weights and gradients are those of
+  `keras.layers.Conv2D` up to float rounding. Exports rebuild the backbone with plain
+  `keras.layers.Conv2D` (`fast_grad=False`), so exported models need no tfmochi import.
   """
 
   def _fast_grad_path(self) -> str | None:
-    """"pointwise" (1x1), "same" (stride 1, odd kernel), or None (keras' own convolution)."""
+    """"pointwise" (1x1), "same" (stride 1, odd kernel), "strided" ("valid", stride > 1), or
+    None (keras' own convolution)."""
     plain = (self.rank == 2 and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
              and self.data_format == "channels_last")
     if not plain:
@@ -350,6 +440,8 @@ class Conv2D(keras.layers.Conv2D):
     if (self.padding == "same" and tuple(self.strides) == (1, 1)
         and all(k % 2 == 1 for k in self.kernel_size)):
       return "same"
+    if self.padding == "valid" and self.strides[0] == self.strides[1] > 1:
+      return "strided"
     return None
 
   def convolution_op(self, inputs, kernel):
@@ -360,6 +452,8 @@ class Conv2D(keras.layers.Conv2D):
     kernel = tf.cast(tf.convert_to_tensor(kernel), x.dtype)
     if path == "same":
       return _conv_input_grad_as_conv(x, kernel)
+    if path == "strided":
+      return _strided_conv(x, kernel, int(self.strides[0]))
     return _pointwise_as_matmul(x, kernel, int(self.strides[0]))
 
 

@@ -60,6 +60,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=flag_values)
   flags.DEFINE_integer("steps_per_call", 1, "Steps (or input batches) per timed call.",
                        lower_bound=1, flag_values=flag_values)
+  _define_input_flags(flag_values)
+  flags.DEFINE_integer("intra_op_threads", 0, "TensorFlow intra-op threads (0: its default).",
+                       lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow inter-op threads (0: its default).",
+                       lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_string("output", None, "Also append the JSON line to this file.",
+                      flag_values=flag_values)
+
+
+def _define_input_flags(flag_values: flags.FlagValues) -> None:
+  """--what=input's own flags."""
   flags.DEFINE_enum("input_source", "synthetic", ("synthetic", "dataset", "jpeg"),
                     "--what=input: random uint8 images in memory, --dataset itself, or "
                     "--source_images real 500x375 JPEG photos in TFRecords (decoded per view "
@@ -78,12 +89,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        lower_bound=8, flag_values=flag_values)
   flags.DEFINE_integer("source_images", 512, "--what=input: number of synthetic source images.",
                        lower_bound=1, flag_values=flag_values)
-  flags.DEFINE_integer("intra_op_threads", 0, "TensorFlow intra-op threads (0: its default).",
-                       lower_bound=0, flag_values=flag_values)
-  flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow inter-op threads (0: its default).",
-                       lower_bound=0, flag_values=flag_values)
-  flags.DEFINE_string("output", None, "Also append the JSON line to this file.",
-                      flag_values=flag_values)
 
 
 def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: int = 5,
