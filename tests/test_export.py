@@ -466,13 +466,19 @@ class WeightFilesTest(tf.test.TestCase):
 class KerasHubTest(tf.test.TestCase):
 
   def _assert_same_features(self, backbone, hub_backbone, shapes):
+    """Bit-identical features from the plain-layer copy of `backbone` that exports hold (same
+    ops, same explicit padding); `backbone`'s own training layers (1x1 convolutions as matmuls)
+    up to float rounding."""
+    plain = export.standard_backbone(backbone)
     pyramid = keras.Model(hub_backbone.inputs[0], hub_backbone.pyramid_outputs)
     for shape in shapes:
       x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-      ours, theirs = backbone(x, training=False), pyramid(x, training=False)
+      ours, theirs = plain(x, training=False), pyramid(x, training=False)
+      fast = backbone(x, training=False)
       for level in (2, 3, 4, 5):
-        # Same ops, same explicit padding: bit-identical, not just close.
         self.assertAllEqual(theirs[f"P{level}"], ours[f"C{level}"])
+        scale = np.abs(ours[f"C{level}"]).max()  # rounding grows with depth and magnitude
+        self.assertAllClose(fast[f"C{level}"], ours[f"C{level}"], atol=1e-4 * scale, rtol=1e-3)
       self.assertAllEqual(hub_backbone(x, training=False), ours["C5"])
 
   def test_to_keras_hub_is_exact_resnet18(self):

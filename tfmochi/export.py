@@ -342,7 +342,9 @@ def to_keras_hub(backbone: keras.Model):
   and explicit symmetric zero padding before every strided 3x3/7x7 conv and before the max-pool,
   exactly as `models.build_backbone` pads; its strided 1x1 shortcut uses "valid" padding, which
   is what our "same" gives for a 1x1 kernel. Outputs therefore agree with the tfmochi backbone:
-  `pyramid_outputs` P2..P5 == C2..C5 and the model output == C5 (there is no pooled output).
+  `pyramid_outputs` P2..P5 == C2..C5 and the model output == C5 (there is no pooled output), bit
+  for bit with the plain Keras layers exports hold (`fast_grad=False`), up to float rounding with
+  the training layers (which run 1x1 convolutions as matmuls).
   Inputs are ImageNet-normalised images, as for the tfmochi backbone.
 
   Raises:
