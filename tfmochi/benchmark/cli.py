@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 
 from tfmochi import config as config_lib
+from tfmochi.benchmark import convs
 from tfmochi.benchmark import encoder
 from tfmochi.benchmark import head
 from tfmochi.benchmark import input_pipeline
@@ -17,7 +18,7 @@ from tfmochi.benchmark import machine
 from tfmochi.benchmark import step
 from tfmochi.benchmark import versus
 
-WHATS = ("step", "head", "encoder", "input", "peer", "versus")
+WHATS = ("step", "head", "encoder", "convs", "input", "peer", "versus")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -27,7 +28,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     return
   flags.DEFINE_enum("what", "head", WHATS, "What to time: step (full training step), head "
                     "(contrastive head, MoCo vs MoCHi), encoder (one encoder's forward, and "
-                    "forward + backward), input (augmentation pipeline), peer "
+                    "forward + backward), convs (each distinct convolution of the backbone, "
+                    "tfmochi's kernels vs Keras's), input (augmentation pipeline), peer "
                     "(MoCo v2's step in PyTorch; the bench extra) or versus (tfmochi's MoCo v2 "
                     "step and the peer, one process each, alternating --rounds times).",
                     flag_values=flag_values)
@@ -111,6 +113,8 @@ def run(what: str, config: config_lib.TrainConfig, *, warmup: int = 3, timed: in
     out = encoder.bench_encoder(config, warmup=warmup, timed=timed,
                                 compare_keras_conv=compare_keras_conv,
                                 profile_calls=profile_calls)
+  elif what == "convs":
+    out = convs.bench_convs(config, warmup=warmup, timed=timed)
   elif what == "step":
     out = step.bench_step(config, warmup=warmup, timed=timed, steps_per_call=steps_per_call,
                      compare_moco=compare_moco, compare_keras_conv=compare_keras_conv,
