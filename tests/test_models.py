@@ -268,6 +268,12 @@ class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
       self._check_against_keras(fast, plain, x)
     self.assertEqual(spy.called, small)  # output H'·W' <= 64
 
+  def test_small_map_pixels_overrides_inside_its_block_only(self):
+    before = dict(models.SMALL_MAP_PIXELS)
+    with models.small_map_pixels({"float32": 0, "float16": 16}):
+      self.assertEqual(models.SMALL_MAP_PIXELS, {**before, "float32": 0, "float16": 16})
+    self.assertEqual(models.SMALL_MAP_PIXELS, before)
+
   @parameterized.parameters(("float32", 1, 3, True), ("float32", 1, 4, False),
                             ("float32", 2, 8, True), ("bfloat16", 1, 8, True),
                             ("bfloat16", 1, 9, False), ("float16", 1, 2, False))

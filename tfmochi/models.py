@@ -31,6 +31,8 @@ Keras' HWIO by `weightmaps.torchvision_state_dict` / `weightmaps.load_torchvisio
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -250,6 +252,19 @@ def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, fu
 SMALL_MAP_PIXELS = {"bfloat16": 64, "float32": 9}
 
 
+@contextlib.contextmanager
+def small_map_pixels(limits: dict[str, int]):
+  """SMALL_MAP_PIXELS updated with `limits` inside the block (for functions traced there; the
+  benchmark compares both kernel-gradient paths this way)."""
+  saved = dict(SMALL_MAP_PIXELS)
+  SMALL_MAP_PIXELS.update(limits)
+  try:
+    yield
+  finally:
+    SMALL_MAP_PIXELS.clear()
+    SMALL_MAP_PIXELS.update(saved)
+
+
 def _small_map(dy: tf.Tensor) -> bool:
   """Whether dy [B, H', W', C] has static H', W' with H'·W' <= SMALL_MAP_PIXELS[its dtype]."""
   height, width = dy.shape[1], dy.shape[2]
@@ -288,6 +303,21 @@ def _kernel_grad_as_matmuls(x: tf.Tensor, dy: tf.Tensor, kh: int, kw: int,
   return tf.reshape(tf.stack(taps), [kh, kw, channels_in, channels_out])
 
 
+def _kernel_grad(x: tf.Tensor, dy: tf.Tensor, kernel: tf.Tensor, stride: int,
+                 padding: str) -> tf.Tensor:
+  """The kernel gradient of conv2d(x, kernel, stride, padding): `_kernel_grad_as_matmuls` on
+  small maps (`_small_map`), TensorFlow's Conv2DBackpropFilter elsewhere. padding: "SAME" (odd
+  kernel, stride 1) or "VALID"."""
+  kh, kw = kernel.shape[0], kernel.shape[1]
+  if not _small_map(dy):
+    return tf.raw_ops.Conv2DBackpropFilter(
+        input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, stride, stride, 1],
+        padding=padding)
+  if padding == "SAME":
+    x = tf.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
+  return _kernel_grad_as_matmuls(x, dy, kh, kw, stride)
+
+
 def _strided_conv(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
   """`conv2d(x, kernel, stride, "VALID")`, with the kernel gradient as matmuls on small maps.
 
@@ -304,22 +334,15 @@ def _strided_conv(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
   Returns:
     [B, (H - kh) // s + 1, (W - kw) // s + 1, Cout].
   """
-  strides = [1, stride, stride, 1]
 
   @tf.custom_gradient
   def conv(x, kernel):
     y = tf.nn.conv2d(x, kernel, strides=stride, padding="VALID")
 
     def grad(dy):
-      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel,
-                                          out_backprop=dy, strides=strides, padding="VALID")
-      if _small_map(dy):
-        dkernel = _kernel_grad_as_matmuls(x, dy, kernel.shape[0], kernel.shape[1], stride)
-      else:
-        dkernel = tf.raw_ops.Conv2DBackpropFilter(
-            input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=strides,
-            padding="VALID")
-      return dx, dkernel
+      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
+                                          strides=[1, stride, stride, 1], padding="VALID")
+      return dx, _kernel_grad(x, dy, kernel, stride, "VALID")
 
     return y, grad
 
@@ -353,15 +376,7 @@ def _conv_input_grad_as_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     def grad(dy):
       flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])  # [k, k, Cout, Cin]
       dx = tf.nn.conv2d(dy, flipped, strides=1, padding="SAME")
-      if _small_map(dy):
-        kh, kw = kernel.shape[0], kernel.shape[1]
-        padded = tf.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
-        dkernel = _kernel_grad_as_matmuls(padded, dy, kh, kw)
-      else:
-        dkernel = tf.raw_ops.Conv2DBackpropFilter(
-            input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1],
-            padding="SAME")
-      return dx, dkernel
+      return dx, _kernel_grad(x, dy, kernel, 1, "SAME")
 
     return y, grad
 
@@ -393,13 +408,14 @@ def _subsample(x: tf.Tensor, stride: int) -> tf.Tensor:
 def _pointwise_as_matmul(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
   """A 1x1 convolution of any stride as one matmul: [B·H'·W', Cin] x [Cin, Cout].
 
-  Why: on a CPU, TensorFlow's convolution kernels for 1x1 filters (forward, input gradient and
-  kernel gradient alike) run below the plain matmul on the same numbers, by most on the small
-  maps of a small-image ResNet, and the input gradient of the strided ones (ResNet's projection
-  shortcuts, `downsample.0`) costs 1.5-2x their forward (docs/BENCHMARKS.md has the timings).
-  A 1x1 stride-s convolution reads only the pixels (s·i, s·j) ("same" and "valid" padding agree
-  for a 1x1 kernel), so it is a strided slice and a matmul, and autodiff gives its gradients as
-  the two transposed matmuls (dy·Wᵀ scattered back by the slice's gradient, and xᵀ·dy).
+  Why: on a CPU, TensorFlow's (oneDNN's) bfloat16 1x1 convolutions run below its matmul on the
+  same numbers (a ResNet-50 encoder's forward and backward 7% faster this way; float32 about
+  even), and the input gradient of the strided ones (ResNet's projection shortcuts,
+  `downsample.0`) costs 1.2-1.9x their forward (docs/BENCHMARKS.md has the timings). A 1x1
+  stride-s convolution reads only the pixels (s·i, s·j) ("same" and "valid" padding agree for a
+  1x1 kernel), so it is a subsample (`_subsample`) and a matmul, and autodiff gives its gradients
+  as the two transposed matmuls (dy·Wᵀ put back in place by the slice's gradient, a Pad, and
+  xᵀ·dy).
 
   Args:
     x: [B, H, W, Cin].

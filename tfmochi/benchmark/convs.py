@@ -12,7 +12,6 @@ and `--fast_grad=auto`, on another. Compute dtype: --mixed_precision.
 from __future__ import annotations
 
 import statistics
-from unittest import mock
 
 import keras
 import tensorflow as tf
@@ -69,7 +68,7 @@ def _conv_fns(shape: dict, seed: int) -> dict:
       return tape.gradient(y, [x, layer.kernel], output_gradients=dy)
 
     limits = {} if limit is None else {name: limit for name in models.SMALL_MAP_PIXELS}
-    with mock.patch.dict(models.SMALL_MAP_PIXELS, limits):
+    with models.small_map_pixels(limits):
       step.get_concrete_function()  # traced now, under this limit
     return step
 
