@@ -39,17 +39,20 @@ class ConvsTest(tf.test.TestCase):
 
   def test_the_kernel_gradient_variants_take_their_paths(self):
     # A 4x4 float32 map: above float32's limit, so "tfmochi" uses TensorFlow's op; the forced
-    # variants take one path each whatever the limit.
+    # variants take one path each whatever the limit, also for a dtype without one (float16).
     shape = {"input": [2, 4, 4, 3], "filters": 5, "kernel": [3, 3], "stride": 1,
              "padding": "same", "path": "same", "layers": 1}
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+      graph = convs._conv_fns(shape, seed=0)["matmul_kernel_grad"].get_concrete_function().graph
+    finally:
+      keras.config.set_dtype_policy("float32")
+    self.assertNotIn("Conv2DBackpropFilter", self._op_types(graph.as_graph_def()))
     fns = convs._conv_fns(shape, seed=0)
     graphs = {name: fn.get_concrete_function().graph.as_graph_def() for name, fn in fns.items()}
 
     def op_types(name):
-      ops = {n.op for n in graphs[name].node}
-      for f in graphs[name].library.function:
-        ops |= {n.op for n in f.node_def}
-      return ops
+      return self._op_types(graphs[name])
 
     self.assertIn("Conv2DBackpropFilter", op_types("tfmochi"))
     self.assertIn("Conv2DBackpropFilter", op_types("op_kernel_grad"))
@@ -58,6 +61,13 @@ class ConvsTest(tf.test.TestCase):
     for name in ("tfmochi", "matmul_kernel_grad", "op_kernel_grad"):
       for got, want in zip(grads[name], grads["keras"]):
         self.assertAllClose(got, want, atol=1e-4, rtol=1e-4, msg=name)
+
+  @staticmethod
+  def _op_types(graph_def):
+    ops = {n.op for n in graph_def.node}
+    for f in graph_def.library.function:
+      ops |= {n.op for n in f.node_def}
+    return ops
 
 
 if __name__ == "__main__":

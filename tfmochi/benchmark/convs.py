@@ -67,8 +67,7 @@ def _conv_fns(shape: dict, seed: int) -> dict:
         y = layer(x)
       return tape.gradient(y, [x, layer.kernel], output_gradients=dy)
 
-    limits = {} if limit is None else {name: limit for name in models.SMALL_MAP_PIXELS}
-    with models.small_map_pixels(limits):
+    with models.small_map_pixels({} if limit is None else {dtype: limit}):
       step.get_concrete_function()  # traced now, under this limit
     return step
 

@@ -23,6 +23,8 @@ from typing import Callable
 
 import tensorflow as tf
 
+from tfmochi.benchmark import timing
+
 
 class OpProfileUnavailable(RuntimeError):
   """This TensorFlow build cannot turn a profiler trace into per-op statistics."""
@@ -94,7 +96,7 @@ def profile_op_types(fn: Callable[[], object], calls: int, logdir: str | None = 
     tf.profiler.experimental.start(logdir)
     try:
       for _ in range(calls):
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
+        timing.fetch_tensors(fn())
     finally:
       tf.profiler.experimental.stop()
     paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
