@@ -248,6 +248,73 @@ class LossFamilyTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(tf.function(fn, jit_compile=True)(*args), eager, atol=1e-5)
 
 
+class BlocksAndRowSumTest(tf.test.TestCase, parameterized.TestCase):
+  """The row as blocks (MoCHi's synthetic logits beside the queue's) and `row_sum`'s
+  matrix-vector sums: the same values as one concatenated row and tf.reduce_sum."""
+
+  @parameterized.parameters((5,), (3, 7), (2, 4096), (2, 6000), (3, 4099), (2, 3, 128))
+  def test_row_sum_matches_reduce_sum(self, *shape):
+    """Short rows, rows summed in pieces of a divisor (4096, 6000), a prime length (4099: one
+    product over the whole row), a batch of rows ([2, 3, 128]); eager, tf.function and XLA."""
+    x = tf.constant(np.random.default_rng(1).normal(size=shape), tf.float32)
+    expect = np.asarray(x, np.float64).sum(-1)
+    for fn in (losses.row_sum, tf.function(losses.row_sum),
+               tf.function(losses.row_sum, jit_compile=True)):
+      got = fn(x)
+      self.assertEqual(got.shape, expect.shape)
+      self.assertAllClose(got, expect, rtol=1e-5, atol=1e-4)
+    # A length unknown when tracing (a queue of dynamic shape): tf.reduce_sum's value.
+    dynamic = tf.function(losses.row_sum, input_signature=[
+        tf.TensorSpec([None] * len(shape), tf.float32)])
+    self.assertAllClose(dynamic(x), expect, rtol=1e-5, atol=1e-4)
+
+  def _split(self):
+    """l_neg with absent entries, and its two blocks [5, 20] and [5, 12]."""
+    l_neg = self.l_neg.copy()
+    l_neg[0, 3] = l_neg[2, 25] = -np.inf
+    l_neg[4, :] = -np.inf  # a row without any negative
+    l_neg = tf.constant(l_neg, tf.float32)
+    return l_neg, (l_neg[:, :20], l_neg[:, 20:])
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.l_pos = rng.uniform(-1, 1, size=5).astype(np.float32)
+    self.l_neg = rng.uniform(-1, 1, size=(5, 32)).astype(np.float32)
+
+  def test_blocks_equal_the_concatenated_row(self):
+    l_neg, blocks = self._split()
+    l_pos = tf.constant(self.l_pos)
+    fns = {"infonce": lambda n: losses.info_nce(l_pos, n, 0.2),
+           "debiased": lambda n: losses.debiased(l_pos, n, 0.2, 0.1),
+           "hard": lambda n: losses.hard(l_pos, n, 0.2, 0.1, 1.5),
+           "rank": lambda n: losses.proxy_rank(l_pos, n),
+           "count": losses.count_negatives}
+    for name, fn in fns.items():
+      whole = fn(l_neg)
+      for run in (fn, tf.function(fn), tf.function(fn, jit_compile=True)):
+        self.assertAllClose(run(blocks), whole, rtol=1e-6, atol=1e-6, msg=name)
+
+  def test_gradient_is_the_softmax_and_zero_on_an_empty_row(self):
+    """The log-sum-exp's own gradient (computed afresh from the logits) equals autodiff through
+    tf.reduce_logsumexp, per block; a row of -inf only gets a zero gradient, not NaN."""
+    l_neg, blocks = self._split()
+    l_pos = tf.constant(self.l_pos)
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch([l_pos, l_neg] + list(blocks))
+      ours = tf.reduce_sum(losses.info_nce(l_pos, blocks, 0.2)[:4])
+      logits = tf.concat([l_pos[:, None], l_neg], axis=1)[:4] / 0.2
+      reference = tf.reduce_sum(tf.reduce_logsumexp(logits, axis=1) - l_pos[:4] / 0.2)
+      hard = tf.reduce_sum(losses.hard(l_pos, blocks[0], 0.2, 0.0001, 2.0))
+    g_ours = tape.gradient(ours, [l_pos] + list(blocks))
+    g_ref = tape.gradient(reference, [l_pos, l_neg])
+    self.assertAllClose(g_ours[0], g_ref[0], atol=1e-6)
+    self.assertAllClose(tf.concat(g_ours[1:], axis=1), g_ref[1], atol=1e-6)
+    g_hard = tape.gradient(hard, blocks[0])
+    self.assertTrue(np.all(np.isfinite(g_hard)))
+    self.assertAllEqual(g_hard[4], np.zeros(20))  # the empty row
+
+
 class BadInputTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(0, -0.1, float("inf"), float("nan"))

@@ -1,5 +1,7 @@
 """Tests of tfmochi.objective: masks (duplicates, class oracle, Cai), SupCon, MoCHi combination."""
 
+import re
+
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -191,6 +193,26 @@ class HeadTest(tf.test.TestCase, parameterized.TestCase):
     for t in (1, 5):
       self.assertAllEqual(compiled.accuracy[t], plain.accuracy[t])
       self.assertAllEqual(compiled.accuracy_queue[t], plain.accuracy_queue[t])
+
+  @parameterized.named_parameters(("moco", 0), ("mochi", 4))
+  def test_compiled_tail_copies_no_row(self, num_mix):
+    """The compiled loss takes the row [l_pos | queue | synthetic] as blocks: its HLO has no
+    [B, 1 + K (+ s + s')] or [B, K + s + s'] tensor (a concatenated copy of the [B, K] logits,
+    64 MB per pass at B = 256, K = 65,536), only [B, K] ones."""
+    q, k, queue = (tf.constant(x) for x in _data(b=6))
+    cfg = objective.ObjectiveConfig(mochi=mixing.MochiConfig(6 if num_mix else 0, num_mix,
+                                                             3 if num_mix else 0, 0.5))
+    front, tail = objective._parts(cfg, None, False, True)
+    l_pos, l_neg, _, _ = front(q, k, queue, None, None, None, None)
+    hard = mixing.hardest_indices(l_neg, cfg.mochi, inside_xla=True) if num_mix else None
+    fn = tf.function(lambda *a: tail(*a[:5], None, hard, a[5], tf.constant(True),
+                                     tf.constant(0)), jit_compile=True)
+    hlo = fn.experimental_get_compiler_ir(q, k, queue, l_pos, l_neg,
+                                          tf.constant([1, 2], tf.int64))(stage="hlo")
+    widths = {int(w) for w in re.findall(r"f32\[6,(\d+)\]", hlo)}
+    self.assertIn(24, widths)  # the queue logits themselves
+    forbidden = {25} | ({24 + num_mix + 3, 25 + num_mix + 3} if num_mix else set())
+    self.assertFalse(forbidden & widths, widths)
 
   def test_compiled_objective_under_two_replicas(self):
     """Each replica's rows carry their own gradient (MirroredStrategy on 2 logical CPUs)."""

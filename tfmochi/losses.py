@@ -86,17 +86,78 @@ def check_loss_name(loss: str, name: str = "loss") -> str:
 # Helpers
 
 
-def count_negatives(l_neg: tf.Tensor) -> tf.Tensor:
-  """Number of present (finite) negatives per query: [B, M] -> [B] float32."""
-  return tf.reduce_sum(tf.cast(tf.math.is_finite(l_neg), tf.float32), axis=-1)
+# `row_sum` sums pieces of at most this many elements per matrix-vector product: XLA:CPU fuses
+# the producer into a product only when the vector is small (under 16 KB of float32).
+_ROW_SUM_PIECE = 2048
 
 
-def _log_sum_exp(x: tf.Tensor) -> tf.Tensor:
-  """log Σ exp(x) over the last axis, -inf for an all -inf row, with finite gradients."""
-  # tf.reduce_logsumexp gives NaN (inf - inf) on a row that is entirely -inf; shift by a finite max.
-  m = tf.stop_gradient(tf.reduce_max(x, axis=-1, keepdims=True))
-  m = tf.where(tf.math.is_finite(m), m, tf.zeros_like(m))
-  return tf.math.log(tf.reduce_sum(tf.exp(x - m), axis=-1)) + tf.squeeze(m, -1)
+def row_sum(x: tf.Tensor) -> tf.Tensor:
+  """Σ over the last axis, [..., M] -> [...], as matrix-vector products with a vector of ones.
+
+  Why not `tf.reduce_sum`: XLA:CPU runs a reduction as a kernel of its own over a materialised
+  input, so `reduce_sum(f(x))` over the [B, K] queue logits writes f(x) to memory (64 MB at
+  B = 256, K = 65,536) and reads it back, while it emits a matrix-vector product with a short
+  vector as one loop that computes f(x) on the fly (docs/BENCHMARKS.md, "Fewer passes over
+  [B, K]").
+  Rows longer than `_ROW_SUM_PIECE` are summed in pieces of a divisor of M, then the pieces. The
+  value is the same sum up to the order of the additions. An M unknown when tracing is summed
+  by `tf.reduce_sum`.
+  """
+  x = tf.convert_to_tensor(x)
+  width = x.shape[-1]
+  if width is None:
+    return tf.reduce_sum(x, axis=-1)
+  piece = next(p for p in range(min(width, _ROW_SUM_PIECE), 0, -1) if width % p == 0)
+  if piece < 64:  # e.g. a prime M: one product over the whole row (correct, not fused)
+    piece = width
+  flat = tf.reshape(x, [-1, piece])
+  sums = tf.linalg.matvec(flat, tf.ones([piece], flat.dtype))
+  sums = tf.reshape(sums, tf.concat([tf.shape(x)[:-1], [width // piece]], axis=0))
+  return sums[..., 0] if piece == width else tf.reduce_sum(sums, axis=-1)
+
+
+def as_blocks(l_neg) -> tuple:
+  """A [B, M] tensor, or a sequence of [B, M_i] blocks meaning their concatenation along the
+  last axis, as a tuple of blocks. The losses below take either: MoCHi's synthetic logits are a
+  second block beside the K queue logits, so no [B, K + s + s'] copy is made."""
+  return tuple(l_neg) if isinstance(l_neg, (tuple, list)) else (l_neg,)
+
+
+def count_negatives(l_neg) -> tf.Tensor:
+  """Number of present (finite) negatives per query: [B, M] (or blocks) -> [B] float32."""
+  return tf.add_n([row_sum(tf.cast(tf.math.is_finite(b), tf.float32)) for b in as_blocks(l_neg)])
+
+
+def _log_sum_exp(blocks, temperature: float = 1.0, factor: float = 1.0) -> tf.Tensor:
+  """log Σ exp(factor·x/temperature) over the last axis of the blocks [B, M_i] together, [B];
+  -inf for a row that is -inf everywhere, with finite gradients (0 on such a row).
+
+  factor and temperature are > 0, so the row max is taken of the raw logits and scaled after
+  (the same float: scaling by a positive number preserves order). The gradient, the softmax
+  exp(z − LSE), is computed afresh from the logits rather than from the forward pass's exp(z):
+  with `row_sum`, XLA then reads each block for the max and for the sum, and writes only the
+  gradient, never an exponentiated copy of the [B, K] logits.
+  """
+  blocks = tuple(tf.cast(b, tf.float32) for b in as_blocks(blocks))
+  scale = factor / temperature
+
+  def z(b):  # the scaled logits, as in the forward pass
+    return factor * (b / temperature)
+
+  @tf.custom_gradient
+  def lse(*blocks):
+    m = tf.reduce_max(tf.stack([tf.reduce_max(b, axis=-1) for b in blocks], axis=-1), axis=-1)
+    # tf.reduce_logsumexp gives NaN (inf - inf) on an all -inf row; shift by a finite max.
+    m = tf.where(tf.math.is_finite(m), factor * (m / temperature), 0.0)
+    value = tf.math.log(tf.add_n([row_sum(tf.exp(z(b) - m[:, None])) for b in blocks])) + m
+
+    def grad(dy):
+      shift = tf.where(tf.math.is_finite(value), value, 0.0)[:, None]
+      return tuple(dy[:, None] * scale * tf.exp(z(b) - shift) for b in blocks)
+
+    return value, grad
+
+  return lse(*blocks)
 
 
 def _debiased_from_log_sum(pos: tf.Tensor, log_sum_neg: tf.Tensor, n: tf.Tensor,
@@ -137,16 +198,14 @@ def info_nce(l_pos: tf.Tensor, l_neg: tf.Tensor, temperature: float) -> tf.Tenso
 
   Args:
     l_pos: [B] positive cosine logits.
-    l_neg: [B, M] negative cosine logits (-inf = absent).
+    l_neg: [B, M] negative cosine logits (-inf = absent), or blocks of them (`as_blocks`).
     temperature: T > 0.
 
   Returns:
     [B] float32 per-example losses.
   """
-  pos = tf.cast(l_pos, tf.float32) / temperature
-  neg = tf.cast(l_neg, tf.float32) / temperature
-  logits = tf.concat([pos[:, None], neg], axis=1)  # [B, 1 + M]
-  return _log_sum_exp(logits) - pos
+  pos = tf.cast(l_pos, tf.float32)
+  return _log_sum_exp((pos[:, None],) + as_blocks(l_neg), temperature) - pos / temperature
 
 
 def debiased(l_pos: tf.Tensor, l_neg: tf.Tensor, temperature: float,
@@ -155,7 +214,8 @@ def debiased(l_pos: tf.Tensor, l_neg: tf.Tensor, temperature: float,
 
   Args:
     l_pos: [B] positive cosine logits.
-    l_neg: [B, M] negative cosine logits (-inf = absent; N counts the finite ones).
+    l_neg: [B, M] negative cosine logits (-inf = absent; N counts the finite ones), or blocks
+      of them (`as_blocks`).
     temperature: t > 0.
     tau_plus: τ+ in [0, 1); τ+ = 0 gives InfoNCE (up to the e^{−1/t} floor, which never binds).
 
@@ -163,9 +223,8 @@ def debiased(l_pos: tf.Tensor, l_neg: tf.Tensor, temperature: float,
     [B] float32 per-example losses.
   """
   pos = tf.cast(l_pos, tf.float32) / temperature
-  neg = tf.cast(l_neg, tf.float32) / temperature
-  return _debiased_from_log_sum(pos, _log_sum_exp(neg), count_negatives(neg), temperature,
-                                tau_plus)
+  return _debiased_from_log_sum(pos, _log_sum_exp(l_neg, temperature), count_negatives(l_neg),
+                                temperature, tau_plus)
 
 
 def hard(l_pos: tf.Tensor, l_neg: tf.Tensor, temperature: float, tau_plus: float,
@@ -177,7 +236,7 @@ def hard(l_pos: tf.Tensor, l_neg: tf.Tensor, temperature: float, tau_plus: float
 
   Args:
     l_pos: [B] positive cosine logits.
-    l_neg: [B, M] negative cosine logits (-inf = absent).
+    l_neg: [B, M] negative cosine logits (-inf = absent), or blocks of them (`as_blocks`).
     temperature: t > 0.
     tau_plus: τ+ in [0, 1).
     beta: β >= 0.
@@ -189,10 +248,9 @@ def hard(l_pos: tf.Tensor, l_neg: tf.Tensor, temperature: float, tau_plus: float
     # w_j = 1: exactly the debiased loss (β·(-inf) would be NaN for an absent negative).
     return debiased(l_pos, l_neg, temperature, tau_plus)
   pos = tf.cast(l_pos, tf.float32) / temperature
-  neg = tf.cast(l_neg, tf.float32) / temperature
-  n = count_negatives(neg)
-  log_reweighted = (_log_sum_exp((1.0 + beta) * neg) - _log_sum_exp(beta * neg)
-                    + tf.math.log(tf.maximum(n, 1.0)))
+  n = count_negatives(l_neg)
+  log_reweighted = (_log_sum_exp(l_neg, temperature, 1.0 + beta)
+                    - _log_sum_exp(l_neg, temperature, beta) + tf.math.log(tf.maximum(n, 1.0)))
   return _debiased_from_log_sum(pos, log_reweighted, n, temperature, tau_plus)
 
 
@@ -203,7 +261,7 @@ def contrastive_loss(l_pos: tf.Tensor, l_neg: tf.Tensor, *, loss: str = "infonce
 
   Args:
     l_pos: [B] positive cosine logits.
-    l_neg: [B, M] negative cosine logits (-inf = absent).
+    l_neg: [B, M] negative cosine logits (-inf = absent), or blocks of them (`as_blocks`).
     loss: the loss name.
     temperature: T > 0.
     tau_plus: τ+ for "debiased" and "hard".
@@ -379,4 +437,6 @@ def proxy_accuracy(l_pos: tf.Tensor, l_neg: tf.Tensor,
 def proxy_rank(l_pos: tf.Tensor, l_neg: tf.Tensor) -> tf.Tensor:
   """[B], [B, M] -> [B] int32: how many negatives score strictly above each positive (the query
   is right at k when this is below k; ranks over parts of a row add up)."""
-  return tf.reduce_sum(tf.cast(l_neg > l_pos[:, None], tf.int32), axis=-1)
+  # Counted in float32 by `row_sum` (exact below 2^24 negatives): no [B, M] int copy under XLA.
+  return tf.cast(tf.add_n([row_sum(tf.cast(b > l_pos[:, None], tf.float32))
+                           for b in as_blocks(l_neg)]), tf.int32)

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from tfmochi import config as config_lib
+from tfmochi import losses
 from tfmochi import topn
 
 _NEG_INF = float("-inf")
@@ -154,8 +155,10 @@ def _pair_mixes(queue: tf.Tensor, hard: tf.Tensor, z_hard: tf.Tensor, seeds: tup
   ij = tf.reshape(_take(hard, tf.reshape(pos_ij, [batch, num_mix * 2])), [batch, num_mix, 2])
   alpha = rows.draw(_unit_uniform, [num_mix], seeds[1])
   z_i, z_j = _take(z_hard, pos_ij[..., 0]), _take(z_hard, pos_ij[..., 1])  # [B, s]
-  n_i, n_j = tf.gather(queue, ij[..., 0]), tf.gather(queue, ij[..., 1])  # [B, s, D], fused by XLA
-  n_ij = tf.reduce_sum(n_i * n_j, axis=-1)  # [B, s]: the only new dot products
+  n_i, n_j = tf.gather(queue, ij[..., 0]), tf.gather(queue, ij[..., 1])  # [B, s, D]
+  # [B, s]: the only new dot products. As `row_sum`'s matrix-vector product, XLA gathers the
+  # rows inside its loop; tf.reduce_sum there wrote the [B, s, D] products to memory first.
+  n_ij = losses.row_sum(n_i * n_j)
   present = tf.logical_and(tf.math.is_finite(z_i), tf.math.is_finite(z_j))
   zero = tf.zeros_like(z_i)
   logits = mix_pair_logits(tf.where(present, z_i, zero), tf.where(present, z_j, zero), n_ij, alpha)
@@ -193,11 +196,13 @@ def _explicit_features(q: tf.Tensor, queue: tf.Tensor, n_pair: tuple, alpha: tf.
 def _synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tensor,
                 enabled: tf.Tensor, row_offset: tf.Tensor, hard: tf.Tensor, num_hard: int,
                 num_mix: int, num_query_mix: int, beta_max: float, global_rows: int | None,
-                return_features: bool) -> Synthesis:
+                return_features: bool, z_hard: tf.Tensor | None = None) -> Synthesis:
   """The computation behind `synthesize` (see there); static ints, pure tensors.
 
   `hard` [B, N] int32 is `topn.hardest_indices(l_neg, N)`, computed by the caller: outside the XLA
-  function on CPUs, where a faster exact selection than XLA's TopK exists.
+  function on CPUs, where a faster exact selection than XLA's TopK exists. `z_hard` [B, N], if
+  given, is `tf.gather(l_neg, hard, batch_dims=1)` computed by the caller (see
+  `synthesize_from_hardest`).
   """
   q = tf.cast(q, tf.float32)
   queue = tf.stop_gradient(tf.cast(queue, tf.float32))
@@ -207,7 +212,7 @@ def _synthesize(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, seed: tf.Tenso
   # The logits of each query's top-N, gathered once ([B, N], carry gradient): the s + s' draws
   # index this small array instead of the [B, K] logits (same values; fewer cache misses, and
   # the backward pass scatters N instead of 2s + s' values per query into the [B, K] gradient).
-  z_hard = _take(tf.cast(l_neg, tf.float32), hard)
+  z_hard = _take(tf.cast(l_neg, tf.float32), hard) if z_hard is None else z_hard
   mix1, ok1, ij, alpha, n_pair = _pair_mixes(queue, hard, z_hard, (seed_pairs, seed_alpha), rows,
                                              num_hard, num_mix)
   mix2, ok2, j2, beta = _query_mixes(q, hard, z_hard, (seed_query, seed_beta), rows, num_hard,
@@ -284,18 +289,22 @@ def synthesize_from_hardest(q: tf.Tensor, queue: tf.Tensor, l_neg: tf.Tensor, ha
                             seed: tf.Tensor, config: MochiConfig, *,
                             enabled: bool | tf.Tensor = True, row_offset: int | tf.Tensor = 0,
                             global_rows: int | None = None,
-                            return_features: bool = False) -> Synthesis:
+                            return_features: bool = False,
+                            z_hard: tf.Tensor | None = None) -> Synthesis:
   """`synthesize` from each query's top-N found by the caller, as plain ops.
 
   For callers that compile a larger function themselves (`objective.contrastive_objective`
   compiles the synthesis together with the loss): `hard` [B, N] int32 is
   `hardest_indices(l_neg, config, ...)`; the other arguments and the result are `synthesize`'s.
+  `z_hard` [B, N] float32: the caller's `tf.gather(l_neg, hard, batch_dims=1)`, through which
+  the synthetic logits' gradient reaches the queue logits (a caller that wants that gradient
+  as [B, N] rather than scattered into [B, K] passes it; None: gathered here).
   """
   _check(config, queue)
   return _synthesize(q, queue, l_neg, seed, tf.convert_to_tensor(enabled, tf.bool),
                      tf.convert_to_tensor(row_offset, tf.int32), hard, config.num_hard,
                      config.num_mix, config.num_query_mix, float(config.beta_max), global_rows,
-                     return_features)
+                     return_features, z_hard)
 
 
 def _check(config: MochiConfig, queue: tf.Tensor) -> None:

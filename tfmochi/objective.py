@@ -122,14 +122,16 @@ def queue_masks(l_neg: tf.Tensor, config: ObjectiveConfig, *, query_ids=None, qu
   return _Masks(remove, positives, removed_same_class)
 
 
-def _loss(l_pos: tf.Tensor, negatives: tf.Tensor, queue_positives: tf.Tensor | None,
+def _loss(l_pos: tf.Tensor, negatives: tuple, queue_positives: tf.Tensor | None,
           config: ObjectiveConfig) -> tf.Tensor:
-  """[B] loss over the row [l_pos | negatives]; with SupCon, `queue_positives` [B, K] marks the
-  first K negatives that are positives too (MoCHi's synthetic points never are)."""
+  """[B] loss over the row [l_pos | negatives] (blocks [B, K] and [B, s + s'], see
+  `losses.as_blocks`); with SupCon, `queue_positives` [B, K] marks the first K negatives that are
+  positives too (MoCHi's synthetic points never are)."""
   if config.label_mode != "supcon":
     return losses_lib.contrastive_loss(l_pos, negatives, loss=config.loss,
                                        temperature=config.temperature,
                                        tau_plus=config.tau_plus, hard_beta=config.hard_beta)
+  negatives = tf.concat(negatives, axis=1)
   batch = tf.shape(l_pos)[0]
   logits = tf.concat([l_pos[:, None], negatives], axis=1)  # [B, 1 + K (+ s + s')]
   synthetic = tf.zeros([batch, negatives.shape[1] - queue_positives.shape[1]], tf.bool)
@@ -169,24 +171,35 @@ def _tail(q: tf.Tensor, k: tf.Tensor, queue: tf.Tensor, l_pos: tf.Tensor, l_neg:
   with tape:
     if with_jacobian:
       tape.watch([q, l_pos, l_neg])
-    syn = None
-    negatives = l_neg
+    syn = z_hard = None
+    negatives = (l_neg,)  # blocks of the row (losses_lib.as_blocks): no [B, K + s + s'] copy
     rank_syn = tf.zeros_like(l_pos, tf.int32)
     if config.mochi.enabled:
       mix_source = l_neg if positives is None else losses_lib.apply_mask(l_neg, positives)
+      if with_jacobian:
+        # The synthetic logits reach l_neg through their top-N logits: taken here as a variable
+        # of their own, their gradient is [B, N] and is added into ∂/∂l_neg below, instead of
+        # autodiff's zero-filled [B, K] buffer, scatter and add (two passes over [B, K]).
+        z_hard = tf.gather(tf.stop_gradient(tf.cast(mix_source, tf.float32)), hard,
+                           batch_dims=1)
+        tape.watch(z_hard)
       syn = mixing.synthesize_from_hardest(q, queue, mix_source, hard, seed, config.mochi,
                                            enabled=enabled, row_offset=row_offset,
                                            global_rows=global_rows,
-                                           return_features=return_features)
+                                           return_features=return_features, z_hard=z_hard)
       syn = syn._replace(hard_indices=None)  # the caller has it; an output would be a copy
-      negatives = tf.concat([l_neg, syn.logits], axis=1)  # [B, K + s + s']
+      negatives = (l_neg, syn.logits)  # [B, K] and [B, s + s']
       rank_syn = losses_lib.proxy_rank(l_pos, syn.logits)
     loss = _loss(l_pos, negatives, positives, config)
     total = tf.reduce_sum(loss)
   jacobian = None
   if with_jacobian:
-    g_q, g_pos, g_neg = tape.gradient(total, [q, l_pos, l_neg],
-                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    sources = [q, l_pos, l_neg] + ([z_hard] if z_hard is not None else [])
+    grads = tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    g_q, g_pos, g_neg = grads[:3]
+    if z_hard is not None:  # the top-N entries of each row are distinct: one addition each
+      rows = tf.broadcast_to(tf.range(tf.shape(hard)[0])[:, None], tf.shape(hard))
+      g_neg = tf.tensor_scatter_nd_add(g_neg, tf.stack([rows, hard], axis=-1), grads[3])
     k = tf.stop_gradient(tf.cast(k, tf.float32))
     queue = tf.stop_gradient(tf.cast(queue, tf.float32))
     jacobian = g_q + g_pos[:, None] * k + tf.matmul(g_neg, queue)  # [B, D]

@@ -21,6 +21,7 @@ import math
 import tensorflow as tf
 
 from tfmochi import config as config_lib
+from tfmochi import losses
 
 # `--mochi_topn` (MochiConfig.top_n): "exact" is "auto" outside XLA and "top_k" inside it.
 METHODS = config_lib.TOP_N_METHODS
@@ -173,9 +174,9 @@ def _threshold_for_count(values: tf.Tensor, n: int, lo: tf.Tensor, count_lo: tf.
   def body(i, lo, hi, count_lo, done, stuck):
     mid = lo + (hi - lo) * 0.5
     no_float_between = (mid <= lo) | (mid >= hi)  # lo and hi adjacent: a tie straddles n
-    # Counted in float32 (exact below 2^24 entries per row): XLA's CPU reduction of a float
-    # select runs ~30% faster than of an int cast.
-    count = tf.cast(tf.reduce_sum(tf.where(values >= mid[:, None], 1.0, 0.0), axis=1), tf.int32)
+    # Counted in float32 (exact below 2^24 entries per row) by `losses.row_sum`, which XLA:CPU
+    # fuses with the comparison into one pass (a reduction would first write the 0/1 mask).
+    count = tf.cast(losses.row_sum(tf.where(values >= mid[:, None], 1.0, 0.0)), tf.int32)
     active = ~(done | stuck | no_float_between)
     up = active & (count >= n)
     return (i + 1, tf.where(up, mid, lo), tf.where(active & (count < n), mid, hi),
