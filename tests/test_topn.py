@@ -63,6 +63,26 @@ class ChunkedTopNTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(ok1 and ok3 and ok4)
     self.assertAllEqual(topn.hardest_indices(x, n, method="chunked"), _reference_top_n(x, n))
 
+  @parameterized.parameters(1, 2, 5)
+  def test_compaction_eagerly_and_in_blocks(self, rows):
+    """`_compact_true` packs each row's True positions left (flat, ascending, -1 padding, cut at
+    the width), eagerly in one `Where` and in a graph in row blocks (any number of rows)."""
+    rng = np.random.default_rng(rows)
+    mask = rng.random((rows, 12)) < 0.4
+    mask[0, :] = True  # more than the width: cut
+    if rows > 1:
+      mask[1, :] = False  # none: all padding
+    width = 6
+    expect = np.full((rows, width), -1)
+    for r in range(rows):
+      flat = np.flatnonzero(mask[r])[:width] + r * 12
+      expect[r, :len(flat)] = flat
+    counts = tf.constant(mask.sum(1), tf.int32)
+    mask = tf.constant(mask)
+    self.assertAllEqual(topn._compact_true(mask, counts, width), expect)
+    self.assertAllEqual(tf.function(lambda m, c: topn._compact_true(m, c, width))(mask, counts),
+                        expect)
+
   def test_dynamic_batch(self):
     x = np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32)
     fn = tf.function(lambda x: topn.hardest_indices(x, 5, method="chunked"),

@@ -235,12 +235,25 @@ def _chunked_stages(k: int, n: int, c: int, slack: int, cap: int):
   return tuple(compile_(f) for f in (select_chunks, candidates, exact, indices))
 
 
+# `_compact_true` compacts this many row blocks with separate `Where` ops: TensorFlow's CPU kernel
+# runs on one thread, and in a graph the blocks run on the inter-op threads side by side
+# (docs/BENCHMARKS.md, "What limits the head": 4.0 -> 2.1-2.7 ms on [256, 8192], 2 vCPUs).
+_COMPACT_PARTS = 2
+
+
 def _compact_true(mask: tf.Tensor, row_counts: tf.Tensor, width: int) -> tf.Tensor:
   """Row-major flat positions of the True entries of a [B, M] mask, packed left in [B, width]
   (ascending within each row, -1 padding; rows with more than `width` are cut)."""
-  flat = tf.cast(tf.reshape(tf.where(tf.reshape(mask, [-1])), [-1]), tf.int32)
-  ragged = tf.RaggedTensor.from_row_lengths(flat, row_counts, validate=False)
-  return ragged.to_tensor(-1, shape=[None, width])
+  rows, cols = tf.shape(mask)[0], tf.shape(mask)[1]
+  parts = 1 if tf.executing_eagerly() else _COMPACT_PARTS  # eagerly, ops run one at a time
+  bounds = [rows * p // parts for p in range(parts + 1)]
+  blocks = []
+  for start, stop in zip(bounds[:-1], bounds[1:]):
+    flat = tf.where(tf.reshape(mask[start:stop], [-1]))
+    flat = tf.cast(tf.reshape(flat, [-1]), tf.int32) + start * cols
+    ragged = tf.RaggedTensor.from_row_lengths(flat, row_counts[start:stop], validate=False)
+    blocks.append(ragged.to_tensor(-1, shape=[None, width]))
+  return tf.concat(blocks, axis=0)
 
 
 def _chunked_top_n(x: tf.Tensor, n: int, c: int) -> tf.Tensor:
