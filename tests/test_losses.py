@@ -2,6 +2,7 @@
 docs/ALGORITHMS.md §10."""
 
 import math
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -267,6 +268,19 @@ class BlocksAndRowSumTest(tf.test.TestCase, parameterized.TestCase):
     dynamic = tf.function(losses.row_sum, input_signature=[
         tf.TensorSpec([None] * len(shape), tf.float32)])
     self.assertAllClose(dynamic(x), expect, rtol=1e-5, atol=1e-4)
+
+  def test_row_sum_is_a_reduction_where_an_accelerator_is_visible(self):
+    """On a TPU (bfloat16 passes) or a TensorFloat-32 GPU a product with ones would round every
+    summand: there `row_sum` is `tf.reduce_sum`; on a CPU-only host, matrix-vector products."""
+    def op_types(accelerator):
+      with mock.patch.object(losses.distribute, "accelerator_visible", lambda: accelerator):
+        graph = tf.function(losses.row_sum).get_concrete_function(
+            tf.TensorSpec([4, 4096], tf.float32)).graph
+      return {op.type for op in graph.get_operations()}
+    self.assertIn("MatMul", op_types(False))
+    accelerated = op_types(True)
+    self.assertIn("Sum", accelerated)
+    self.assertFalse({"MatMul", "BatchMatMulV2", "BatchMatMulV3"} & accelerated)
 
   def _split(self):
     """l_neg with absent entries, and its two blocks [5, 20] and [5, 12]."""

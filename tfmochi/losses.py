@@ -36,6 +36,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from tfmochi import config as config_lib
+from tfmochi import distribute
 
 LOSSES = config_lib.LOSSES
 
@@ -101,11 +102,13 @@ def row_sum(x: tf.Tensor) -> tf.Tensor:
   [B, K]").
   Rows longer than `_ROW_SUM_PIECE` are summed in pieces of a divisor of M, then the pieces. The
   value is the same sum up to the order of the additions. An M unknown when tracing is summed
-  by `tf.reduce_sum`.
+  by `tf.reduce_sum`, and so is everything where TensorFlow sees a GPU or a TPU: a TPU multiplies
+  float32 in bfloat16 passes and a recent GPU in TensorFloat-32 by default, which would round
+  every summand, and their compilers fuse reductions with their producers anyway.
   """
   x = tf.convert_to_tensor(x)
   width = x.shape[-1]
-  if width is None:
+  if width is None or distribute.accelerator_visible():
     return tf.reduce_sum(x, axis=-1)
   piece = next(p for p in range(min(width, _ROW_SUM_PIECE), 0, -1) if width % p == 0)
   if piece < 64:  # e.g. a prime M: one product over the whole row (correct, not fused)
