@@ -21,6 +21,7 @@ import math
 import tensorflow as tf
 
 from tfmochi import config as config_lib
+from tfmochi import distribute
 from tfmochi import losses
 
 # `--mochi_topn` (MochiConfig.top_n): "exact" is "auto" outside XLA and "top_k" inside it.
@@ -114,7 +115,7 @@ def _chunk_size(k: int | None, n: int) -> int | None:
 @functools.lru_cache(maxsize=None)
 def _cpu_only_host() -> bool:
   """True when TensorFlow sees no GPU and no TPU (where `top_k` is fast, or must stay in XLA)."""
-  return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+  return not distribute.accelerator_visible()
 
 
 @functools.cache
