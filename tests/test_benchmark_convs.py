@@ -29,7 +29,7 @@ class ConvsTest(tf.test.TestCase):
     for shape in shapes:
       expected = {"keras", "tfmochi"}
       if shape["path"] in ("same", "strided"):
-        expected |= {"matmul_kernel_grad", "op_kernel_grad"}
+        expected |= {"matmul_grads", "op_grads"}
       self.assertEqual(set(shape["ms"]), expected, shape)
       self.assertTrue(all(ms > 0 for ms in shape["ms"].values()), shape)
     for name in ("keras", "tfmochi"):
@@ -44,7 +44,7 @@ class ConvsTest(tf.test.TestCase):
              "padding": "same", "path": "same", "layers": 1}
     keras.config.set_dtype_policy("mixed_float16")
     try:
-      graph = convs._conv_fns(shape, seed=0)["matmul_kernel_grad"].get_concrete_function().graph
+      graph = convs._conv_fns(shape, seed=0)["matmul_grads"].get_concrete_function().graph
     finally:
       keras.config.set_dtype_policy("float32")
     self.assertNotIn("Conv2DBackpropFilter", self._op_types(graph.as_graph_def()))
@@ -55,10 +55,26 @@ class ConvsTest(tf.test.TestCase):
       return self._op_types(graphs[name])
 
     self.assertIn("Conv2DBackpropFilter", op_types("tfmochi"))
-    self.assertIn("Conv2DBackpropFilter", op_types("op_kernel_grad"))
-    self.assertNotIn("Conv2DBackpropFilter", op_types("matmul_kernel_grad"))
+    self.assertIn("Conv2DBackpropFilter", op_types("op_grads"))
+    self.assertNotIn("Conv2DBackpropFilter", op_types("matmul_grads"))
     grads = {name: fn() for name, fn in fns.items()}
-    for name in ("tfmochi", "matmul_kernel_grad", "op_kernel_grad"):
+    for name in ("tfmochi", "matmul_grads", "op_grads"):
+      for got, want in zip(grads[name], grads["keras"]):
+        self.assertAllClose(got, want, atol=1e-4, rtol=1e-4, msg=name)
+
+  def test_a_strided_convolution_forces_both_gradients(self):
+    # 9x9 to 4x4 at stride 2: above float32's limit (3x3), so "tfmochi" takes TensorFlow's ops.
+    shape = {"input": [2, 9, 9, 3], "filters": 5, "kernel": [3, 3], "stride": 2,
+             "padding": "valid", "path": "strided", "layers": 1}
+    fns = convs._conv_fns(shape, seed=0)
+    ops = {name: self._op_types(fn.get_concrete_function().graph.as_graph_def())
+           for name, fn in fns.items()}
+    backprops = {"Conv2DBackpropFilter", "Conv2DBackpropInput"}
+    self.assertLessEqual(backprops, ops["tfmochi"])
+    self.assertLessEqual(backprops, ops["op_grads"])
+    self.assertFalse(backprops & ops["matmul_grads"])
+    grads = {name: fn() for name, fn in fns.items()}
+    for name in ("tfmochi", "matmul_grads", "op_grads"):
       for got, want in zip(grads[name], grads["keras"]):
         self.assertAllClose(got, want, atol=1e-4, rtol=1e-4, msg=name)
 

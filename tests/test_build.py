@@ -86,6 +86,17 @@ class Float32MatmulsTest(tf.test.TestCase):
       build.float32_matmuls(True, "float32", "TPU")
       warning.assert_not_called()
 
+  def test_bfloat16_on_a_cpu_without_bfloat16_units_is_warned_about(self):
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertTrue(build.warn_emulated_bfloat16("bfloat16", "CPU", False))
+    self.assertIn("--mixed_precision=float32", "".join(logs.output))
+    with mock.patch.object(build.logging, "warning") as warning:
+      for precision, device, units in [("bfloat16", "CPU", True), ("bfloat16", "CPU", None),
+                                       ("bfloat16", "TPU", False), ("bfloat16", "GPU", False),
+                                       ("float32", "CPU", False), ("float16", "GPU", False)]:
+        self.assertFalse(build.warn_emulated_bfloat16(precision, device, units))
+      warning.assert_not_called()
+
   @testdata.needs_host_xla
   def test_tf32_off_compiles_the_logits_at_highest_precision(self):
     """The objective's q·Qᵀ as XLA compiles it (a TPU compiles the step with the same lowering):

@@ -264,9 +264,30 @@ class FastGradConvTest(tf.test.TestCase, parameterized.TestCase):
     # bfloat16's limit (8x8) on float32 numbers, which can be compared at 1e-4.
     with mock.patch.dict(models.SMALL_MAP_PIXELS, {"float32": 64}), \
          mock.patch.object(models, "_kernel_grad_as_matmuls",
-                           wraps=models._kernel_grad_as_matmuls) as spy:
+                           wraps=models._kernel_grad_as_matmuls) as spy, \
+         mock.patch.object(models, "_input_grad_as_matmul",
+                           wraps=models._input_grad_as_matmul) as input_spy:
       self._check_against_keras(fast, plain, x)
     self.assertEqual(spy.called, small)  # output H'·W' <= 64
+    # Strided ones take their input gradient as a matmul too (the "same" path's is a conv).
+    self.assertEqual(input_spy.called, small and stride > 1)
+
+  @parameterized.parameters(((2, 8, 8, 4), 3, 2), ((2, 9, 8, 4), 3, 2), ((2, 7, 10, 4), 3, 3),
+                            ((2, 6, 6, 4), 2, 2), ((2, 9, 9, 4), 5, 2), ((2, 12, 11, 4), 3, 4),
+                            ((1, 3, 3, 4), 3, 2))
+  def test_input_grad_as_matmul_equals_tensorflows(self, shape, kernel_size, stride):
+    # Kernels smaller than, equal to and larger than the stride (phases without taps: zeros),
+    # inputs with rows and columns that no output reads, a 1x1 output.
+    rng = np.random.default_rng(stride * kernel_size)
+    x = tf.constant(rng.normal(size=shape), tf.float32)
+    kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, 4, 3)), tf.float32)
+    dy = tf.constant(rng.normal(size=tf.nn.conv2d(x, kernel, stride, "VALID").shape), tf.float32)
+    want = tf.raw_ops.Conv2DBackpropInput(input_sizes=shape, filter=kernel, out_backprop=dy,
+                                          strides=[1, stride, stride, 1], padding="VALID")
+    fn = lambda dy: models._input_grad_as_matmul(dy, kernel, shape[1], shape[2], stride)  # noqa: E731
+    for name, run in {"eager": fn, "tf.function": tf.function(fn),
+                      "xla": tf.function(fn, jit_compile=True)}.items():
+      self.assertAllClose(run(dy), want, atol=1e-4, rtol=1e-4, msg=name)
 
   def test_small_map_pixels_overrides_inside_its_block_only(self):
     before = dict(models.SMALL_MAP_PIXELS)

@@ -5,6 +5,7 @@ corrupt checkpoint, a 1,000-step memory soak)."""
 
 import json
 import os
+from unittest import mock
 
 import keras
 import pytest
@@ -178,6 +179,13 @@ class TrainerTest(tf.test.TestCase):
       record = json.loads(f.readlines()[-1])
     self.assertEqual(record["loss_scale_skipped_steps"], skips)
     self.assertAllClose(record["loss_scale_skip"], skips / 32)
+
+  def test_bfloat16_on_a_cpu_without_bfloat16_units_is_warned_about_at_set_up(self):
+    self.addCleanup(keras.mixed_precision.set_global_policy, "float32")
+    with mock.patch.object(trainer.hostcpu, "has_bfloat16_units", return_value=False), \
+         self.assertLogs(level="WARNING") as logs:
+      trainer.Trainer(tiny(self.create_tempdir().full_path, mixed_precision="bfloat16"))
+    self.assertIn("a CPU without bfloat16 units", "".join(logs.output))
 
   def test_tf32_flag_and_old_optimizer_checkpoints(self):
     self.addCleanup(tf.config.experimental.enable_tensor_float_32_execution, True)

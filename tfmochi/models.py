@@ -246,9 +246,11 @@ def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, fu
 
 
 # Convolutions whose output maps have at most this many pixels take their kernel gradient as one
-# matmul per kernel tap (`_kernel_grad_as_matmuls`), by compute dtype; other dtypes never. Where
-# it was measured (AMD Zen 4, docs/BENCHMARKS.md), oneDNN's bfloat16 kernel-gradient kernel ran
-# 1.1-3.8x slower than the matmuls on maps up to 8x8, its float32 one only on 3x3 maps.
+# matmul per kernel tap (`_kernel_grad_as_matmuls`), and strided ones their input gradient as one
+# matmul (`_input_grad_as_matmul`), by compute dtype; other dtypes never. Where it was measured
+# (AMD Zen 4, docs/BENCHMARKS.md), oneDNN's bfloat16 kernel-gradient kernel ran 1.1-3.8x slower
+# than the matmuls on maps up to 8x8, its float32 one only on 3x3 maps; on an AVX2-only AMD Zen 3
+# TensorFlow's input gradient of the 3x3 stride-2 convolution to a 3x3 map took 5x the matmul.
 SMALL_MAP_PIXELS = {"bfloat16": 64, "float32": 9}
 
 
@@ -318,13 +320,55 @@ def _kernel_grad(x: tf.Tensor, dy: tf.Tensor, kernel: tf.Tensor, stride: int,
   return _kernel_grad_as_matmuls(x, dy, kh, kw, stride)
 
 
+def _input_grad_as_matmul(dy: tf.Tensor, kernel: tf.Tensor, height: int, width: int,
+                          stride: int) -> tf.Tensor:
+  """The input gradient of a stride-s "VALID" convolution as one matmul and a sum of phases.
+
+  dy [B·H'·W', Cout] times the kernel as [Cout, kh·kw·Cin] gives every tap's share at once; tap
+  (a, b) of output pixel (i, j) goes to input pixel (a + s·i, b + s·j). The input pixels whose
+  row and column leave remainders (p, q) modulo s form a phase, an [B, ⌈H/s⌉, ⌈W/s⌉, Cin] grid
+  in which tap (a, b) lands in phase (a mod s, b mod s), shifted by (a // s, b // s): each phase
+  is a sum of padded taps, and the phases interleave into the input by a stack and a reshape.
+  On small output maps TensorFlow's CPU Conv2DBackpropInput is many times the forward
+  convolution (144 ms against 17 ms for a [32, 8, 8, 512] input, stride 2, 3x3 kernel, on an
+  AVX2-only AMD EPYC; this: the forward's arithmetic in one matmul; docs/BENCHMARKS.md).
+
+  Args:
+    dy: [B, H', W', Cout], static H', W'.
+    kernel: [kh, kw, Cin, Cout].
+    height, width: H, W of the convolution's input (static).
+    stride: s.
+
+  Returns:
+    [B, H, W, Cin].
+  """
+  kh, kw, channels_in, channels_out = kernel.shape
+  out_h, out_w = dy.shape[1], dy.shape[2]
+  rows, cols = -(-height // stride), -(-width // stride)
+  weights = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [channels_out, kh * kw * channels_in])
+  shares = tf.matmul(tf.reshape(dy, [-1, channels_out]), weights)
+  taps = tf.unstack(tf.reshape(shares, [-1, out_h, out_w, kh * kw, channels_in]), axis=3)
+  phases = [[[] for _ in range(stride)] for _ in range(stride)]
+  for a in range(kh):
+    for b in range(kw):
+      top, left = a // stride, b // stride
+      phases[a % stride][b % stride].append(tf.pad(taps[a * kw + b], [
+          [0, 0], [top, rows - out_h - top], [left, cols - out_w - left], [0, 0]]))
+  zeros = tf.zeros([tf.shape(dy)[0], rows, cols, channels_in], dy.dtype)
+  grid = tf.stack([tf.stack([tf.add_n(p) if p else zeros for p in row], axis=3)
+                   for row in phases], axis=2)  # [B, rows, s, cols, s, Cin]
+  grid = tf.reshape(grid, [-1, rows * stride, cols * stride, channels_in])
+  return grid[:, :height, :width, :]
+
+
 def _strided_conv(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
-  """`conv2d(x, kernel, stride, "VALID")`, with the kernel gradient as matmuls on small maps.
+  """`conv2d(x, kernel, stride, "VALID")`, with both gradients as matmuls on small maps.
 
   ResNet's strided 3x3 convolutions (the first block of layers 2-4, padded explicitly before)
-  keep TensorFlow's forward and input gradient (an exact polyphase rewrite of the latter lost at
-  every shape, docs/BENCHMARKS.md); their kernel gradient is `_kernel_grad_as_matmuls` where the
-  output map is small (SMALL_MAP_PIXELS).
+  keep TensorFlow's forward. Where the output map is small (SMALL_MAP_PIXELS) the input gradient
+  is `_input_grad_as_matmul` and the kernel gradient `_kernel_grad_as_matmuls`; elsewhere both
+  are TensorFlow's ops (an exact rewrite of the input gradient as four phase convolutions lost to
+  TensorFlow's op at every shape, docs/BENCHMARKS.md).
 
   Args:
     x: [B, H, W, Cin].
@@ -340,8 +384,13 @@ def _strided_conv(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
     y = tf.nn.conv2d(x, kernel, strides=stride, padding="VALID")
 
     def grad(dy):
-      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
-                                          strides=[1, stride, stride, 1], padding="VALID")
+      height, width = x.shape[1], x.shape[2]
+      if _small_map(dy) and height is not None and width is not None:
+        dx = _input_grad_as_matmul(dy, kernel, height, width, stride)
+      else:
+        dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel,
+                                            out_backprop=dy, strides=[1, stride, stride, 1],
+                                            padding="VALID")
       return dx, _kernel_grad(x, dy, kernel, stride, "VALID")
 
     return y, grad

@@ -33,6 +33,7 @@ from tfmochi import data as data_lib
 from tfmochi import distribute
 from tfmochi import evaluate as eval_lib
 from tfmochi import hooks as hooks_lib
+from tfmochi import hostcpu
 from tfmochi import idhash
 from tfmochi import models
 from tfmochi import optimizer as optimizer_lib
@@ -170,8 +171,9 @@ class Trainer:
     self.fast_grad = models.resolve_fast_grad(cfg.fast_grad)
     self.device_augment = augment.resolve_device_augment(cfg.device_augment)
     # --tf32 on these devices: on a TPU it sets the XLA precision of float32 products.
-    self.float32_matmuls = build.float32_matmuls(cfg.tf32, cfg.mixed_precision,
-                                                 *build.training_device(self.strategy))
+    device = build.training_device(self.strategy)
+    self.float32_matmuls = build.float32_matmuls(cfg.tf32, cfg.mixed_precision, *device)
+    build.warn_emulated_bfloat16(cfg.mixed_precision, device[0], hostcpu.has_bfloat16_units())
     if cfg.batch_size % self.num_replicas:
       raise config_lib.ConfigError(
           f"--batch_size {cfg.batch_size} (global) must be divisible by the {self.num_replicas} "

@@ -3,10 +3,11 @@
 For every distinct convolution of the flags' architecture at --image_size and --batch_size (input
 shape, filters, kernel, stride, padding; with the number of layers that share it) this times its
 forward and both gradients, interleaved: as plain `keras.layers.Conv2D` ("keras"), as tfmochi's
-`models.Conv2D` trains it ("tfmochi") and, where `models.SMALL_MAP_PIXELS` decides how the kernel
-gradient is computed, with it always as matmuls ("matmul_kernel_grad") and always as TensorFlow's
-op ("op_kernel_grad"). Those limits were measured on one machine kind; this is how to check them,
-and `--fast_grad=auto`, on another. Compute dtype: --mixed_precision.
+`models.Conv2D` trains it ("tfmochi") and, where `models.SMALL_MAP_PIXELS` decides how the
+gradients are computed (the kernel gradient of 3x3 and larger kernels, and the input gradient of
+strided ones), with them always as matmuls ("matmul_grads") and always as TensorFlow's ops
+("op_grads"). Those limits were measured on one machine kind; this is how to check them, and
+`--fast_grad=auto`, on another. Compute dtype: --mixed_precision.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def _conv_fns(shape: dict, seed: int) -> dict:
 
   fns = {"keras": traced(plain), "tfmochi": traced(fast)}
   if shape["path"] in ("same", "strided"):
-    fns["matmul_kernel_grad"] = traced(fast, _UNLIMITED)
-    fns["op_kernel_grad"] = traced(fast, 0)
+    fns["matmul_grads"] = traced(fast, _UNLIMITED)
+    fns["op_grads"] = traced(fast, 0)
   return fns
 
 

@@ -13,30 +13,16 @@ import importlib.metadata
 import os
 import time
 
+from tfmochi import hostcpu
+
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 GEMM_SIZE = 2048
 
 
-def cpuinfo(path: str = "/proc/cpuinfo") -> dict:
-  """The first processor's fields of /proc/cpuinfo: {"model name": ..., "flags": ..., ...}
-  (empty where the file is missing)."""
-  fields = {}
-  try:
-    with open(path) as f:
-      for line in f:
-        if not line.strip():
-          break  # end of the first processor's block
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-  except OSError:
-    pass
-  return fields
-
-
 def cpu_description(path: str = "/proc/cpuinfo") -> dict:
   """{"cpu_model", "cpu_family", "cpu_model_number", "isa": {flag: present}} of this CPU."""
-  info = cpuinfo(path)
-  flags = set(info.get("flags", "").split())
+  info = hostcpu.cpuinfo(path)
+  flags = hostcpu.cpu_flags(info)
   return {"cpu_model": info.get("model name"), "cpu_vendor": info.get("vendor_id"),
           "cpu_family": info.get("cpu family"), "cpu_model_number": info.get("model"),
           "isa": {flag: flag in flags for flag in ISA_FLAGS}}
