@@ -395,8 +395,9 @@ class TrainConfig:
       'host but other draws: a resumed run repeats the uninterrupted one only with the same '
       'setting.', older_runs="false")
   mixed_precision: str = setting("float32",
-      'float32, bfloat16 (TPU/CPU) or float16 (GPU, with loss scaling); the head, queue and '
-      'loss always stay float32.')
+      'float32, bfloat16 (TPU, or a CPU with AVX512-BF16 or AMX; other CPUs emulate it: half '
+      "float32's speed on an AVX2-only Zen 3) or float16 (GPU, with loss scaling); the head, "
+      'queue and loss always stay float32.')
   initial_loss_scale: float = setting(32768.0,
       'float16 only: the first dynamic loss scale (halved at each overflow, doubled after 2000 '
       'good steps; overflow steps are skipped and counted as loss_scale_skipped_steps).')

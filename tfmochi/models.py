@@ -250,7 +250,7 @@ def make_batch_norm(name: str, bn_mode: str = "standard", bn_splits: int = 8, fu
 # matmul (`_input_grad_as_matmul`), by compute dtype; other dtypes never. Where it was measured
 # (AMD Zen 4, docs/BENCHMARKS.md), oneDNN's bfloat16 kernel-gradient kernel ran 1.1-3.8x slower
 # than the matmuls on maps up to 8x8, its float32 one only on 3x3 maps; on an AVX2-only AMD Zen 3
-# TensorFlow's input gradient of the 3x3 stride-2 convolution to a 3x3 map took 5x the matmul.
+# TensorFlow's input gradient of the 3x3 stride-2 convolution to a 3x3 map took 4-6x the matmul.
 SMALL_MAP_PIXELS = {"bfloat16": 64, "float32": 9}
 
 
@@ -354,8 +354,11 @@ def _input_grad_as_matmul(dy: tf.Tensor, kernel: tf.Tensor, height: int, width: 
       top, left = a // stride, b // stride
       phases[a % stride][b % stride].append(tf.pad(taps[a * kw + b], [
           [0, 0], [top, rows - out_h - top], [left, cols - out_w - left], [0, 0]]))
-  zeros = tf.zeros([tf.shape(dy)[0], rows, cols, channels_in], dy.dtype)
-  grid = tf.stack([tf.stack([tf.add_n(p) if p else zeros for p in row], axis=3)
+  def phase(parts):  # kernels smaller than the stride leave phases without taps
+    return tf.add_n(parts) if parts else tf.zeros([tf.shape(dy)[0], rows, cols, channels_in],
+                                                  dy.dtype)
+
+  grid = tf.stack([tf.stack([phase(parts) for parts in row], axis=3)
                    for row in phases], axis=2)  # [B, rows, s, cols, s, Cin]
   grid = tf.reshape(grid, [-1, rows * stride, cols * stride, channels_in])
   return grid[:, :height, :width, :]
@@ -367,8 +370,8 @@ def _strided_conv(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
   ResNet's strided 3x3 convolutions (the first block of layers 2-4, padded explicitly before)
   keep TensorFlow's forward. Where the output map is small (SMALL_MAP_PIXELS) the input gradient
   is `_input_grad_as_matmul` and the kernel gradient `_kernel_grad_as_matmuls`; elsewhere both
-  are TensorFlow's ops (an exact rewrite of the input gradient as four phase convolutions lost to
-  TensorFlow's op at every shape, docs/BENCHMARKS.md).
+  are TensorFlow's ops (on AMD Zen 4 an exact rewrite of the input gradient as four phase
+  convolutions lost to TensorFlow's op at every shape, docs/BENCHMARKS.md).
 
   Args:
     x: [B, H, W, Cin].
