@@ -16,6 +16,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from tfmochi import hostcpu
 from tfmochi import models
 from tfmochi import moco as moco_lib
 from tfmochi import optimizer as optimizer_lib
@@ -76,8 +77,8 @@ def warn_emulated_bfloat16(mixed_precision: str, device: str,
                            bfloat16_units: bool | None) -> bool:
   """Warns when --mixed_precision=bfloat16 trains on a CPU without bfloat16 units; True if it did.
 
-  Such a CPU (no AVX512-BF16, AMX or Arm BF16: `hostcpu.has_bfloat16_units`) multiplies bfloat16
-  through float32 conversions or scalar fallbacks, so the step slows down instead of speeding up:
+  Such a CPU (no AVX512-BF16, AMX or Arm BF16: `hostcpu.has_bfloat16_units`) has no hardware for
+  bfloat16 products, so TensorFlow emulates them and the step slows down instead of speeding up:
   a ResNet-50 MoCo v2 step at 96 px ran at 0.49x the float32 step's images/s on an AVX2-only AMD
   EPYC (Zen 3, docs/BENCHMARKS.md). Still allowed (to check bfloat16 numerics before a TPU run);
   GPUs, TPUs and CPUs of unknown kind (`bfloat16_units` None) are not warned about.
@@ -85,8 +86,9 @@ def warn_emulated_bfloat16(mixed_precision: str, device: str,
   if mixed_precision != "bfloat16" or device != "CPU" or bfloat16_units is not False:
     return False
   logging.warning(
-      "--mixed_precision=bfloat16 on a CPU without bfloat16 units (no avx512_bf16, amx_bf16 or "
-      "bf16 in /proc/cpuinfo): its bfloat16 arithmetic is emulated, and a ResNet-50 step ran at "
+      "--mixed_precision=bfloat16 on a CPU without bfloat16 units (none of "
+      f"{', '.join(hostcpu.BFLOAT16_FLAGS)} in /proc/cpuinfo): its bfloat16 arithmetic is "
+      "emulated, and a ResNet-50 step ran at "
       "half the float32 speed on such a CPU. Use --mixed_precision=float32 here; bfloat16 pays "
       "on TPUs and on CPUs with AVX512-BF16 or AMX.")
   return True
